@@ -1,0 +1,3 @@
+"""avg_jax: generative text-to-image retrieval (AVG, GRACE, IRGen) in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,32 @@
+"""gin plumbing shared by every CLI subcommand: parse files/bindings, save the operative config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+
+GIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
+OPERATIVE_CONFIG_NAME = "operative_config.gin"
+
+
+def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> None:
+    """Parse gin files then bindings (later ones win), searching `gin_configs/` for relative includes."""
+    gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_CONFIG_DIR))
+    gin.add_config_file_search_path(os.getcwd())
+    for path in gin_files:
+        if not Path(path).exists() and not (GIN_CONFIG_DIR / path).exists():
+            raise FileNotFoundError(f"gin file not found: {path} (also looked in {GIN_CONFIG_DIR})")
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=False)
+
+
+def write_operative_config(out_dir: str | os.PathLike, name: str = OPERATIVE_CONFIG_NAME) -> Path:
+    """Write the gin config actually used (every bound and every called configurable) next to outputs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(gin.config_str())
+    return path

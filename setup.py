@@ -1,0 +1,41 @@
+"""avg_jax: generative text-to-image retrieval (AVG, GRACE, IRGen) in JAX/Flax, TPU-first."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "numpy==2.4.6",
+    "gin-config==0.5.0",
+    "pygtrie==2.6.2",
+    "sentencepiece==0.2.3",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
+]
+EXTRAS = {
+    # torch: ALWAYS this exact pin (a CPU wheel); a plain `torch` pulls a multi-GB CUDA build.
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0"],
+    # seqio already pulls tensorflow; do not add tensorflow-cpu.
+    "seqio": ["seqio", "tensorflow-datasets"],
+    "bench": ["faiss-cpu==1.15.1"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "scikit-learn==1.9.1",
+             "ruff==0.17.6"],
+}
+EXTRAS["all"] = sorted({req for name in ("hf", "bench", "test") for req in EXTRAS[name]})
+
+setup(
+    name="avg_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["avg_jax", "avg_jax.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["avg-jax=avg_jax.cli:main"]},
+)
