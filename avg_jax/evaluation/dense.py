@@ -117,6 +117,20 @@ def fit_ridge_map(source: np.ndarray, target: np.ndarray, l2: float = 1.0) -> np
     return np.linalg.solve(gram, source.T @ np.asarray(target, np.float64)).astype(np.float32)
 
 
+@gin.configurable(denylist=["corpus"])
+def ridge_text_projection(corpus: Corpus, split: str = "train", l2: float = 1.0) -> Projection:
+    """Text -> image-feature map fitted on every (query, relevant image) pair of `split` by ridge regression:
+    a linear two-tower baseline for corpora whose text and image features are not aligned."""
+    rows = corpus.query_rows(split)
+    if corpus.text_features is None or rows.size == 0:
+        raise ValueError(f"corpus {corpus.name!r}: fitting the ridge map needs {split!r} queries with text features")
+    index = corpus.image_index()
+    pairs = [(j, index[i]) for j in rows for i in corpus.queries[j].image_ids]
+    text_rows, image_rows = (np.array(c, dtype=np.int64) for c in zip(*pairs, strict=True))
+    w = fit_ridge_map(corpus.text_features[text_rows], normalize_rows(corpus.image_features[image_rows]), l2)
+    return lambda text: np.asarray(text, np.float32) @ w
+
+
 @gin.configurable(denylist=["corpus", "text_projection", "image_projection"])
 def dense_baseline(corpus: Corpus, split: str = "test", k: int = 10, backend: str = "jax",
                    text_projection: Projection | None = None, image_projection: Projection | None = None,
