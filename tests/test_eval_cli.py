@@ -93,3 +93,38 @@ def test_evaluate_ranked_with_identifier_groups(tiny_corpus):
     assert m["recall@1"] == pytest.approx(2 / 4)           # queries 2, 3
     assert m["identifier_recall@1"] == pytest.approx(3 / 4)  # queries 0, 2, 3
     assert m["collision_rate"] == pytest.approx(3 / 5)
+
+
+def test_eval_with_identifier_table(corpus_dir, tiny_corpus, tmp_path, capsys):
+    from avg_jax.identifiers.table import IdentifierTable
+
+    test_ids = [tiny_corpus.images[i].id for i in tiny_corpus.image_rows("test")]
+    # Two-token fixed-length identifiers over 10 codes: 60 test images, so collisions are certain.
+    codes = np.random.default_rng(0).integers(0, 10, (len(test_ids), 2)).astype(np.int32)
+    table = IdentifierTable(image_ids=test_ids, tokens=codes + 100, lengths=np.full(len(test_ids), 2, np.int32),
+                            scheme="test", num_new_tokens=10, text_vocab_size=100, fixed_length=True)
+    table.save(tmp_path / "table")
+    groups = table.groups()
+    ident_of = {i: tuple(int(t) for t in row) for i, row in zip(test_ids, codes + 100, strict=True)}
+    records, id_hits, img_hits = [], [], []
+    for j in tiny_corpus.query_rows("test"):
+        target = ident_of[tiny_corpus.queries[j].image_ids[0]]
+        ranked = [target] if j % 2 else [next(g for g in groups if g != target)]
+        images = metrics.expand_identifiers(ranked, groups)
+        records.append({"query_row": int(j), "image_ids": images, "identifiers": [list(r) for r in ranked]})
+        id_hits.append(bool(j % 2))
+        img_hits.append(images[0] in tiny_corpus.queries[j].image_ids)
+    _write(tmp_path / "gen.jsonl", records)
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"avg={tmp_path / 'gen.jsonl'}",
+                     "--identifiers", str(tmp_path / "table"), "--out", str(tmp_path / "m")]) == 0
+    assert "id_R@1" in capsys.readouterr().out
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())["systems"]["avg"]
+    assert m["identifier_recall@1"] == pytest.approx(np.mean(id_hits))
+    assert m["recall@1"] == pytest.approx(np.mean(img_hits)) and m["recall@1"] < m["identifier_recall@1"]
+    sizes = np.array([len(v) for v in groups.values()])
+    assert m["collision_rate"] == pytest.approx(sizes[sizes > 1].sum() / len(test_ids))
+    # A table that lacks test images is a clean error.
+    table.subset(test_ids[:-1]).save(tmp_path / "short")
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", str(tmp_path / "gen.jsonl"),
+                     "--identifiers", str(tmp_path / "short"), "--out", str(tmp_path / "m2")]) == 2
+    assert "not in the identifier table" in capsys.readouterr().err

@@ -165,7 +165,10 @@ def run_eval(args: argparse.Namespace) -> int:
         from avg_jax.identifiers.table import IdentifierTable
 
         split_ids = [corpus.images[i].id for i in corpus.image_rows(args.split)]
-        groups = IdentifierTable.load(args.identifiers).subset(split_ids).groups()
+        try:
+            groups = IdentifierTable.load(args.identifiers).subset(split_ids).groups()
+        except KeyError as e:
+            raise ValueError(f"{args.identifiers}: {e.args[0]} ({args.split!r} images of {args.corpus})") from None
     systems = {}
     for spec in args.ranked:
         name, _, file = spec.rpartition("=")
