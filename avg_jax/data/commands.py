@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from avg_jax import cli, config
+from avg_jax.data import emoji
 from avg_jax.data.corpus import SPLITS, Corpus
 
 
@@ -23,6 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     cli.add_gin_flags(p)
     p.set_defaults(func=make_synthetic)
+
+    emoji.add_parser(sub)
 
     p = sub.add_parser("inspect", help="counts per split, feature dims, caption lengths, duplicates")
     p.add_argument("corpus_dir")
