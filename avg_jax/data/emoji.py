@@ -38,7 +38,7 @@ EMOJIBASE_PACKAGE = "emojibase-data"
 IMAGE_SUBDIR = "img/google/64"
 IMAGES_DIR = "images"
 LICENSES = {
-    GOOGLE_PACKAGE: "MIT (package: iamcal/emoji-data; images: Noto Emoji by Google, Apache-2.0 / OFL-1.1)",
+    GOOGLE_PACKAGE: "MIT (package: iamcal/emoji-data); the Google/Noto images: Apache-2.0",
     EMOJIBASE_PACKAGE: "MIT (emojibase; labels and tags derived from Unicode CLDR)",
 }
 
