@@ -73,8 +73,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Join the multi-process JAX cluster (once; later calls only report), before any other JAX call.
 
     Arguments left as None are read from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
-    `JAX_PROCESS_ID`), then auto-detected by JAX (Cloud TPU metadata, SLURM, Open MPI). `cpu_collectives`
-    selects the cross-process collectives of the CPU backend ('gloo' for the localhost simulation).
+    `JAX_PROCESS_ID`), then auto-detected by JAX (Cloud TPU metadata, SLURM, Open MPI); num_processes=1 runs
+    alone without a coordinator. `cpu_collectives` selects the cross-process collectives of the CPU backend
+    ('gloo' for the localhost simulation).
     """
     if jax.distributed.is_initialized():
         return cluster_info()
@@ -85,6 +86,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         raise ValueError(f"initialize_distributed: num_processes={num_processes} must be >= 1")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"initialize_distributed: process_id={process_id} is outside [0, {num_processes})")
+    if num_processes == 1:  # a single process forms no cluster
+        return cluster_info()
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     try:

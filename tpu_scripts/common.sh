@@ -254,11 +254,11 @@ tpu_state() {
   echo "${state:-NOT_FOUND}"
 }
 
-# The avg-jax arguments every worker runs: the entry point, gin files and bindings, and for `train` the
-# multi-host switch and the run directory. Prints one argument per line (read with mapfile).
+# The command every worker runs: `avg-jax ENTRY`, the gin files and bindings, and for `train` the multi-host
+# switch and the run directory. Prints one argument per line (read with mapfile).
 entry_args() {
   local run_directory=$1 f p
-  printf '%s\n' "$ENTRY"
+  printf '%s\n' avg-jax "$ENTRY"
   for f in "${GIN_FILE_LIST[@]}"; do
     printf '%s\n' --gin_file "$f"
   done

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Runs ON one worker (a TPU VM host, or one localhost process of `launch.sh --local_workers N`):
-# `avg-jax ARGS...` with its output in LOG_FILE, its process group id in LOG_FILE.pid (for launch.sh --stop),
-# and its exit code written to STATUS_DIR/worker<ID>.exit (a local folder or gs://), which watch.sh reads.
-# A SIGTERM (TPU maintenance / preemption notice, launch.sh --stop) is passed on to avg-jax, which saves a
-# final checkpoint; the exit code is recorded either way.
+# COMMAND (`avg-jax train ...`) with its output appended to LOG_FILE, this script's pid in LOG_FILE.pid (for
+# launch.sh --stop), and its exit code written to STATUS_DIR/worker<ID>.exit (a local folder or gs://),
+# which watch.sh reads. A SIGTERM (TPU maintenance / preemption notice, launch.sh --stop) is passed on to
+# COMMAND (the trainer saves a final checkpoint); the exit code is recorded either way.
 #
-# Usage: worker.sh STATUS_DIR LOG_FILE AVG_JAX_ARGS...
+# Usage: worker.sh STATUS_DIR LOG_FILE COMMAND [ARGS...]
 # Environment: AVG_JAX_VENV (virtualenv to activate, optional), AVG_JAX_WORKER_ID (default: the TPU
 # metadata's agent-worker-number, else the host name).
 set -uo pipefail
 
 (($# >= 3)) || {
-  echo "usage: worker.sh STATUS_DIR LOG_FILE AVG_JAX_ARGS..." >&2
+  echo "usage: worker.sh STATUS_DIR LOG_FILE COMMAND [ARGS...]" >&2
   exit 2
 }
 status_dir=$1
@@ -28,25 +28,25 @@ if [[ -n ${AVG_JAX_VENV:-} ]]; then
   # shellcheck disable=SC1091  # the virtualenv exists only on the worker
   source "$AVG_JAX_VENV/bin/activate"
 fi
-command -v avg-jax > /dev/null || {
-  echo "worker.sh: avg-jax is not on PATH (set AVG_JAX_VENV or install the project)" >&2
+command -v "$1" > /dev/null || {
+  echo "worker.sh: $1 is not on PATH (set AVG_JAX_VENV or install the project)" >&2
   exit 2
 }
 
 mkdir -p "$(dirname "$log_file")"
 echo "$$" > "$log_file.pid"
-echo "[worker.sh] worker $worker_id on $(hostname) at $(date -u +%FT%TZ): avg-jax$(printf ' %q' "$@")" >> "$log_file"
+echo "[worker.sh] worker $worker_id on $(hostname) at $(date -u +%FT%TZ):$(printf ' %q' "$@")" >> "$log_file"
 
-avg-jax "$@" >> "$log_file" 2>&1 &
+"$@" >> "$log_file" 2>&1 &
 child=$!
 trap 'kill -TERM "$child" 2> /dev/null' TERM INT
 rc=0
 wait "$child" || rc=$?
-if kill -0 "$child" 2> /dev/null; then # wait was interrupted by the trap: wait for avg-jax to finish
+if kill -0 "$child" 2> /dev/null; then # wait was interrupted by the trap: wait for COMMAND to finish
   rc=0
   wait "$child" || rc=$?
 fi
-echo "[worker.sh] worker $worker_id: avg-jax exited with $rc at $(date -u +%FT%TZ)" >> "$log_file"
+echo "[worker.sh] worker $worker_id: $1 exited with $rc at $(date -u +%FT%TZ)" >> "$log_file"
 
 status_file=$status_dir/worker$worker_id.exit
 if [[ $status_dir == gs://* ]]; then
