@@ -75,3 +75,26 @@ def test_initialize_distributed_rejects_bad_settings(monkeypatch, env, kwargs, m
     with pytest.raises(ValueError, match=message):
         launch.initialize_distributed(**kwargs)
     assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(("name", "chips"), [("cpu", None), ("v4-8", 4), ("v4-32", 16), ("v5e-16", 16)])
+def test_mesh_gin_files(name, chips):
+    """Each mesh config parses, and its mesh covers exactly the slice's chips (one JAX device per chip)."""
+    import gin
+
+    from avg_jax import config
+
+    config.parse_gin([f"mesh/{name}.gin"])
+    try:
+        data = gin.query_parameter("make_device_mesh.data_parallelism")
+        model = gin.query_parameter("make_device_mesh.model_parallelism")
+        if chips is None:
+            assert (data, model) == (-1, 1)
+            mesh = launch.make_device_mesh()
+            assert mesh.devices.shape == (jax.device_count(), 1)
+        else:
+            assert data * model == chips
+            if jax.device_count() >= chips:
+                assert launch.make_device_mesh(devices=jax.devices()[:chips]).devices.shape == (data, model)
+    finally:
+        gin.clear_config()
