@@ -64,3 +64,15 @@ def test_unprepared_dataset_and_bad_arguments(tmp_path):
         load_tfds_coco_captions(tmp_path / "images", splits={"restval": "extra"})
     with pytest.raises(ValueError, match="image_format must be one of"):
         load_tfds_coco_captions(tmp_path / "images", image_format="gif")
+
+
+def test_convert_tfds_cli(tmp_path):
+    from avg_jax import cli
+
+    with tfds.testing.mock_data(num_examples=2):
+        rc = cli.main(["data", "convert-tfds", "--image_dir", str(tmp_path / "images"), "--out", str(tmp_path / "c"),
+                       "--gin_param", "load_tfds_coco_captions.splits = {'val': 'val'}"])
+    assert rc == 0
+    c = Corpus.load(tmp_path / "c")
+    assert c.num_images == 2 and {im.split for im in c.images} == {"val"}
+    assert "load_tfds_coco_captions.splits" in (tmp_path / "c" / "operative_config.gin").read_text()

@@ -17,6 +17,7 @@ Extractors:
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,10 +57,15 @@ def register_extractor(name: str) -> Callable:
     return add
 
 
-def make_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
+def make_extractor(name: str, **options: Any) -> FeatureExtractor:
+    """Build extractor `name`; an option it does not take (e.g. a model path for `thumbnail`) is an error."""
     if name not in EXTRACTORS:
         raise ValueError(f"unknown extractor {name!r}; available: {sorted(EXTRACTORS)}")
-    return EXTRACTORS[name](**kwargs)
+    accepted = inspect.signature(EXTRACTORS[name]).parameters
+    unused = sorted(k for k in options if k not in accepted)
+    if unused:
+        raise ValueError(f"extractor {name!r} takes no option(s) {unused}; it accepts {sorted(accepted)}")
+    return EXTRACTORS[name](**options)
 
 
 @register_extractor("hf-clip")
@@ -193,12 +199,11 @@ def extract_corpus_features(
             image_features = _batched_rows(embed, corpus.num_images, batch_size, "images", progress)
         if any(not Path(im.path).is_absolute() for im in corpus.images):
             metadata["image_root"] = str(Path(metadata.get("image_root") or corpus_dir).resolve())
-        metadata["image_features_from"] = extractor.describe()
+        metadata["image_features_from"] = {**extractor.describe(), "normalized": True}
     if texts:
         text_features = _batched_rows(lambda idx: extractor.embed_texts([corpus.queries[j].text for j in idx]),
                                       corpus.num_queries, batch_size, "texts", progress)
-        metadata["text_features_from"] = extractor.describe()
-    metadata["features_normalized"] = True
+        metadata["text_features_from"] = {**extractor.describe(), "normalized": True}
     out = Corpus(name=corpus.name, images=corpus.images, image_features=image_features, queries=corpus.queries,
                  text_features=text_features, synthetic=corpus.synthetic, metadata=metadata)
     out.validate(str(corpus_dir or "<extracted>"))
