@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from avg_jax.data.corpus import Corpus, CorpusError, ImageRecord, QueryRecord, normalize_rows
+from avg_jax.data.corpus import Corpus, CorpusError, ImageRecord, QueryRecord
+from avg_jax.data.pretrained import EfficientNetLite0Extractor, MiniLMExtractor  # also registers both extractors
 
 GOOGLE_PACKAGE = "emoji-datasource-google"
 EMOJIBASE_PACKAGE = "emojibase-data"
@@ -176,9 +177,8 @@ def build_emoji_corpus(images: Sequence[EmojiImage], out_dir: str | Path, test_p
         "families_per_split": families, "query_kinds_per_split": kinds,
         "test_queries_whose_text_is_also_a_train_query": sum(
             q.split == "test" and q.text in train_texts for q in queries),
-        "image_root_note": "image paths are relative to the corpus directory",
     }
-    return Corpus(name="emoji", images=records, image_features=np.zeros((len(records), 1), np.float32),
+    return Corpus(name="emoji", images=records, image_features=np.zeros((len(records), 0), np.float32),
                   queries=queries, text_features=None, synthetic=False, metadata=metadata)
 
 
@@ -213,36 +213,6 @@ def fetch_npm_package(name: str, version: str, dest: str | Path) -> Path:
     return target
 
 
-def embed_corpus(corpus: Corpus, corpus_dir: str | Path, image_extractor, text_extractor, batch_size: int = 64,
-                 progress: bool = True) -> Corpus:
-    """Fill in image features (from the PNGs under `corpus_dir`) and text features, L2-normalised float32."""
-
-    def batched(n: int, fn, what: str) -> np.ndarray:
-        rows = []
-        with tqdm(total=n, desc=f"{what} features", unit=what, disable=not progress) as bar:
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                rows.append(np.asarray(fn(start, stop), np.float32))
-                bar.update(stop - start)
-        return normalize_rows(np.concatenate(rows))
-
-    def images(start: int, stop: int) -> np.ndarray:
-        pics = []
-        for rec in corpus.images[start:stop]:
-            with Image.open(Path(corpus_dir) / rec.path) as im:
-                pics.append(im.convert("RGB"))
-        return image_extractor.embed_images(pics)
-
-    image_features = batched(corpus.num_images, images, "image")
-    text_features = batched(corpus.num_queries,
-                            lambda a, b: text_extractor.embed_texts([q.text for q in corpus.queries[a:b]]), "text")
-    metadata = {**corpus.metadata, "image_features_from": image_extractor.describe(),
-                "text_features_from": text_extractor.describe(), "features_normalized": True,
-                "features_aligned": False}
-    return dataclasses.replace(corpus, image_features=image_features, text_features=text_features,
-                               metadata=metadata)
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """`avg-jax data prepare-emoji`."""
     from avg_jax import cli
@@ -260,7 +230,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def prepare_emoji(args: argparse.Namespace) -> int:
     from avg_jax import config
-    from avg_jax.data.pretrained import EfficientNetLite0Extractor, MiniLMExtractor
+    from avg_jax.data.extract import extract_corpus_features
 
     config.parse_gin(args.gin_file, args.gin_param)
     out = Path(args.out)
@@ -274,7 +244,12 @@ def prepare_emoji(args: argparse.Namespace) -> int:
     corpus = build_emoji_corpus(images, out, progress=progress)
     corpus.metadata.update(report)
     corpus.metadata["package_versions"] = _package_versions(packages)
-    corpus = embed_corpus(corpus, out, EfficientNetLite0Extractor(), MiniLMExtractor(), args.batch_size, progress)
+    corpus = extract_corpus_features(corpus, EfficientNetLite0Extractor(), out, texts=False,
+                                     batch_size=args.batch_size, progress=progress)
+    corpus = extract_corpus_features(corpus, MiniLMExtractor(), out, images=False, batch_size=args.batch_size,
+                                     progress=progress)
+    corpus.metadata.pop("image_root")  # image paths stay relative to the corpus directory, wherever it moves
+    corpus.metadata["features_aligned"] = False
     corpus.save(out)
     config.write_operative_config(out)
     counts = {s: (len(corpus.image_rows(s)), len(corpus.query_rows(s))) for s in ("train", "val", "test")}
