@@ -24,21 +24,23 @@ IN_DIM, HIDDEN, OUT_DIM, NUM_EXAMPLES = 16, 32, 8, 512
 
 
 class MLP(nn.Module):
+    dropout: float = 0.1
+
     @nn.compact
     def __call__(self, x, deterministic: bool = False):
         init = nn.initializers.lecun_normal()
         w1 = self.param("w1", nn.with_logical_partitioning(init, ("embed", "mlp")), (IN_DIM, HIDDEN))
         w2 = self.param("w2", nn.with_logical_partitioning(init, ("mlp", "embed")), (HIDDEN, OUT_DIM))
         h = nn.relu(x @ w1.astype(x.dtype))
-        h = nn.Dropout(0.1, deterministic=deterministic)(h)
+        h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
         return h @ w2.astype(x.dtype)
 
 
 class RegressionTask:
     """Mean squared error of the MLP against a fixed random linear target."""
 
-    def __init__(self):
-        self.model = MLP()
+    def __init__(self, dropout: float = 0.1):
+        self.model = MLP(dropout)
 
     def init_params(self, rng):
         return self.model.init(rng, jnp.zeros((1, IN_DIM)), deterministic=True)["params"]
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--out_params", default=None)
     p.add_argument("--global_batch", type=int, default=16)
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, so a test can kill mid-run")
+    p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--nan_at_step", type=int, default=None)
     p.add_argument("--gin_param", action="append", default=[])
     args = p.parse_args(argv)
@@ -84,9 +87,10 @@ def main(argv=None) -> int:
     initialize_distributed()
     it = make_iterator(args.global_batch // jax.process_count(), seed=7, sleep=args.sleep,
                        nan_at_step=args.nan_at_step)
-    result = train_loop(RegressionTask(), it, args.run_dir)
+    result = train_loop(RegressionTask(args.dropout), it, args.run_dir)
+    specs = {k: str(v.sharding.spec) for k, v in result.state.params.items()}
     print("RESULT " + json.dumps({"step": result.step, "preempted": result.preempted, "metrics": result.metrics,
-                                  "process": jax.process_index()}), flush=True)
+                                  "process": jax.process_index(), "param_specs": specs}), flush=True)
     if args.out_params:
         params = multihost_utils.process_allgather(result.state.params, tiled=True)
         np.savez(args.out_params, **{k: np.asarray(v) for k, v in params.items()})

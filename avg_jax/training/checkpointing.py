@@ -50,19 +50,21 @@ class Checkpointer:
         if keep <= 0:
             raise ValueError(f"checkpoint keep must be > 0, got {keep}")
         self.directory = Path(directory).absolute()
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self._manager.should_save(step)
+        """Every `save_every` steps (orbax's own policy would also save the first step of a run)."""
+        return step % self.save_every == 0
 
     def save(self, step: int, state: Any, data_iterator: Any, config_text: str, force: bool = False) -> bool:
         """Start saving `state` at `step` if it is a save step (or `force`); returns whether it saves."""
-        if not force and not self._manager.should_save(step):
+        if not force and not self.should_save(step):
             return False
         if step in self._manager.all_steps():
             return False

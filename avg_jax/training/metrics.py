@@ -18,7 +18,8 @@ TB_DIR = "tb"
 class MetricWriter:
     """Writes scalar metrics of a run. On a resumed run, rows after the resume step are dropped first."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True):
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True,
+                 tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self._bar = None
         self._jsonl = None
@@ -32,9 +33,10 @@ class MetricWriter:
             rows = [line for line in path.read_text().splitlines() if line.strip()]
             path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start_step))
         self._jsonl = path.open("a")
-        from tensorboardX import SummaryWriter
+        if tensorboard:  # imported lazily: tensorboardX pulls in torch when it is installed (seconds)
+            from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
         if progress_bar:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, file=sys.stdout, dynamic_ncols=True,
                                   mininterval=1.0, desc="train")
@@ -53,9 +55,10 @@ class MetricWriter:
         row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
-        for k, v in metrics.items():
-            self._tb.add_scalar(prefix + k, float(v), int(step))
-        self._tb.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(prefix + k, float(v), int(step))
+            self._tb.flush()
 
     def print(self, message: str) -> None:
         """A line on stdout that does not break the progress bar."""

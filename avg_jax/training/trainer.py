@@ -197,6 +197,7 @@ def train_loop(
     log_every: int = 10,
     eval_every: int = 0,
     progress_bar: bool = True,
+    tensorboard: bool = True,
     evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Train `task` on batches of `train_iterator` (this process's rows) for `num_steps` updates.
@@ -230,7 +231,8 @@ def train_loop(
         config_text = gin.config_str()
         if jax.process_index() == 0:
             config.write_operative_config(run_dir)
-        writer = MetricWriter(run_dir, num_steps, start_step=start, progress_bar=progress_bar)
+        writer = MetricWriter(run_dir, num_steps, start_step=start, progress_bar=progress_bar,
+                              tensorboard=tensorboard)
         if restored is not None:
             writer.print(f"resumed from checkpoint step {start} in {ckpt.directory}")
         watcher = PreemptionWatcher()
