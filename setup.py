@@ -25,7 +25,7 @@ EXTRAS = {
     "seqio": ["seqio", "tensorflow-datasets"],
     "bench": ["faiss-cpu==1.15.1"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "scikit-learn==1.9.1",
-             "ruff==0.17.6"],
+             "ruff==0.17.6", "pytrec-eval-terrier==0.5.11"],
 }
 EXTRAS["all"] = sorted({req for name in ("hf", "bench", "test") for req in EXTRAS[name]})
 
