@@ -179,7 +179,8 @@ def test_sharded_data4_model2_matches_unsharded(tmp_path):
     params = ("train_loop.num_steps=6", "train_loop.log_every=1", "train_loop.checkpoint_every=100",
               "train_loop.progress_bar=False", "train_loop.tensorboard=False")
     single = _result(_run(_fixture_cmd(tmp_path / "one", params=params), devices=1).stdout)
-    sharded = _result(_run(_fixture_cmd(tmp_path / "eight", params=(*params, "make_mesh.mesh_shape=(4, 2)")),
+    sharded = _result(_run(_fixture_cmd(tmp_path / "eight", params=(*params, "make_device_mesh.data_parallelism=4",
+                                                                  "make_device_mesh.model_parallelism=2")),
                            devices=8).stdout)
     assert sharded["param_specs"] == {"w1": "P(None, 'model')", "w2": "P('model', None)"}
     assert single["param_specs"] == {"w1": "P(None, 'model')", "w2": "P('model', None)"}
@@ -203,7 +204,8 @@ def test_two_process_jax_distributed_agree(tmp_path):
                   f"initialize_distributed.coordinator_address='127.0.0.1:{port}'",
                   "initialize_distributed.num_processes=2", f"initialize_distributed.process_id={i}")
         procs.append(subprocess.Popen(
-            _fixture_cmd(tmp_path / "run", "--out_params", str(tmp_path / f"p{i}.npz"), params=params), env=_env(),
+            _fixture_cmd(tmp_path / "run", "--distributed", "--out_params", str(tmp_path / f"p{i}.npz"),
+                         params=params), env=_env(),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):

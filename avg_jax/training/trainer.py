@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from avg_jax import config
+from avg_jax.launch import make_device_mesh
 from avg_jax.training import sharding
 from avg_jax.training.checkpointing import Checkpointer
 from avg_jax.training.metrics import MetricWriter
@@ -127,7 +128,7 @@ def abstract_train_state(task: TrainTask, tx: optax.GradientTransformation, mesh
                          rules: tuple[tuple[str, str | None], ...]) -> tuple[TrainState, TrainState]:
     """The train state's shapes with their shardings (the restore target) and those shardings alone."""
     rng = jax.random.key(0)  # shapes only
-    param_shardings = sharding.logical_shardings(jax.eval_shape(task.init_params, rng), mesh, rules)
+    param_shardings = sharding.boxed_shardings(jax.eval_shape(task.init_params, rng), mesh, rules)
     abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                    jax.eval_shape(lambda r: nn.unbox(task.init_params(r)), rng), param_shardings)
     opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
@@ -212,7 +213,7 @@ def train_loop(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train_loop.compute_dtype: {compute_dtype!r} not one of {COMPUTE_DTYPES}")
     run_dir = Path(run_dir)
-    mesh = sharding.make_mesh()
+    mesh = make_device_mesh()
     rules = sharding.logical_axis_rules()
     tx, schedule = make_optimizer()
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
