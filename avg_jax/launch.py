@@ -1,8 +1,10 @@
 """Multi-process start-up and the global ('data', 'model') device mesh, shared by every entry point.
 
-Trainer and other multi-host entry points: call `initialize_distributed()` before the first JAX computation
-(it must precede anything that touches a backend, even `jax.devices()`), then build the mesh with
-`make_device_mesh()`. On a Cloud TPU slice `jax.distributed.initialize()` finds the coordinator, process
+Trainer and other multi-host entry points: call `initialize_distributed()` first, unconditionally, before
+the first JAX computation (it must precede anything that touches a backend, even `jax.devices()`), then
+build the mesh with `make_device_mesh()`. gin decides whether the run is multi-process: the binding
+`initialize_distributed.enabled = True` (added by tpu_scripts/launch.sh) joins the cluster; without it the
+call only reports the single process. On a Cloud TPU slice `jax.distributed.initialize()` finds the coordinator, process
 count and process id from the TPU metadata, so nothing needs to be set. Elsewhere (the localhost simulation
 `tpu_scripts/launch.sh --local_workers N`, a CPU/GPU cluster) they come from gin or from the environment
 variables `JAX_COORDINATOR_ADDRESS` (also read by JAX itself), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`.
@@ -67,17 +69,18 @@ def cluster_info() -> ClusterInfo:
 
 
 @gin.configurable
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, cpu_collectives: str | None = "gloo",
-                           initialization_timeout: int = 300) -> ClusterInfo:
-    """Join the multi-process JAX cluster (once; later calls only report), before any other JAX call.
+def initialize_distributed(enabled: bool = False, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           cpu_collectives: str | None = "gloo", initialization_timeout: int = 300) -> ClusterInfo:
+    """With `enabled`, join the multi-process JAX cluster (once; later calls only report); call it first.
 
-    Arguments left as None are read from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
-    `JAX_PROCESS_ID`), then auto-detected by JAX (Cloud TPU metadata, SLURM, Open MPI); num_processes=1 runs
-    alone without a coordinator. `cpu_collectives` selects the cross-process collectives of the CPU backend
-    ('gloo' for the localhost simulation).
+    Without `enabled` nothing is joined and the single process is reported. Arguments left as None are read
+    from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), then
+    auto-detected by JAX (Cloud TPU metadata, SLURM, Open MPI); num_processes=1 runs alone without a
+    coordinator. `cpu_collectives` selects the cross-process collectives of the CPU backend ('gloo' for the
+    localhost simulation).
     """
-    if jax.distributed.is_initialized():
+    if not enabled or jax.distributed.is_initialized():
         return cluster_info()
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR_ADDRESS) or None
     num_processes = _env_int(ENV_NUM_PROCESSES) if num_processes is None else num_processes
@@ -133,7 +136,7 @@ def launch_check(rows_per_device: int = 4, columns: int = 3) -> dict:
     agrees with the numpy sum of the full array only if the processes really exchanged data. The per-process
     partial sums are all-gathered on the host as a second, independent check.
     """
-    info = initialize_distributed()
+    info = initialize_distributed(enabled=True)
     mesh = make_device_mesh()
     full = np.arange(mesh.size * rows_per_device * columns, dtype=np.int64).reshape(-1, columns) % 1009
     full = full.astype(np.int32)  # [rows, columns]

@@ -50,7 +50,7 @@ def test_sharded_sum_over_the_mesh_single_process():
     with gin.unlock_config():
         gin.bind_parameter("make_device_mesh.data_parallelism", 4)
         gin.bind_parameter("make_device_mesh.model_parallelism", 2)
-        gin.bind_parameter("initialize_distributed.num_processes", 1)
+        gin.bind_parameter("initialize_distributed.num_processes", 1)  # launch_check enables; 1 = alone
     try:
         result = launch.launch_check(rows_per_device=2, columns=5)
     finally:
@@ -73,7 +73,7 @@ def test_initialize_distributed_rejects_bad_settings(monkeypatch, env, kwargs, m
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
-        launch.initialize_distributed(**kwargs)
+        launch.initialize_distributed(enabled=True, **kwargs)
     assert not jax.distributed.is_initialized()
 
 
@@ -98,3 +98,10 @@ def test_mesh_gin_files(name, chips):
                 assert launch.make_device_mesh(devices=jax.devices()[:chips]).devices.shape == (data, model)
     finally:
         gin.clear_config()
+
+
+def test_initialize_distributed_disabled_reports_the_single_process(monkeypatch):
+    monkeypatch.setenv(launch.ENV_NUM_PROCESSES, "not even read")
+    info = launch.initialize_distributed()
+    assert (info.process_id, info.num_processes) == (0, 1)
+    assert info.device_count == jax.device_count() and not jax.distributed.is_initialized()

@@ -301,3 +301,35 @@ def test_local_launch_reports_a_failing_worker(tmp_path):
     assert proc.returncode == 1
     assert "model_parallelism=3 does not divide the 2 devices" in proc.stdout
     assert all((tmp_path / "status" / f"worker{i}.exit").read_text().strip() == "2" for i in range(2))
+
+
+def test_local_dry_run_sets_the_cluster_environment(no_gcloud, tmp_path):
+    out = run_script("launch.sh", "--dry_run", "--local_workers", "2", "--port", "4321", "--local_run_dir",
+                     str(tmp_path), "--gin_file", GIN_FILE, env=no_gcloud).stdout
+    lines = commands(out)
+    assert len(lines) == 2
+    for i, argv in enumerate(lines):
+        assert argv[0] == "env" and argv[-1] == "&"
+        assert {"JAX_PLATFORMS=cpu", "JAX_COORDINATOR_ADDRESS=127.0.0.1:4321", "JAX_NUM_PROCESSES=2",
+                f"JAX_PROCESS_ID={i}"} <= set(argv)
+        start = argv.index(str(SCRIPTS / "worker.sh"))
+        assert argv[start + 1:start + 3] == [str(tmp_path / "status"), str(tmp_path / "logs" / f"worker{i}.log")]
+        assert argv[start + 3:start + 7] == ["avg-jax", "train", "--gin_file", GIN_FILE]
+    assert not (tmp_path / "status").exists()  # nothing ran
+
+
+def test_distributed_binding_names_the_launch_configurable():
+    """The binding launch.sh adds for `train` resolves to avg_jax.launch.initialize_distributed(enabled=True)."""
+    import gin
+
+    from avg_jax import launch
+
+    common = (SCRIPTS / "common.sh").read_text()
+    binding = re.search(r'DISTRIBUTED_GIN_PARAM:-"([^"]+)"', common).group(1)
+    gin.clear_config()
+    try:
+        gin.parse_config(binding)
+        assert gin.query_parameter("avg_jax.launch.initialize_distributed.enabled") is True
+        assert launch.initialize_distributed.__module__ == "avg_jax.launch"
+    finally:
+        gin.clear_config()

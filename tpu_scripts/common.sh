@@ -25,8 +25,8 @@ SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
 
 # --- How our entry points are told to run multi-host and where to write. THE ONE PLACE to change these. ---
-# gin binding that makes `avg-jax train` call avg_jax.launch.initialize_distributed() before any JAX call.
-DISTRIBUTED_GIN_PARAM=${DISTRIBUTED_GIN_PARAM:-"setup_distributed.enabled = True"}
+# gin binding that makes the trainer's first call, avg_jax.launch.initialize_distributed(), join the cluster.
+DISTRIBUTED_GIN_PARAM=${DISTRIBUTED_GIN_PARAM:-"initialize_distributed.enabled = True"}
 # gin binding (printf template, %s = run directory) that points `avg-jax train` at its run directory; the
 # trainer writes orbax checkpoints there and resumes from the latest one on start.
 RUN_DIR_GIN_PARAM_TEMPLATE=${RUN_DIR_GIN_PARAM_TEMPLATE:-'train_model.run_dir = "%s"'}
