@@ -201,10 +201,11 @@ def test_two_process_jax_distributed_agree(tmp_path):
     for i in range(2):
         params = ("train_loop.num_steps=8", "train_loop.log_every=1", "train_loop.checkpoint_every=4",
                   "train_loop.progress_bar=False", "train_loop.tensorboard=False",
+                  "initialize_distributed.enabled=True",
                   f"initialize_distributed.coordinator_address='127.0.0.1:{port}'",
                   "initialize_distributed.num_processes=2", f"initialize_distributed.process_id={i}")
         procs.append(subprocess.Popen(
-            _fixture_cmd(tmp_path / "run", "--distributed", "--out_params", str(tmp_path / f"p{i}.npz"),
+            _fixture_cmd(tmp_path / "run", "--out_params", str(tmp_path / f"p{i}.npz"),
                          params=params), env=_env(),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]

@@ -81,12 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, so a test can kill mid-run")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--nan_at_step", type=int, default=None)
-    p.add_argument("--distributed", action="store_true", help="join the jax.distributed cluster set in gin")
     p.add_argument("--gin_param", action="append", default=[])
     args = p.parse_args(argv)
     gin.parse_config(args.gin_param)
-    if args.distributed:
-        initialize_distributed()
+    initialize_distributed()  # joins a cluster only with initialize_distributed.enabled = True
     it = make_iterator(args.global_batch // jax.process_count(), seed=7, sleep=args.sleep,
                        nan_at_step=args.nan_at_step)
     result = train_loop(RegressionTask(args.dropout), it, args.run_dir)
