@@ -110,3 +110,10 @@ def test_skip_bad_records_keeps_rows_aligned(tmp_path, capsys):
     assert c.metadata["skipped_records"] == 2
     out = capsys.readouterr().out
     assert "skipped 2 bad record(s)" in out and "line 2" in out and "line 4: caption 0" in out
+
+
+def test_all_records_bad_is_an_error_not_an_empty_corpus(tmp_path):
+    path, root = _write(tmp_path, [{"image": "a.jpg", "split": "dev", "captions": ["x"]}])
+    np.save(tmp_path / "img.npy", np.ones((1, 3), np.float32))
+    with pytest.raises(CorpusError, match=r"records\.jsonl: no valid image records \(1 skipped\)"):
+        load_jsonl_folder(path, root, tmp_path / "img.npy", skip_bad_records=True)

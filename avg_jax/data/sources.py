@@ -72,7 +72,7 @@ def select_features(rows: FeatureRows | None, keep: list[int], normalize: bool) 
     """Kept rows as float32 (L2-normalised when asked); None when there is no feature file."""
     if rows is None:
         return None
-    x = np.asarray(rows.array[np.asarray(keep, dtype=np.int64)], np.float32).reshape(len(keep), -1)
+    x = np.asarray(rows.array[np.asarray(keep, dtype=np.int64)], np.float32)  # [len(keep), dim]
     return normalize_rows(x) if normalize else x
 
 
@@ -84,5 +84,7 @@ def no_features(num_rows: int) -> np.ndarray:
 def finish_corpus(corpus: Corpus, bad: BadRecords, source: str) -> Corpus:
     """Report skipped records into the metadata and validate the assembled corpus."""
     corpus.metadata = {**corpus.metadata, **bad.report()}
+    if not corpus.images:
+        raise CorpusError(f"{source}: no valid image records ({len(bad.messages)} skipped)")
     corpus.validate(source)
     return corpus

@@ -71,8 +71,10 @@ class JaxExactIndex:
         self.num_images, self.dim = image_embeddings.shape
         shards = self.mesh.shape[axis]
         padded = -(-self.num_images // shards) * shards
-        pad = np.zeros((padded - self.num_images, self.dim), image_embeddings.dtype)
-        self.images = jax.device_put(jnp.asarray(np.concatenate([image_embeddings, pad]), dtype),
+        if padded > self.num_images:  # zero rows up to a multiple of the shard count (masked in the search)
+            pad = np.zeros((padded - self.num_images, self.dim), image_embeddings.dtype)
+            image_embeddings = np.concatenate([image_embeddings, pad])
+        self.images = jax.device_put(jnp.asarray(image_embeddings, dtype),
                                      NamedSharding(self.mesh, P(axis, None)))  # [n_padded, d]
         self.replicated = NamedSharding(self.mesh, P())
         self.dtype = dtype
