@@ -3,48 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pygtrie
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
+from trie_cases import identifier_sets, pad_identifiers, reference_children, reference_trie
 
 from avg_jax.data.vocab import EOS_ID
 from avg_jax.decoding import trie as trie_lib
-
-
-def pad_identifiers(identifiers):
-    """Lists of token lists -> (tokens [n, max_len] PAD-padded, lengths [n])."""
-    max_len = max(len(s) for s in identifiers)
-    tokens = np.zeros((len(identifiers), max_len), np.int32)
-    for i, s in enumerate(identifiers):
-        tokens[i, :len(s)] = s
-    return tokens, np.array([len(s) for s in identifiers], np.int32)
-
-
-def identifier_lists(draw_tokens, variable):
-    """Identifiers as tuples; variable-length ones get EOS appended."""
-    return [(*s, EOS_ID) if variable else tuple(s) for s in draw_tokens]
-
-
-@st.composite
-def identifier_sets(draw):
-    """Random identifier sets with heavy prefix sharing (small alphabet), duplicates, both kinds."""
-    variable = draw(st.booleans())
-    alphabet = st.integers(3, 3 + draw(st.integers(1, 6)))
-    if variable:
-        seqs = draw(st.lists(st.lists(alphabet, min_size=0, max_size=4), min_size=1, max_size=30))
-    else:
-        length = draw(st.integers(1, 4))
-        seqs = draw(st.lists(st.lists(alphabet, min_size=length, max_size=length), min_size=1, max_size=30))
-    return identifier_lists(seqs, variable)
-
-
-def reference_trie(identifiers):
-    """pygtrie: identifier tuple -> list of table rows (in table order)."""
-    ref = pygtrie.Trie()
-    for i, s in enumerate(identifiers):
-        ref.setdefault(s, []).append(i)
-    return ref
 
 
 @jax.jit
@@ -96,7 +60,7 @@ def check_against_pygtrie(identifiers, trie):
     node_group = np.asarray(trie.tables.node_group)
     state_of = dict(zip(prefixes, states.tolist(), strict=True))
     for p, state, mask, t, n, v in zip(prefixes, states, masks, tok, nxt, valid, strict=True):
-        expected = sorted({k[len(p)] for k in ref.iterkeys(prefix=p) if len(k) > len(p)})
+        expected = reference_children(ref, p)
         assert np.flatnonzero(mask).tolist() == expected, p
         assert t[v].tolist() == expected
         assert n[v].tolist() == [state_of[(*p, e)] for e in expected]
