@@ -97,7 +97,7 @@ def reference_beam_search(model, query, ref, beam, max_length, norm="vocab", win
     return [(prefix, score) for prefix, score, _, _ in hyps]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_search(model_seed, beam, norm="vocab", share_first_step=True, window=None, full_normalizer=True,
                     batch=4):
     model = MODELS[model_seed]
