@@ -1,0 +1,62 @@
+"""Tokenizer losses, AVG eqs. 3-6, plus the codebook term that moves the vokens.
+
+  recon    = ||v_i − v̂_i||²                                    (eq. 3)
+  commit   = Σ_d ||v_i − sg(ẑ^(d))||²                           (eq. 4)
+  codebook = Σ_d ||sg(v_i) − ẑ^(d)||²   (VQ-VAE codebook term; eq. 4 alone gives the codes no gradient)
+  align    = ||v̂_i − v_t||², averaged over the captions of the image   (eq. 5)
+  total    = w_recon·recon + w_commit·commit + w_codebook·codebook + w_align·align   (eq. 6: all weights 1;
+             w_align = 0 is IRGen)
+Each term is averaged over the images of the batch; align over the images that have a caption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TokenizerLossWeights:
+    """Weights of the eq. 6 terms (1, 1, 1, 1 is the paper's sum; align=0 is IRGen)."""
+
+    recon: float = 1.0
+    commit: float = 1.0
+    codebook: float = 1.0
+    align: float = 1.0
+
+
+def tokenizer_losses(
+    v_i: jax.Array,  # [batch, dim] image vector in code space
+    partial_sums: jax.Array,  # [batch, M, dim] ẑ^(1..M)
+    v_hat: jax.Array,  # [batch, dim] decoder output
+    v_t: jax.Array,  # [batch, K, dim] caption vectors (K = max captions per image)
+    text_mask: jax.Array,  # [batch, K] 1 for a real caption
+    weights: TokenizerLossWeights,
+) -> dict[str, jax.Array]:
+    """The four terms and their weighted sum (scalars)."""
+    sg = jax.lax.stop_gradient
+    recon = jnp.mean(jnp.sum((v_i - v_hat) ** 2, axis=-1))
+    commit = jnp.mean(jnp.sum((v_i[:, None, :] - sg(partial_sums)) ** 2, axis=(1, 2)))
+    codebook = jnp.mean(jnp.sum((sg(v_i)[:, None, :] - partial_sums) ** 2, axis=(1, 2)))
+    mask = text_mask.astype(v_hat.dtype)
+    per_caption = jnp.sum((v_hat[:, None, :] - v_t) ** 2, axis=-1)  # [batch, K]
+    num_captions = jnp.sum(mask, axis=1)  # [batch]
+    per_image = jnp.sum(per_caption * mask, axis=1) / jnp.maximum(num_captions, 1.0)
+    has_caption = (num_captions > 0).astype(v_hat.dtype)
+    align = jnp.sum(per_image * has_caption) / jnp.maximum(jnp.sum(has_caption), 1.0)
+    total = (weights.recon * recon + weights.commit * commit + weights.codebook * codebook
+             + weights.align * align)
+    return {"total": total, "recon": recon, "commit": commit, "codebook": codebook, "align": align}
+
+
+def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> jax.Array:
+    """Symmetric InfoNCE over a batch of matching (image, caption) pairs, both [batch, dim] normalised."""
+    logits = jnp.dot(image_emb, text_emb.T) / temperature  # [batch, batch]
+    labels = jnp.arange(logits.shape[0])
+    i2t = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[labels, labels])
+    t2i = -jnp.mean(jax.nn.log_softmax(logits, axis=0)[labels, labels])
+    return 0.5 * (i2t + t2i)
