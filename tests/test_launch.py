@@ -86,6 +86,10 @@ def test_mesh_gin_files(name, chips):
 
     config.parse_gin([f"mesh/{name}.gin"])
     try:
+        from avg_jax import partitioning
+
+        rules = partitioning.logical_axis_rules()
+        assert ("batch", "data") in rules and ("mlp", "model") in rules
         data = gin.query_parameter("make_device_mesh.data_parallelism")
         model = gin.query_parameter("make_device_mesh.model_parallelism")
         if chips is None:
