@@ -45,7 +45,7 @@ class RegressionTask:
     def init_params(self, rng):
         return self.model.init(rng, jnp.zeros((1, IN_DIM)), deterministic=True)["params"]
 
-    def loss(self, params, batch, rng, step):
+    def loss(self, params, batch, rng, step, constants):
         pred = self.model.apply({"params": params}, batch["x"].astype(jnp.float32), rngs={"dropout": rng})
         loss = jnp.mean((pred.astype(jnp.float32) - batch["y"]) ** 2)
         return loss, {"pred_mean": jnp.mean(pred.astype(jnp.float32))}
