@@ -119,7 +119,7 @@ def make_train_step(task: TrainTask, tx: optax.GradientTransformation, schedule:
             loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
