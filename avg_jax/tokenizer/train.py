@@ -158,12 +158,15 @@ def _reseed_dead_codes(codebooks: jax.Array, counts: jax.Array, rq: RQCodes, thr
 
 
 def _rq_step(state: RQTrainState, batch: dict, *, model: RQTokenizer, tx: optax.GradientTransformation,
-             weights: TokenizerLossWeights, reseed_every: int, threshold: float,
-             ) -> tuple[RQTrainState, dict[str, jax.Array]]:
+             weights: TokenizerLossWeights, reseed_every: int, threshold: float, contrastive_weight: float,
+             temperature: float) -> tuple[RQTrainState, dict[str, jax.Array]]:
     def loss_fn(params):
         out = model.apply({"params": params}, batch["image"], batch["text"])
         losses = tokenizer_losses(out["v_i"], out["rq"].partial_sums, out["v_hat"], out["v_t"],
                                   batch["text_mask"], weights)
+        if contrastive_weight > 0:  # keeps a fine-tuned image head discriminative (first caption per image)
+            losses["contrastive"] = info_nce(out["v_i"], out["v_t"][:, 0], temperature, batch["text_mask"][:, 0])
+            losses["total"] = losses["total"] + contrastive_weight * losses["contrastive"]
         return losses["total"], (losses, out["rq"])
 
     (_, (losses, rq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -224,6 +227,7 @@ def train_tokenizer(
     reseed_every: int = 100,
     dead_code_threshold: float = 1.0,
     finetune_image_head: bool = False,
+    contrastive_weight: float = 0.0,
     num_devices: int | None = None,
     log_every: int = 100,
 ) -> TrainedTokenizer:
@@ -275,7 +279,8 @@ def train_tokenizer(
                          code_counts=jnp.zeros((config.num_codebooks, config.codebook_size), jnp.float32))
     state = jax.device_put(state, replicated)
     step_fn = jax.jit(functools.partial(_rq_step, model=model, tx=tx, weights=weights, reseed_every=reseed_every,
-                                        threshold=dead_code_threshold),
+                                        threshold=dead_code_threshold, contrastive_weight=contrastive_weight,
+                                        temperature=temperature),
                       in_shardings=(replicated, sharded), out_shardings=replicated, donate_argnums=0)
     batches = epoch_batches(data.num_images, batch_size, seed + 1)
     for step in range(1, steps + 1):
