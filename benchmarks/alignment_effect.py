@@ -24,7 +24,7 @@ from avg_jax.tokenizer.train import TokenizerData, encode_images, train_tokenize
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num_images", type=int, default=5000)
-    p.add_argument("--align", type=float, default=1.0, help="alignment weight of the AVG run")
+    p.add_argument("--align", type=float, nargs="+", default=[1.0], help="alignment weight(s) of the AVG run(s)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--contrastive_steps", type=int, default=500)
     p.add_argument("--finetune_image_head", type=int, default=1)
@@ -38,7 +38,8 @@ def main() -> None:
     out = {"corpus": "synthetic", "num_images": args.num_images, "config": vars(args),
            "tokenizer": {k: getattr(config, k) for k in ("codebook_size", "num_levels", "code_dim", "shared_codebook")},
            "metric": "caption_neighbour_prefix_sharing"}
-    for name, weight in (("irgen_align_0", 0.0), (f"avg_align_{args.align:g}", args.align)):
+    runs = [("irgen_align_0", 0.0)] + [(f"avg_align_{w:g}", w) for w in args.align]
+    for name, weight in runs:
         start = time.perf_counter()
         tok = train_tokenizer(data, config, TokenizerLossWeights(align=weight), steps=args.steps,
                               contrastive_steps=args.contrastive_steps, seed=args.seed,
@@ -49,10 +50,12 @@ def main() -> None:
                      "prefix_sharing": {s: caption_neighbour_prefix_sharing(corpus, enc.codes, s)
                                         for s in ("train", "test")},
                      "errors": reconstruction_and_alignment(tok, enc, corpus)}
-    a, b = out[f"avg_align_{args.align:g}"]["prefix_sharing"], out["irgen_align_0"]["prefix_sharing"]
-    for s in ("train", "test"):
-        out[f"share_first_voken_gain_{s}"] = a[s]["share_first_voken"] - b[s]["share_first_voken"]
-        out[f"mean_common_prefix_gain_{s}"] = a[s]["mean_common_prefix"] - b[s]["mean_common_prefix"]
+    base = out["irgen_align_0"]["prefix_sharing"]
+    for name, _ in runs[1:]:
+        a = out[name]["prefix_sharing"]
+        out[name]["gain_over_irgen"] = {
+            f"{m}_{s}": a[s][m] - base[s][m] for s in ("train", "test")
+            for m in ("share_first_voken", "mean_common_prefix")}
     print(json.dumps(out, indent=1))
 
 
