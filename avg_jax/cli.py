@@ -15,6 +15,8 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "avg_jax.data.commands",
     "avg_jax.tokenizer.commands",
+    "avg_jax.evaluation.commands",
+    "avg_jax.launch",
 )
 
 

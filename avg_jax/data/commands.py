@@ -1,4 +1,4 @@
-"""`avg-jax data ...` subcommands: make the synthetic corpus, inspect any corpus directory."""
+"""`avg-jax data ...` subcommands: make the synthetic corpus, convert real sources, extract features, inspect."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from avg_jax import cli, config
+from avg_jax.data import emoji
 from avg_jax.data.corpus import SPLITS, Corpus
 
 
@@ -23,6 +24,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     cli.add_gin_flags(p)
     p.set_defaults(func=make_synthetic)
+
+    p = sub.add_parser("convert-karpathy", help="Karpathy-split JSON (Flickr30K / COCO) + feature .npy -> corpus")
+    p.add_argument("--json", required=True, help="dataset_flickr30k.json or dataset_coco.json as distributed")
+    p.add_argument("--image_features", help=".npy, row i = images[i] of the JSON")
+    p.add_argument("--text_features", help=".npy, one row per sentence in JSON order")
+    p.add_argument("--image_root", help="folder the JSON's [filepath/]filename paths are relative to")
+    _add_convert_flags(p)
+    p.set_defaults(func=convert_karpathy)
+
+    p = sub.add_parser("convert-jsonl", help="your own data: JSONL (one line per image) + image folder -> corpus")
+    p.add_argument("--records", required=True, help='JSONL: {"image", "split", "captions" | "caption", "id"?}')
+    p.add_argument("--image_root", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--image_features", help=".npy, row i = line i + 1 of the JSONL")
+    p.add_argument("--text_features", help=".npy, one row per caption in file order")
+    _add_convert_flags(p)
+    p.set_defaults(func=convert_jsonl)
+
+    p = sub.add_parser("convert-tfds", help="TFDS coco_captions (prepared; extra 'seqio') -> corpus + image folder")
+    p.add_argument("--image_dir", required=True, help="where the decoded images are written")
+    p.add_argument("--data_dir", help="TFDS data_dir holding the prepared coco_captions")
+    _add_convert_flags(p)
+    p.set_defaults(func=convert_tfds)
+
+    p = sub.add_parser("extract", help="compute L2-normalised features of a corpus' images and/or captions")
+    p.add_argument("corpus_dir")
+    p.add_argument("--out", help="write the corpus with new features here (default: update corpus_dir)")
+    p.add_argument("--only", choices=("images", "texts"), help="extract only image or only text features")
+    _add_extractor_flags(p, required=True)
+    cli.add_gin_flags(p)
+    p.set_defaults(func=extract)
+
+    emoji.add_parser(sub)
 
     p = sub.add_parser("inspect", help="counts per split, feature dims, caption lengths, duplicates")
     p.add_argument("corpus_dir")
@@ -42,6 +75,92 @@ def make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_extractor_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    from avg_jax.data.extract import EXTRACTORS
+
+    p.add_argument("--extractor", required=required, choices=sorted(EXTRACTORS),
+                   help="feature extractor" + ("" if required else " for the features no .npy file provides"))
+    p.add_argument("--model_path", help="local checkpoint directory (hf-clip: a HuggingFace CLIP model)")
+    p.add_argument("--device", help="torch device for model extractors (default cpu)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def _add_convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="corpus directory to write")
+    p.add_argument("--skip_bad_records", action="store_true",
+                   help="drop malformed source records (reported with a count and the first offenders)")
+    _add_extractor_flags(p, required=False)
+    cli.add_gin_flags(p)
+
+
+def _extractor(args: argparse.Namespace):
+    from avg_jax.data.extract import make_extractor
+
+    options = {k: getattr(args, k) for k in ("model_path", "device") if getattr(args, k) is not None}
+    return make_extractor(args.extractor, **options)
+
+
+def _write_converted(corpus: Corpus, args: argparse.Namespace) -> int:
+    """Optionally extract the features the source did not provide, then save corpus + operative config."""
+    from avg_jax.data.extract import extract_corpus_features
+
+    out = Path(args.out)
+    if args.extractor:
+        corpus = extract_corpus_features(corpus, _extractor(args), out, images=corpus.image_features.shape[1] == 0,
+                                         texts=corpus.text_features is None, batch_size=args.batch_size,
+                                         progress=not args.no_progress)
+    corpus.save(out)
+    config.write_operative_config(out)
+    dims = f"image dim {corpus.image_features.shape[1]}, text dim " + (
+        "none" if corpus.text_features is None else str(corpus.text_features.shape[1]))
+    print(f"wrote corpus {corpus.name!r} to {out}: {corpus.num_images} images, {corpus.num_queries} queries, {dims}")
+    if corpus.image_features.shape[1] == 0:
+        print(f"no image features yet: run `avg-jax data extract {out} --extractor hf-clip --model_path CLIP_DIR`")
+    return 0
+
+
+def convert_karpathy(args: argparse.Namespace) -> int:
+    from avg_jax.data.karpathy import load_karpathy_json
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    corpus = load_karpathy_json(args.json, args.image_features, args.text_features, image_root=args.image_root,
+                                skip_bad_records=args.skip_bad_records)
+    return _write_converted(corpus, args)
+
+
+def convert_jsonl(args: argparse.Namespace) -> int:
+    from avg_jax.data.jsonl_folder import load_jsonl_folder
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    corpus = load_jsonl_folder(args.records, args.image_root, args.image_features, args.text_features,
+                               skip_bad_records=args.skip_bad_records)
+    return _write_converted(corpus, args)
+
+
+def convert_tfds(args: argparse.Namespace) -> int:
+    from avg_jax.data.tfds_coco import load_tfds_coco_captions
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    corpus = load_tfds_coco_captions(args.image_dir, args.data_dir, skip_bad_records=args.skip_bad_records)
+    return _write_converted(corpus, args)
+
+
+def extract(args: argparse.Namespace) -> int:
+    from avg_jax.data.extract import extract_corpus_features
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    corpus = Corpus.load(args.corpus_dir)
+    corpus = extract_corpus_features(corpus, _extractor(args), args.corpus_dir, images=args.only != "texts",
+                                     texts=args.only != "images", batch_size=args.batch_size,
+                                     progress=not args.no_progress)
+    out = corpus.save(args.out or args.corpus_dir)
+    config.write_operative_config(out)
+    print(f"wrote features to {out}: image dim {corpus.image_features.shape[1]}, text dim "
+          f"{None if corpus.text_features is None else corpus.text_features.shape[1]}")
+    return 0
+
+
 def corpus_stats(corpus: Corpus) -> dict:
     """The statistics `data inspect` prints."""
     images = collections.Counter(im.split for im in corpus.images)
@@ -51,8 +170,9 @@ def corpus_stats(corpus: Corpus) -> dict:
     hist = {f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+": int(((lengths >= lo) & (lengths < hi)).sum())
             for lo, hi in itertools.pairwise(edges)}
     texts = collections.Counter(q.text for q in corpus.queries)
-    rounded = np.round(corpus.image_features, 5)
-    _, first = np.unique(rounded, axis=0, return_index=True)
+    has_features = corpus.image_features.shape[1] > 0
+    if has_features:
+        _, first = np.unique(np.round(corpus.image_features, 5), axis=0, return_index=True)
     return {
         "name": corpus.name,
         "synthetic": corpus.synthetic,
@@ -63,7 +183,7 @@ def corpus_stats(corpus: Corpus) -> dict:
         "caption_words_histogram": hist,
         "caption_words_mean": float(lengths.mean()) if lengths.size else 0.0,
         "duplicate_caption_texts": sum(c - 1 for c in texts.values() if c > 1),
-        "duplicate_image_features": int(corpus.num_images - first.size),
+        "duplicate_image_features": int(corpus.num_images - first.size) if has_features else None,
     }
 
 
@@ -84,5 +204,8 @@ def inspect(args: argparse.Namespace) -> int:
     for k, v in stats["caption_words_histogram"].items():
         print(f"    {k:>6s} {v:8d} {'#' * round(40 * v / peak)}")
     print(f"  duplicate caption texts: {stats['duplicate_caption_texts']}")
-    print(f"  duplicate image feature rows: {stats['duplicate_image_features']}")
+    if stats["image_dim"] == 0:
+        print("  no image features yet: run `avg-jax data extract` on this directory")
+    else:
+        print(f"  duplicate image feature rows: {stats['duplicate_image_features']}")
     return 0

@@ -84,10 +84,10 @@ class Corpus:
 
     def validate(self, source: str = "<in memory>") -> None:
         """Raise CorpusError on any inconsistency; nothing is repaired or dropped here."""
-        _check_features(self.image_features, f"{source}/{IMAGE_FEATURES_FILE}", len(self.images),
+        check_features(self.image_features, f"{source}/{IMAGE_FEATURES_FILE}", len(self.images),
                         IMAGES_FILE)
         if self.text_features is not None:
-            _check_features(self.text_features, f"{source}/{TEXT_FEATURES_FILE}", len(self.queries),
+            check_features(self.text_features, f"{source}/{TEXT_FEATURES_FILE}", len(self.queries),
                             QUERIES_FILE)
         seen: dict[str, int] = {}
         for i, im in enumerate(self.images):
@@ -138,11 +138,11 @@ class Corpus:
         if meta.get("format") != FORMAT:
             raise CorpusError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         images = [_image_from_json(obj, f"{root / IMAGES_FILE} line {n}")
-                  for n, obj in _read_jsonl(_require(root / IMAGES_FILE))]
-        image_features = _load_npy(_require(root / IMAGE_FEATURES_FILE))
-        raw_queries = list(_read_jsonl(_require(root / QUERIES_FILE)))
+                  for n, obj in read_jsonl(_require(root / IMAGES_FILE))]
+        image_features = load_npy(_require(root / IMAGE_FEATURES_FILE))
+        raw_queries = list(read_jsonl(_require(root / QUERIES_FILE)))
         text_path = root / TEXT_FEATURES_FILE
-        text_features = _load_npy(text_path) if text_path.exists() else None
+        text_features = load_npy(text_path) if text_path.exists() else None
         if meta.get("text_dim") is not None and text_features is None:
             raise CorpusError(f"{root / META_FILE}: field 'text_dim' is {meta['text_dim']} but "
                               f"{text_path} is missing")
@@ -150,11 +150,11 @@ class Corpus:
                      queries=[], text_features=None, synthetic=bool(meta.get("synthetic", False)),
                      metadata=meta.get("metadata", {}))
         # Images first: queries are checked against the validated image ids.
-        _check_features(image_features, str(root / IMAGE_FEATURES_FILE), len(images), IMAGES_FILE)
+        check_features(image_features, str(root / IMAGE_FEATURES_FILE), len(images), IMAGES_FILE)
         corpus.validate(str(root))
         ids = corpus.image_index()
         if text_features is not None:
-            _check_features(text_features, str(text_path), len(raw_queries), QUERIES_FILE)
+            check_features(text_features, str(text_path), len(raw_queries), QUERIES_FILE)
         keep, bad = [], []
         for n, obj in raw_queries:
             where = f"{root / QUERIES_FILE} line {n}"
@@ -194,7 +194,8 @@ def _check_query(q: QueryRecord, where: str, known_ids: dict[str, int]) -> None:
             raise CorpusError(f"{where}: field 'image_ids' names unknown image {image_id!r}")
 
 
-def _check_features(x: np.ndarray, path: str, num_records: int, records_file: str) -> None:
+def check_features(x: np.ndarray, path: str, num_records: int, records_file: str, finite: bool = True) -> None:
+    """Features must be a 2-D float array with one row per record (and, with `finite`, no NaN/inf)."""
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         shape = getattr(x, "shape", None)
         raise CorpusError(f"{path}: features must be a 2-D array [rows, dim], got shape {shape}")
@@ -202,9 +203,11 @@ def _check_features(x: np.ndarray, path: str, num_records: int, records_file: st
         raise CorpusError(f"{path}: features must be floating point, got dtype {x.dtype}")
     if x.shape[0] != num_records:
         raise CorpusError(f"{path}: has {x.shape[0]} rows but {records_file} has {num_records} records")
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        rows = np.flatnonzero(~finite)
+    if not finite:
+        return
+    ok = np.isfinite(x).all(axis=1)
+    if not ok.all():
+        rows = np.flatnonzero(~ok)
         raise CorpusError(f"{path}: {rows.size} row(s) contain NaN/inf, first rows {rows[:MAX_REPORTED].tolist()}")
 
 
@@ -214,14 +217,16 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path) -> np.ndarray:
+    """np.load without pickles; a non-numeric file is a CorpusError naming it."""
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as e:
         raise CorpusError(f"{path}: not a plain numeric .npy array ({e})") from None
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+    """(line number, object) for each line; blank lines, bad JSON and non-objects are CorpusErrors."""
     with path.open() as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():

@@ -1,0 +1,1 @@
+"""Metrics, the dense two-tower baseline and the evaluation CLI."""

@@ -1,0 +1,159 @@
+"""Retrieval metrics on ranked outputs: image-level R@K (the paper's standard), identifier-level R@K (what the
+official AVG code reports), collision rate, MRR@10 and the share of queries with empty output.
+
+Image level: a query is a hit at K if one of its relevant images is among the first K *images* of its
+ranking, after each generated identifier has been expanded to the images that share it (in identifier-table
+order). Identifier level: a hit at K if one of the first K generated *identifiers* equals the identifier of a
+relevant image, however many images share that identifier. With colliding identifiers the second number is
+inflated; both are reported with the collision rate so the gap is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_KS = (1, 5, 10)
+MRR_CUTOFF = 10
+Identifier = tuple[int, ...]
+
+
+def first_relevant_rank(ranked: Sequence[Hashable], relevant: Collection[Hashable]) -> int:
+    """1-based position of the first relevant item in `ranked`, 0 when none is relevant."""
+    for position, item in enumerate(ranked, start=1):
+        if item in relevant:
+            return position
+    return 0
+
+
+def recall_at_k(first_ranks: np.ndarray, k: int) -> float:
+    """Share of queries whose first relevant item lies within the top k (ranks are 1-based, 0 = miss)."""
+    first_ranks = np.asarray(first_ranks)
+    if first_ranks.size == 0:
+        return float("nan")
+    return float(np.mean((first_ranks >= 1) & (first_ranks <= k)))
+
+
+def mrr_at_k(first_ranks: np.ndarray, k: int = MRR_CUTOFF) -> float:
+    """Mean reciprocal rank of the first relevant item, counted 0 beyond rank k or on a miss."""
+    first_ranks = np.asarray(first_ranks)
+    if first_ranks.size == 0:
+        return float("nan")
+    hit = (first_ranks >= 1) & (first_ranks <= k)
+    return float(np.mean(np.where(hit, 1.0 / np.maximum(first_ranks, 1), 0.0)))
+
+
+def _check_lengths(ranked: Sequence, relevant: Sequence, what: str) -> None:
+    if len(ranked) != len(relevant):
+        raise ValueError(f"{what}: {len(ranked)} ranked lists but {len(relevant)} relevance sets")
+    for j, rel in enumerate(relevant):
+        if not rel:
+            raise ValueError(f"{what}: query {j} has no relevant image (field 'image_ids' is empty)")
+
+
+def ranking_metrics(ranked: Sequence[Sequence[Hashable]], relevant: Sequence[Collection[Hashable]],
+                    ks: Sequence[int] = DEFAULT_KS, prefix: str = "") -> dict[str, float]:
+    """R@K for each k, MRR@10 and the share of empty rankings over `ranked` (one list per query)."""
+    _check_lengths(ranked, relevant, "ranking_metrics")
+    ranks = np.array([first_relevant_rank(r, set(rel)) for r, rel in zip(ranked, relevant, strict=True)],
+                     dtype=np.int64)
+    out = {f"{prefix}recall@{k}": recall_at_k(ranks, k) for k in ks}
+    out[f"{prefix}mrr@{MRR_CUTOFF}"] = mrr_at_k(ranks, MRR_CUTOFF)
+    out[f"{prefix}empty_rate"] = float(np.mean([len(r) == 0 for r in ranked])) if ranked else float("nan")
+    return out
+
+
+def image_to_identifier(groups: Mapping[Identifier, Sequence[str]]) -> dict[str, Identifier]:
+    """Invert identifier groups (identifier -> images sharing it) into image id -> identifier."""
+    out: dict[str, Identifier] = {}
+    for identifier, images in groups.items():
+        for image_id in images:
+            if image_id in out:
+                raise ValueError(f"identifier groups: image {image_id!r} appears under two identifiers "
+                                 f"{out[image_id]} and {tuple(identifier)}")
+            out[image_id] = tuple(identifier)
+    return out
+
+
+def expand_identifiers(ranked_identifiers: Iterable[Sequence[int]],
+                       groups: Mapping[Identifier, Sequence[str]]) -> list[str]:
+    """Ranked identifiers -> ranked image ids: each identifier expands to its group in table order.
+
+    An identifier absent from `groups` is an error (constrained decoding never produces one), and an
+    identifier repeated in the ranking contributes its images only once."""
+    images: list[str] = []
+    seen: set[Identifier] = set()
+    for identifier in ranked_identifiers:
+        key = tuple(int(t) for t in identifier)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key not in groups:
+            raise ValueError(f"ranked identifier {key} is not in the identifier table's groups")
+        images.extend(groups[key])
+    return images
+
+
+def collision_rate(groups: Mapping[Identifier, Sequence[str]]) -> float:
+    """Share of images whose full identifier is shared with at least one other image."""
+    sizes = np.array([len(v) for v in groups.values()], dtype=np.int64)
+    if sizes.sum() == 0:
+        return float("nan")
+    return float(sizes[sizes > 1].sum() / sizes.sum())
+
+
+def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
+                             relevant_image_ids: Sequence[Collection[str]],
+                             groups: Mapping[Identifier, Sequence[str]],
+                             ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """The official AVG code's recall: a hit if a generated identifier equals a relevant image's identifier."""
+    _check_lengths(ranked_identifiers, relevant_image_ids, "identifier_level_metrics")
+    ident_of = image_to_identifier(groups)
+    relevant_identifiers = []
+    for j, rel in enumerate(relevant_image_ids):
+        missing = [i for i in rel if i not in ident_of]
+        if missing:
+            raise ValueError(f"query {j}: relevant image(s) {missing[:5]} have no identifier in the table")
+        relevant_identifiers.append({ident_of[i] for i in rel})
+    ranked = [[tuple(int(t) for t in ident) for ident in ranking] for ranking in ranked_identifiers]
+    out = ranking_metrics(ranked, relevant_identifiers, ks, prefix="identifier_")
+    out["collision_rate"] = collision_rate(groups)
+    return out
+
+
+def evaluate_identifiers(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
+                         relevant_image_ids: Sequence[Collection[str]],
+                         groups: Mapping[Identifier, Sequence[str]],
+                         ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Image-level metrics (after group expansion) and identifier-level metrics side by side."""
+    ranked_images = [expand_identifiers(r, groups) for r in ranked_identifiers]
+    out = ranking_metrics(ranked_images, relevant_image_ids, ks)
+    out.update(identifier_level_metrics(ranked_identifiers, relevant_image_ids, groups, ks))
+    out["num_queries"] = len(ranked_identifiers)
+    return out
+
+
+def evaluate_images(ranked_image_ids: Sequence[Sequence[str]], relevant_image_ids: Sequence[Collection[str]],
+                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Image-level metrics for rankings that are already image ids (dense retrieval, expanded decodes)."""
+    out = ranking_metrics(ranked_image_ids, relevant_image_ids, ks)
+    out["num_queries"] = len(ranked_image_ids)
+    return out
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], ks: Sequence[int] = DEFAULT_KS) -> str:
+    """A plain-text table, one row per system, with the image-level and (when present) identifier-level R@K."""
+    cols = [f"recall@{k}" for k in ks] + [f"mrr@{MRR_CUTOFF}", "empty_rate"]
+    extra = [f"identifier_recall@{k}" for k in ks] + ["collision_rate"]
+    if any(c in m for m in rows.values() for c in extra):
+        cols += extra
+    headers = ["system", "queries"] + [c.replace("identifier_recall", "id_R").replace("recall", "R") for c in cols]
+    lines = []
+    for name, m in rows.items():
+        vals = [f"{100 * m[c]:.2f}" if c in m and np.isfinite(m[c]) else "-" for c in cols]
+        lines.append([name, str(int(m.get("num_queries", 0))), *vals])
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    body = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines]
+    return "\n".join(body) + "\n(all values in %, except queries)"

@@ -1,0 +1,130 @@
+"""`avg-jax eval` and `avg-jax eval-dense` end to end on a small corpus, and ranked-file validation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from avg_jax import cli
+from avg_jax.evaluation import commands, metrics
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tiny_corpus, tmp_path_factory):
+    return str(tiny_corpus.save(tmp_path_factory.mktemp("corpus") / "c"))
+
+
+def test_eval_dense_then_eval_ranked(corpus_dir, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "dense"
+    assert cli.main(["eval-dense", "--corpus", corpus_dir, "--projection", "ridge", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and "dense-ridge-jax" in printed
+    dense_metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "operative_config.gin").exists()
+    m = dense_metrics["systems"]["dense-ridge-jax"]
+    assert m["num_queries"] == len(tiny_corpus.query_rows("test"))
+    # Recompute R@K from ranked.jsonl independently of our metric code.
+    lines = [json.loads(x) for x in (out / "ranked.jsonl").read_text().splitlines()]
+    hits = {k: np.mean([bool(set(r["image_ids"][:k]) & set(tiny_corpus.queries[r["query_row"]].image_ids))
+                        for r in lines]) for k in (1, 5, 10)}
+    for k in (1, 5, 10):
+        assert m[f"recall@{k}"] == pytest.approx(hits[k])
+    # The same file through `avg-jax eval` (two names for the same system) gives the same numbers.
+    out2 = tmp_path / "eval"
+    ranked = str(out / "ranked.jsonl")
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"a={ranked}", "--ranked", f"b={ranked}",
+                     "--out", str(out2)]) == 0
+    systems = json.loads((out2 / "metrics.json").read_text())["systems"]
+    assert systems["a"] == pytest.approx(m) and systems["b"] == pytest.approx(m)
+
+
+def test_eval_dense_unaligned_features_is_a_clean_error(corpus_dir, tmp_path, capsys):
+    assert cli.main(["eval-dense", "--corpus", corpus_dir, "--out", str(tmp_path)]) == 2
+    assert "text features have dim 48 but image features 64" in capsys.readouterr().err
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_ranked_file_validation(tiny_corpus, tmp_path):
+    rows = tiny_corpus.query_rows("test")
+    test_images = [tiny_corpus.images[i].id for i in tiny_corpus.image_rows("test")]
+    good = [{"query_row": int(j), "image_ids": test_images[:3]} for j in rows]
+    parsed = commands.read_ranked_jsonl(_write(tmp_path / "ok.jsonl", good), tiny_corpus, "test")
+    assert parsed.query_rows.tolist() == rows.tolist() and parsed.identifiers is None
+    texts = [tiny_corpus.queries[j].text for j in rows]
+    dup = next(t for t in texts if texts.count(t) > 1)  # synthetic captions repeat within a split
+    by_text = [{"text": t, "image_ids": []} if texts.count(t) == 1 else {"query_row": int(j), "image_ids": []}
+               for j, t in zip(rows, texts, strict=True)]
+    assert commands.read_ranked_jsonl(_write(tmp_path / "t.jsonl", by_text), tiny_corpus, "test").query_rows.tolist() \
+        == rows.tolist()
+    cases = {
+        "have no ranking": good[1:],
+        "already ranked on line 1": [good[0], *good],
+        "names images not in split 'test'": [{**good[0], "image_ids": ["nope"]}, *good[1:]],
+        "repeats an image id": [{**good[0], "image_ids": [test_images[0]] * 2}, *good[1:]],
+        "is not a 'test' query row": [{**good[0], "query_row": int(tiny_corpus.query_rows("train")[0])}],
+        "needs field 'query_row' or 'text'": [{"image_ids": []}],
+        "matches 2 'test' queries": [{"text": dup, "image_ids": []}],
+        "must be a list of non-empty token-id lists": [{**good[0], "identifiers": [[]]}],
+        "present on some lines": [{**good[0], "identifiers": [[5, 6]]}, *good[1:]],
+    }
+    for message, records in cases.items():
+        with pytest.raises(ValueError, match=message):
+            commands.read_ranked_jsonl(_write(tmp_path / "bad.jsonl", records), tiny_corpus, "test")
+    with pytest.raises(FileNotFoundError, match="ranked-output file missing"):
+        commands.read_ranked_jsonl(tmp_path / "absent.jsonl", tiny_corpus, "test")
+
+
+def test_evaluate_ranked_with_identifier_groups(tiny_corpus):
+    first_query = {}  # one query for each of four different test images
+    for j in tiny_corpus.query_rows("test"):
+        first_query.setdefault(tiny_corpus.queries[j].image_ids[0], int(j))
+    rel = list(first_query)[:4]
+    rows = np.array([first_query[i] for i in rel])
+    # Queries 0 and 1 have their relevant image in one shared group with an unrelated image placed first.
+    other = next(im.id for im in tiny_corpus.images if im.split == "test" and im.id not in rel)
+    groups = {(1, 2): [other, rel[0], rel[1]], (3, 4): [rel[2]], (5, 6): [rel[3]]}
+    idents = [[(1, 2)], [(3, 4), (1, 2)], [(3, 4)], [(5, 6)]]
+    outputs = commands.RankedOutputs(rows, [metrics.expand_identifiers(r, groups) for r in idents], idents)
+    m = commands.evaluate_ranked(tiny_corpus, outputs, groups, ks=(1, 2))
+    assert m["recall@1"] == pytest.approx(2 / 4)           # queries 2, 3
+    assert m["identifier_recall@1"] == pytest.approx(3 / 4)  # queries 0, 2, 3
+    assert m["collision_rate"] == pytest.approx(3 / 5)
+
+
+def test_eval_with_identifier_table(corpus_dir, tiny_corpus, tmp_path, capsys):
+    from avg_jax.identifiers.table import IdentifierTable
+
+    test_ids = [tiny_corpus.images[i].id for i in tiny_corpus.image_rows("test")]
+    # Two-token fixed-length identifiers over 10 codes: 60 test images, so collisions are certain.
+    codes = np.random.default_rng(0).integers(0, 10, (len(test_ids), 2)).astype(np.int32)
+    table = IdentifierTable(image_ids=test_ids, tokens=codes + 100, lengths=np.full(len(test_ids), 2, np.int32),
+                            scheme="test", num_new_tokens=10, text_vocab_size=100, fixed_length=True)
+    table.save(tmp_path / "table")
+    groups = table.groups()
+    ident_of = {i: tuple(int(t) for t in row) for i, row in zip(test_ids, codes + 100, strict=True)}
+    records, id_hits, img_hits = [], [], []
+    for j in tiny_corpus.query_rows("test"):
+        target = ident_of[tiny_corpus.queries[j].image_ids[0]]
+        ranked = [target] if j % 2 else [next(g for g in groups if g != target)]
+        images = metrics.expand_identifiers(ranked, groups)
+        records.append({"query_row": int(j), "image_ids": images, "identifiers": [list(r) for r in ranked]})
+        id_hits.append(bool(j % 2))
+        img_hits.append(images[0] in tiny_corpus.queries[j].image_ids)
+    _write(tmp_path / "gen.jsonl", records)
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"avg={tmp_path / 'gen.jsonl'}",
+                     "--identifiers", str(tmp_path / "table"), "--out", str(tmp_path / "m")]) == 0
+    assert "id_R@1" in capsys.readouterr().out
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())["systems"]["avg"]
+    assert m["identifier_recall@1"] == pytest.approx(np.mean(id_hits))
+    assert m["recall@1"] == pytest.approx(np.mean(img_hits)) and m["recall@1"] < m["identifier_recall@1"]
+    sizes = np.array([len(v) for v in groups.values()])
+    assert m["collision_rate"] == pytest.approx(sizes[sizes > 1].sum() / len(test_ids))
+    # A table that lacks test images is a clean error.
+    table.subset(test_ids[:-1]).save(tmp_path / "short")
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", str(tmp_path / "gen.jsonl"),
+                     "--identifiers", str(tmp_path / "short"), "--out", str(tmp_path / "m2")]) == 2
+    assert "not in the identifier table" in capsys.readouterr().err
