@@ -95,6 +95,8 @@ def query_encoder_qps(args) -> dict:
 def random_identifiers(n: int, levels: int, codebook: int, text_vocab: int, rng: np.random.Generator
                        ) -> np.ndarray:
     """n distinct fixed-length voken identifiers [n, levels] int32 (model ids: text_vocab + code)."""
+    if n > codebook ** levels:
+        raise ValueError(f"{n} distinct identifiers need codebook ** levels >= n, got {codebook} ** {levels}")
     codes = np.empty((0, levels), np.int64)
     while len(codes) < n:  # redraw the few duplicates (1024^4 codes: collisions are rare)
         extra = rng.integers(0, codebook, (n - len(codes), levels))
@@ -117,7 +119,7 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str
     from avg_jax.data.vocab import pad_vocab_size
 
     text_vocab = 32128
-    config = configs.named_t5_config("small", vocab_size=pad_vocab_size(text_vocab + args.codebook),
+    config = configs.named_t5_config(args.t5_size, vocab_size=pad_vocab_size(text_vocab + args.codebook),
                                      dropout_rate=0.0)
     params = model.init_params(config, jax.random.PRNGKey(args.seed))
     options = BeamSearchOptions(beam_size=args.beam)
@@ -139,7 +141,8 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str
         out[n] = args.batch / sec
         details[str(n)] = {"repeats": reps, "trie_build_s": round(build_s, 2),
                            "bytes_per_identifier": round(built.bytes_per_identifier(), 1)}
-    model_info = {"model": "T5-small size (d_model 512, 6+6 layers, random weights)",
+    model_info = {"model": f"T5-{args.t5_size} size (d_model {config.d_model}, {config.num_encoder_layers}+"
+                           f"{config.num_decoder_layers} layers, random weights)",
                   "vocab": config.vocab_size, "beam": args.beam, "levels_M": args.levels,
                   "codebook_N": args.codebook, "score_normalization": options.score_normalization,
                   "query_tokens": args.query_tokens, "per_size": details}
@@ -168,10 +171,13 @@ def plot(result: dict, path: Path) -> None:
     series = [("dense_jax_search_qps", "dense exact, jit jnp.dot + top_k (search only)", "C0", "-"),
               ("dense_faiss_search_qps", "dense exact, faiss IndexFlatIP (search only)", "C1", "-"),
               ("dense_with_encoder_qps", "dense best + query encoder (CLIP-L text tower)", "C2", "--"),
-              ("generative_qps", "generative: constrained beam search (T5-small)", "C3", "-")]
+              ("generative_qps", "generative: constrained beam search", "C3", "-")]
     for key, label, colour, style in series:
         values = result.get(key)
         if values:
+            if key == "generative_qps":
+                gen = result["generative_model"]
+                label = f"{label} ({gen['model'].split(' (')[0]}, beam {gen['beam']}, M={gen['levels_M']})"
             ax.plot(sizes, [values[str(n)] for n in sizes], style, marker="o", color=colour, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -200,6 +206,7 @@ def main() -> None:
     p.add_argument("--query_tokens", type=int, default=32, help="query length for the encoder forward pass")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed batches per measurement (median)")
     p.add_argument("--min_seconds", type=float, default=1.0, help="minimum timed seconds per measurement")
+    p.add_argument("--t5_size", default="small", help="generative: T5 size (small as in the paper's T5-small)")
     p.add_argument("--beam", type=int, default=20, help="generative: beam size")
     p.add_argument("--levels", type=int, default=4, help="generative: identifier length M")
     p.add_argument("--codebook", type=int, default=1024, help="generative: codebook size N")
