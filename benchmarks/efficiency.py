@@ -110,7 +110,6 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str
     try:
         from avg_jax.decoding import t5_decode, trie
         from avg_jax.decoding.beam_search import BeamSearchOptions
-
         from avg_jax.t5 import configs, model
     except ImportError as e:
         return None, f"not measured: {e.name} is not on this branch yet", None
