@@ -90,7 +90,8 @@ def train_retrieval(
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
     periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries.
-    `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8."""
+    `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
+    length cuts longer inputs (training and evaluation alike); the number cut is printed."""
     corpus = Corpus.load(corpus_dir)
     table = IdentifierTable.load(identifiers_dir)
     vocab = load_vocabulary(table, identifiers_dir)
@@ -105,6 +106,10 @@ def train_retrieval(
         longest = max(longest, *(len(vocab.encode(with_instruction(instruction, corpus.queries[j].text)))
                                  for j in corpus.query_rows(eval_split)))
     input_length = _round_up(longest) if input_length is None else input_length
+    cut = sum(len(ex["inputs"]) > input_length for ex in stream + memorize_stage)
+    if cut and jax.process_index() == 0:
+        print(f"train_retrieval: {cut} of {len(stream) + len(memorize_stage)} training inputs are longer than "
+              f"input_length {input_length} and are cut", flush=True)
     target_length = table.max_len
     lengths = {"inputs": input_length, "targets": target_length}
     if train_batch_size % jax.process_count():

@@ -23,12 +23,11 @@ from avg_jax.t5.configs import T5Config
 from avg_jax.training.examples import with_instruction
 
 
-def pad_token_rows(rows: Sequence[Sequence[int]], length: int, where: str) -> np.ndarray:
-    """[n, length] int32, PAD-padded; a longer row is an error naming it."""
+def pad_token_rows(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    """[n, length] int32, PAD-padded, longer rows cut (as the training pipeline cuts them)."""
     out = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
-        if len(r) > length:
-            raise ValueError(f"{where} row {i} has {len(r)} tokens > {length}; raise the input length")
+        r = r[:length]
         out[i, : len(r)] = r
     return out
 
@@ -52,7 +51,7 @@ class RetrievalEvaluator:
         self.split, self.corpus, self.query_rows, self.num_images = split, corpus, query_rows, len(image_ids)
         self.trie: Trie = build_trie(table.subset(image_ids))
         texts = [with_instruction(instruction, corpus.queries[j].text) for j in query_rows]
-        self.inputs = pad_token_rows([vocab.encode(t) for t in texts], input_length, f"{split} query")
+        self.inputs = pad_token_rows([vocab.encode(t) for t in texts], input_length)
         self.relevant = [set(corpus.queries[j].image_ids) for j in query_rows]
         self.batch_size = batch_size
         self.max_queries = len(query_rows) if max_queries is None else min(max_queries, len(query_rows))
