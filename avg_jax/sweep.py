@@ -395,8 +395,9 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # one failed row must not lose the others; the table names it, error.txt has all
             failed += 1
             plan.row_dir.mkdir(parents=True, exist_ok=True)
-            (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + f"\n{type(e).__name__}: {e}\n")
-            print(f"{head}: FAILED: {type(e).__name__}: {e} (see {plan.row_dir / ERROR_FILE})", flush=True)
+            summary = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"  # the table's note
+            (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
+            print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
             continue
         print(f"{head}: " + " ".join(f"R@{k}={100 * scores[f'recall@{k}']:.1f}" for k in PAPER_KS), flush=True)
     if args.dry_run:

@@ -54,7 +54,11 @@ def test_registry_covers_every_experiment_and_labels_are_distinct():
 
 
 def _q(name):
-    return gin.query_parameter(name)
+    """A bound value with macros resolved."""
+    if name.startswith("%"):
+        return gin.query_parameter(name)
+    configurable, param = name.rsplit(".", 1)
+    return gin.get_bindings(configurable)[param]
 
 
 @NEEDS_TRAINER
@@ -157,6 +161,13 @@ def corpus_dir(tiny_corpus, tmp_path_factory):
     return tiny_corpus.save(tmp_path_factory.mktemp("corpus") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory):
+    """One sweep output directory for every run here: with testing/tiny.gin many rows reduce to the same
+    tokenizer / training config, and the sweep's stage sharing then runs each only once."""
+    return tmp_path_factory.mktemp("sweeps")
+
+
 @NEEDS_TRAINER
 def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     out = tmp_path / "sweeps"
@@ -175,21 +186,21 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert len(runs) == 1  # beam size is evaluation only: Table 7 trains once
 
 
-# One experiment per table runs by default; the rest are marked slow.
-DEFAULT_RUNS = {"experiments/avg/flickr30k_table3_no_alignment.gin", "experiments/avg/flickr30k_table4_n256.gin",
-                "experiments/avg/flickr30k_table5_m6.gin", "experiments/avg/flickr30k_table6_t5_small.gin",
-                "experiments/avg/coco_main.gin", "experiments/grace/flickr30k_structured.gin",
-                "experiments/grace/flickr30k_semantic_no_memorize.gin"}
+# By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
+# runs whole in the sweep test below); under testing/tiny.gin the AVG ones share one tokenizer and one
+# training run. The rest, each a separate tokenizer or training run, are marked slow.
+DEFAULT_RUNS = {"experiments/avg/flickr30k_table3_full.gin", "experiments/avg/flickr30k_table4_n256.gin",
+                "experiments/avg/flickr30k_table6_t5_small.gin", "experiments/avg/coco_main.gin",
+                "experiments/grace/flickr30k_structured.gin", "experiments/grace/flickr30k_semantic_no_memorize.gin"}
 
 
 @NEEDS_TRAINER
 @pytest.mark.parametrize("path", [pytest.param(p, marks=() if p in DEFAULT_RUNS else pytest.mark.slow)
                                   for p in EXPERIMENTS])
-def test_every_experiment_runs_a_few_steps(path, corpus_dir, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "experiment_runs"  # shared: rows with equal tokenizers reuse tables
+def test_every_experiment_runs_a_few_steps(path, corpus_dir, shared_out):
     table = next(t for t in sweep.TABLES.values() if any(path in r.gin_files for r in t.rows))
     row = next(r for r in table.rows if path in r.gin_files)
-    plan = sweep.parse_row(table, row, out, str(corpus_dir), ["testing/tiny.gin"])
+    plan = sweep.parse_row(table, row, shared_out, str(corpus_dir), ["testing/tiny.gin"])
     beam = gin.query_parameter("train_retrieval.eval_beam_size")
     if beam < 10:
         pytest.skip(f"evaluation beam {beam} < 10: RetrievalEvaluator needs R@10's 10 results (paper: '-')")
@@ -201,17 +212,18 @@ def test_every_experiment_runs_a_few_steps(path, corpus_dir, tmp_path_factory):
 
 
 @NEEDS_TRAINER
-def test_sweep_end_to_end_table7_trains_once(corpus_dir, tmp_path, capsys):
-    out = tmp_path / "sweeps"
+def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
+    out = shared_out
     code = cli.main(["sweep", "--table", "avg_table7", "--corpus", str(corpus_dir), "--out", str(out),
                      "--gin_file", "testing/tiny.gin"])
     text = capsys.readouterr().out
-    assert len(list((out / "runs").iterdir())) == 1 and len(list((out / "identifiers").iterdir())) == 1
     markdown = (out / "avg_table7" / "table.md").read_text()
     assert markdown in text and "(SYNTHETIC)" in markdown
     rows = json.loads((out / "avg_table7" / "table.json").read_text())["rows"]
     done = [r["label"] for r in rows if r["status"] == "done"]
     assert {"10", "20", "30", "40", "50"} <= set(done)
+    records = [json.loads((out / "avg_table7" / sweep._slug(label) / "row.json").read_text()) for label in done]
+    assert len({r["run_dir"] for r in records}) == 1 and len({r["identifiers"] for r in records}) == 1
     failed = [r["label"] for r in rows if r["status"] == "failed"]
     assert code == (1 if failed else 0)
     # A second sweep finds every finished row done and rebuilds the same table.
