@@ -164,7 +164,7 @@ def tokenizer_key(corpus_dir: str) -> str:
 
 def training_key(tok_key: str) -> str:
     """Digest of the whole parsed config without the evaluation-only parameters, and of the identifier table."""
-    eval_only = re.compile(r"^(%s)\s*=" % "|".join(re.escape(p) for p in EVAL_ONLY_PARAMS))
+    eval_only = re.compile(r"^(" + "|".join(re.escape(p) for p in EVAL_ONLY_PARAMS) + r")\s*=")
     lines = [line for line in gin.config_str().splitlines() if not eval_only.match(line)]
     return _digest(tok_key + "\n" + "\n".join(lines))
 
@@ -190,11 +190,7 @@ def parse_row(table: SweepTable, row: SweepRow, out_dir: str | Path, corpus_dir:
     params = list(gin_params) + ([f"CORPUS_DIR = {str(corpus_dir)!r}"] if corpus_dir else [])
     files = (*row.gin_files, *gin_files)
     config.parse_gin(files, params)
-    try:
-        corpus = str(gin.query_parameter("%CORPUS_DIR"))
-    except ValueError:
-        raise ValueError(f"{table.name} row {row.label!r}: its gin files define no CORPUS_DIR macro; pass "
-                         "--corpus DIR") from None
+    corpus = config.path_from_flag_or_macro(None, "CORPUS_DIR", f"{table.name} row {row.label!r}: --corpus")
     tok = tokenizer_key(corpus)
     out = Path(out_dir)
     return RowPlan(table=table.name, row=row, gin_files=files, gin_params=tuple(params), corpus_dir=corpus,

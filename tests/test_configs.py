@@ -94,6 +94,19 @@ def test_experiments_bind_the_papers_settings():
     gin.clear_config()
 
 
+def test_staged_learning_rate_matches_a_plain_piecewise_constant():
+    from avg_jax.training.optimizer import staged_learning_rate
+
+    values, boundaries = [1e-3, 1e-4, 3e-5], [3, 7]
+    schedule = staged_learning_rate(values, boundaries)
+    expected = [values[sum(step >= b for b in boundaries)] for step in range(10)]
+    assert [float(schedule(step)) for step in range(10)] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="3 values need 2 boundaries"):
+        staged_learning_rate(values, [3])
+    with pytest.raises(ValueError, match="positive and increasing"):
+        staged_learning_rate(values, [7, 3])
+
+
 # ------------------------------------------------------------------------------------------ aggregation
 
 def _metrics_json(row_dir: Path, r1, r5, r10, corpus_name="flickr30k", synthetic=False):
@@ -166,6 +179,20 @@ def shared_out(tmp_path_factory):
     """One sweep output directory for every run here: with testing/tiny.gin many rows reduce to the same
     tokenizer / training config, and the sweep's stage sharing then runs each only once."""
     return tmp_path_factory.mktemp("sweeps")
+
+
+def test_tokenize_takes_the_corpus_from_the_data_config(corpus_dir, tmp_path, capsys):
+    small = ["RQTokenizerConfig.code_dim = 8", "RQTokenizerConfig.codebook_size = 8",
+             "RQTokenizerConfig.num_levels = 2", "train_tokenizer.steps = 2", "train_tokenizer.batch_size = 48",
+             "train_tokenizer.contrastive_steps = 2",
+             "tokenize_corpus.sentencepiece_vocab_size = 300"]
+    argv = ["tokenize", "--out", str(tmp_path / "ids"), "--gin_file", "data/synthetic.gin", "--gin_file",
+            "tokenizer/avg.gin", "--gin_param", f"CORPUS_DIR = '{corpus_dir}'"]
+    assert cli.main(argv + [a for p in small for a in ("--gin_param", p)]) == 0
+    assert json.loads((tmp_path / "ids" / "identifiers.json").read_text())["metadata"]["corpus"] == str(
+        Path(corpus_dir).resolve())
+    assert cli.main(["tokenize", "--out", str(tmp_path / "x"), "--gin_file", "tokenizer/avg.gin"]) == 2
+    assert "--corpus not given and no gin macro CORPUS_DIR is bound" in capsys.readouterr().err
 
 
 @NEEDS_TRAINER

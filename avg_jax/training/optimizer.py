@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import gin
@@ -51,7 +52,7 @@ def staged_learning_rate(values: Sequence[float] = gin.REQUIRED, boundaries: Seq
     if len(values) != len(boundaries) + 1:
         raise ValueError(f"staged_learning_rate: {len(values)} values need {len(values) - 1} boundaries, got "
                          f"{len(boundaries)} ({boundaries})")
-    if any(b <= 0 for b in boundaries) or any(b2 <= b1 for b1, b2 in zip(boundaries, boundaries[1:])):
+    if any(b <= 0 for b in boundaries) or any(b2 <= b1 for b1, b2 in itertools.pairwise(boundaries)):
         raise ValueError(f"staged_learning_rate.boundaries must be positive and increasing, got {boundaries}")
     return optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries)
 
