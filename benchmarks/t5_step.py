@@ -4,6 +4,7 @@ Both sides start from the same weights (the PyTorch model is initialised, saved 
 imported with `load_hf_t5`), train with AdamW and dropout on the same fixed batch, and are timed in the same
 process. Prints one JSON object: tokens/s (input + target tokens per second) of each side, medians over
 `--repeats` timed runs of `--steps` steps after `--warmup` steps (compilation excluded, reported apart).
+Repeats alternate between the two sides so background load hits both alike.
 `mfu` is model FLOPs utilisation (6 * non-embedding params * tokens + attention) when `--peak_tflops` is
 given or the backend is a known GPU; null on CPU.
 """
@@ -40,20 +41,22 @@ def _batch(args, vocab_size: int) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids, "labels": labels, "decoder_input_ids": decoder_input_ids}
 
 
-def _time(step, args) -> tuple[float, list[float], float]:
-    """(first-warmup-step seconds incl. compile, per-step seconds of each repeat, first loss)."""
+def _warm(step, args) -> tuple[float, float]:
+    """Run the warmup steps: (seconds of the first step, compilation included; its loss)."""
     start = time.perf_counter()
     first_loss = step()
-    compile_s = time.perf_counter() - start
+    first_s = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
-    per_step = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        per_step.append((time.perf_counter() - start) / args.steps)
-    return compile_s, per_step, first_loss
+    return first_s, first_loss
+
+
+def _timed(step, steps: int) -> float:
+    """Seconds per step over `steps` consecutive steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
 
 
 def bench_ours(params, config, batch, args):
@@ -80,7 +83,7 @@ def bench_ours(params, config, batch, args):
         state[0], state[1], state[2], loss = train_step(*state)
         return float(jax.block_until_ready(loss))
 
-    return _time(step, args)
+    return step
 
 
 def bench_torch(model, batch, args):
@@ -98,7 +101,7 @@ def bench_torch(model, batch, args):
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return _time(step, args)
+    return step
 
 
 def train_flops(config, args) -> float:
@@ -147,9 +150,15 @@ def main() -> None:
         params, config = load_hf_t5(tmp, dtype=args.dtype)
     batch = _batch(args, config.vocab_size)
 
-    ours_compile, ours_steps, ours_loss = bench_ours(params, config, batch, args)
+    ours = bench_ours(params, config, batch, args)
+    ours_compile, ours_loss = _warm(ours, args)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.torch_autocast):
-        torch_compile, torch_steps, torch_loss = bench_torch(hf_model, batch, args)
+        theirs = bench_torch(hf_model, batch, args)
+        torch_compile, torch_loss = _warm(theirs, args)
+        ours_steps, torch_steps = [], []
+        for _ in range(args.repeats):  # interleaved, so both sides see the same machine load
+            ours_steps.append(_timed(ours, args.steps))
+            torch_steps.append(_timed(theirs, args.steps))
 
     tokens = args.batch * (args.input_length + args.target_length)
     ours_step, torch_step = statistics.median(ours_steps), statistics.median(torch_steps)
