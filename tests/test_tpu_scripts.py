@@ -167,7 +167,7 @@ def test_launch_runs_avg_jax_train_on_all_workers(no_gcloud):
     distributed = re.search(r'DISTRIBUTED_GIN_PARAM:-"([^"]+)"', common).group(1)
     assert command[:6] == ["avg-jax", "train", "--gin_file", GIN_FILE, "--gin_param", GIN_PARAM]
     assert command[6:8] == ["--gin_param", distributed]
-    assert command[8] == "--gin_param" and "gs://bkt/runs/flickr-main" in command[9]
+    assert command[8:] == ["--run_dir", "gs://bkt/runs/flickr-main"]
     assert words[start - 3:start] == ["nohup", "setsid", "bash"] and words[end:][-1] == "&"
 
 
@@ -333,3 +333,80 @@ def test_distributed_binding_names_the_launch_configurable():
         assert launch.initialize_distributed.__module__ == "avg_jax.launch"
     finally:
         gin.clear_config()
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# A stand-in for gcloud: a slice whose state lives in $FAKE/state, a bucket in $FAKE/bucket; logs each call.
+echo "$*" >> "$FAKE/calls"
+case "$*" in
+  *"queued-resources describe"*) [ -f "$FAKE/state" ] || exit 1; cat "$FAKE/state" ;;
+  *"queued-resources create"*) echo ACTIVE > "$FAKE/state" ;;
+  *"queued-resources delete"*) rm -f "$FAKE/state" ;;
+  *"storage cat"*) cat "$FAKE/bucket/exit" 2> /dev/null || exit 1 ;;
+  *"storage rm"*) rm -f "$FAKE/bucket/exit" ;;
+  *"tpu-vm ssh"*"worker.sh"*) cp "$FAKE/launch_exit" "$FAKE/bucket/exit" ;;  # launch: the run ends at once
+  *"tpu-vm ssh"*"kill -0"*) exit 1 ;;                          # probe: avg-jax is not running
+esac
+exit 0
+"""
+
+
+def fake_slice(tmp_path: Path, state: str, launch_exit: int) -> tuple[Path, dict]:
+    fake = tmp_path / "fake"
+    (fake / "bucket").mkdir(parents=True)
+    (fake / "state").write_text(state + "\n")
+    (fake / "launch_exit").write_text(f"{launch_exit}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "GCS_", "RUN_", "GIN_", "DATA_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE=str(fake), TMPDIR=str(tmp_path))
+    return fake, env
+
+
+def test_watch_loop_against_a_fake_gcloud(tmp_path):
+    """The real (not dry-run) loop: a preempted slice is re-created, set up and relaunched; the finished run
+    is torn down."""
+    fake, env = fake_slice(tmp_path, "SUSPENDED", launch_exit=0)
+    proc = run_script("watch.sh", *COMMON[1:], "--gin_file", GIN_FILE, "--poll_seconds", "0", env=env)
+    calls = (fake / "calls").read_text().splitlines()
+    expected = [
+        "compute tpus queued-resources describe",  # SUSPENDED
+        "compute tpus queued-resources delete",
+        "compute tpus queued-resources create",
+        "compute tpus queued-resources describe",  # ACTIVE
+        "storage cp " + str(tmp_path),  # the code snapshot
+        "compute tpus tpu-vm ssh",  # install
+        "storage rm --recursive gs://bkt/runs/flickr-main/launcher",
+        "compute tpus tpu-vm ssh",  # launch
+        "compute tpus queued-resources describe",  # ACTIVE
+        "storage cat gs://bkt/runs/flickr-main/launcher/worker0.exit",  # 0
+        "compute tpus queued-resources describe",  # still ACTIVE one poll later: finished
+        "compute tpus queued-resources delete",
+    ]
+    assert len(calls) == len(expected), calls
+    for call, start in zip(calls, expected, strict=True):
+        assert call.startswith(start), (call, start)
+    assert "restart 1 of at most 20: slice avg-jax-flickr-main is SUSPENDED" in proc.stderr
+    assert "run flickr-main finished (exit 0)" in proc.stderr
+    assert not (fake / "state").exists()
+
+
+def test_watch_stops_on_a_failing_run_and_keeps_the_slice(tmp_path):
+    fake, env = fake_slice(tmp_path, "ACTIVE", launch_exit=1)
+    proc = run_script("watch.sh", *COMMON[1:], "--gin_file", GIN_FILE, "--poll_seconds", "0", env=env,
+                      check=False)
+    assert proc.returncode == 2
+    assert "avg-jax exited with 1 on a usable slice (not a preemption)" in proc.stderr
+    assert (fake / "state").read_text().strip() == "ACTIVE"
+    assert not any("delete" in call for call in (fake / "calls").read_text().splitlines())
+
+
+def test_watch_relaunches_after_sigterm_up_to_max_restarts(tmp_path):
+    fake, env = fake_slice(tmp_path, "ACTIVE", launch_exit=143)
+    proc = run_script("watch.sh", *COMMON[1:], "--gin_file", GIN_FILE, "--poll_seconds", "0",
+                      "--max_restarts", "2", env=env, check=False)
+    assert proc.returncode == 2 and "gave up after 2 restarts" in proc.stderr
+    launches = [c for c in (fake / "calls").read_text().splitlines() if "worker.sh" in c]
+    assert len(launches) == 3  # the first launch and two relaunches

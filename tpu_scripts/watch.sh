@@ -63,11 +63,12 @@ while :; do
         count_restart "slice $TPU_NAME is $state: re-creating it"
       fi
       if [[ $state != NOT_FOUND ]]; then
-        sub teardown.sh "$@"
+        sub teardown.sh "$@" || log "teardown of $TPU_NAME failed; creating anyway"
       fi
-      sub create.sh "$@"
-      sub setup_workers.sh "$@"
-      sub launch.sh "$@" || log "launch failed; will look again in ${POLL_SECONDS}s"
+      # A step that fails (no capacity, a flaky ssh) is retried on the next look, as one more restart.
+      if ! { sub create.sh "$@" && sub setup_workers.sh "$@" && sub launch.sh "$@"; }; then
+        log "recovery did not complete; will look again in ${POLL_SECONDS}s"
+      fi
       ;;
     READY | ACTIVE)
       code=$(worker0_exit_code)
@@ -75,7 +76,7 @@ while :; do
         "")
           if ! is_running; then
             log "run $RUN_NAME is not running on $TPU_NAME: launching it"
-            sub launch.sh "$@" || log "launch failed; will look again in ${POLL_SECONDS}s"
+            sub launch.sh "$@" || count_restart "launch failed; will look again in ${POLL_SECONDS}s"
           fi
           ;;
         0)

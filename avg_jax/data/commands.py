@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from avg_jax import cli, config
+from avg_jax.data import emoji
 from avg_jax.data.corpus import SPLITS, Corpus
 
 
@@ -53,6 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_extractor_flags(p, required=True)
     cli.add_gin_flags(p)
     p.set_defaults(func=extract)
+
+    emoji.add_parser(sub)
 
     p = sub.add_parser("inspect", help="counts per split, feature dims, caption lengths, duplicates")
     p.add_argument("corpus_dir")

@@ -71,8 +71,10 @@ class JaxExactIndex:
         self.num_images, self.dim = image_embeddings.shape
         shards = self.mesh.shape[axis]
         padded = -(-self.num_images // shards) * shards
-        pad = np.zeros((padded - self.num_images, self.dim), image_embeddings.dtype)
-        self.images = jax.device_put(jnp.asarray(np.concatenate([image_embeddings, pad]), dtype),
+        if padded > self.num_images:  # zero rows up to a multiple of the shard count (masked in the search)
+            pad = np.zeros((padded - self.num_images, self.dim), image_embeddings.dtype)
+            image_embeddings = np.concatenate([image_embeddings, pad])
+        self.images = jax.device_put(jnp.asarray(image_embeddings, dtype),
                                      NamedSharding(self.mesh, P(axis, None)))  # [n_padded, d]
         self.replicated = NamedSharding(self.mesh, P())
         self.dtype = dtype
@@ -115,6 +117,26 @@ def fit_ridge_map(source: np.ndarray, target: np.ndarray, l2: float = 1.0) -> np
     source = np.asarray(source, np.float64)
     gram = source.T @ source + l2 * np.eye(source.shape[1])
     return np.linalg.solve(gram, source.T @ np.asarray(target, np.float64)).astype(np.float32)
+
+
+def tokenizer_head_projections(tokenizer_dir: str) -> tuple[Projection, Projection]:
+    """(text, image) projections by a trained tokenizer's contrastive heads (`avg-jax tokenize` output)."""
+    from avg_jax.tokenizer.model import RQTokenizer
+    from avg_jax.tokenizer.train import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = RQTokenizer(tok.config)
+    embed_text = jax.jit(lambda x: model.apply({"params": tok.params}, x, method=RQTokenizer.embed_text))
+    embed_image = jax.jit(lambda x: model.apply({"params": tok.params}, x, method=RQTokenizer.embed_image))
+
+    def chunked(fn: Callable[[jax.Array], jax.Array], dim: int, what: str) -> Projection:
+        def project(x: np.ndarray) -> np.ndarray:
+            x = _check_matrix(x, f"{what} features", dim)
+            return np.concatenate([np.asarray(fn(x[i:i + 4096])) for i in range(0, len(x), 4096)]
+                                  or [np.zeros((0, tok.config.code_dim), np.float32)])
+        return project
+
+    return chunked(embed_text, tok.text_dim, "text"), chunked(embed_image, tok.image_dim, "image")
 
 
 @gin.configurable(denylist=["corpus"])

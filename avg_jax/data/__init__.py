@@ -1,0 +1,1 @@
+"""Corpus format, data sources (synthetic, Karpathy JSON, TFDS, JSONL + images), features, input pipelines."""

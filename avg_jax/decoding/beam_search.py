@@ -1,0 +1,226 @@
+"""Trie-constrained beam search as one pure, jit-able function over a `tokens_to_logits` callback.
+
+Every step gathers each beam's `max_fanout` trie children (`trie.children`), scores only those
+columns and ranks `beam * max_fanout` candidates: no `[rows, vocab]` mask is ever built. Beams that
+reached a leaf (an identifier ending with EOS) are finished and carry over unchanged; beams without a
+valid continuation sit in the trie's sink with score -inf, so a beam wider than the trie pads with -inf
+and never repeats or invents an identifier. All shapes are static, control flow is `lax`, the trie
+tables are traced inputs.
+
+Callback contract (t5x style): `tokens_to_logits(DecodingState) -> (out, new_cache)` where `out` is
+either logits `[rows, columns]` or a `StepLogits(logits, log_normalizer)`; column `j` is vocabulary id
+`column_offset + j`, so a model may return only the identifier-token columns plus, for full-vocabulary
+scores, the log-sum-exp over its whole vocabulary. Cache leaves with a leading dimension of `rows` are
+per beam row and are reordered by gathers; other leaves (e.g. a scalar `cache_index`) are left alone.
+The first step sees `batch` rows (the decoder start token is the same for every beam, so it is computed
+once per query and its cache tiled to `batch * beam` rows), later steps `batch * beam` rows.
+
+Scores (`score_normalization`):
+  'vocab'   sum of token log-probabilities under the full-vocabulary softmax (HuggingFace `generate`).
+  'window'  softmax over the returned columns only (e.g. a head restricted to the voken rows).
+  'allowed' softmax over the tokens the trie allows at each step (renormalised constrained scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from avg_jax.data.vocab import PAD_ID
+from avg_jax.decoding import trie as trie_lib
+
+SCORE_NORMALIZATIONS = ("vocab", "window", "allowed")
+NEG_INF = float("-inf")
+
+
+class DecodingState(NamedTuple):
+    """What the callback sees at one step."""
+
+    cur_index: jax.Array  # [] int32: decoder position of `cur_token` (0 holds the decoder start token)
+    cur_token: jax.Array  # [rows] int32
+    cache: Any
+
+
+class StepLogits(NamedTuple):
+    """Logits of a window of vocabulary columns plus, optionally, the full-vocabulary log-normaliser."""
+
+    logits: jax.Array  # [rows, columns]
+    log_normalizer: jax.Array | None = None  # [rows]; None = log-sum-exp of `logits`
+
+
+class BeamSearchResult(NamedTuple):
+    """Best-first beams of every query; invalid slots (beam wider than the trie) have score -inf."""
+
+    tokens: jax.Array  # [batch, beam, max_length] int32, PAD after an identifier's end
+    scores: jax.Array  # [batch, beam] float32, non-increasing along beam
+    groups: jax.Array  # [batch, beam] int32 trie group (identifier) index, -1 = no result
+
+
+TokensToLogits = Callable[[DecodingState], tuple[Any, Any]]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class BeamSearchOptions:
+    """Static beam-search settings (gin: `BeamSearchOptions.beam_size = 20` ...)."""
+
+    beam_size: int = 20
+    score_normalization: str = "vocab"
+    share_first_step: bool = True
+
+    def __post_init__(self):
+        if self.beam_size < 1:
+            raise ValueError(f"BeamSearchOptions.beam_size must be >= 1, got {self.beam_size}")
+        if self.score_normalization not in SCORE_NORMALIZATIONS:
+            raise ValueError(f"BeamSearchOptions.score_normalization={self.score_normalization!r}, "
+                             f"expected one of {SCORE_NORMALIZATIONS}")
+
+
+def _logits_and_normalizer(out: Any, score_normalization: str) -> tuple[jax.Array, jax.Array]:
+    """float32 logits `[rows, columns]` and the log-normaliser `[rows]` for 'vocab'/'window' scores."""
+    logits, log_normalizer = out if isinstance(out, StepLogits) else (out, None)
+    logits = logits.astype(jnp.float32)
+    if score_normalization == "window" or log_normalizer is None:
+        return logits, jax.nn.logsumexp(logits, axis=-1)
+    return logits, log_normalizer.astype(jnp.float32)
+
+
+def candidate_log_probs(out: Any, tokens: jax.Array, valid: jax.Array, column_offset: int,
+                        score_normalization: str) -> jax.Array:
+    """Log-probabilities `[rows, F]` of candidate `tokens [rows, F]` (-inf where not `valid`)."""
+    logits, lse = _logits_and_normalizer(out, score_normalization)
+    columns = jnp.clip(tokens - column_offset, 0, logits.shape[-1] - 1)
+    picked = jnp.take_along_axis(logits, columns, axis=-1)  # [rows, F]
+    if score_normalization == "allowed":
+        lse = jax.nn.logsumexp(jnp.where(valid, picked, NEG_INF), axis=-1)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.where(valid, picked - lse[:, None], NEG_INF)
+
+
+def unconstrained_candidates(out: Any, beam: int, column_offset: int, score_normalization: str
+                             ) -> tuple[jax.Array, jax.Array]:
+    """Each row's best `beam` tokens over all returned columns: (log-probs, tokens), each [rows, beam]."""
+    logits, lse = _logits_and_normalizer(out, score_normalization)
+    logp, columns = jax.lax.top_k(logits - lse[:, None], min(beam, logits.shape[-1]))
+    return logp, columns + column_offset
+
+
+def _reorder_cache(cache: Any, rows: int, index: jax.Array) -> Any:
+    """Gather per-row cache leaves (leading dim `rows`) along axis 0."""
+    return jax.tree.map(lambda x: x[index] if x.ndim >= 1 and x.shape[0] == rows else x, cache)
+
+
+def _tile_cache(cache: Any, batch: int, beam: int) -> Any:
+    """Repeat per-query cache leaves (leading dim `batch`) to `batch * beam` rows, beam-minor."""
+    return jax.tree.map(lambda x: jnp.repeat(x, beam, axis=0) if x.ndim >= 1 and x.shape[0] == batch else x,
+                        cache)
+
+
+def _top_beams(totals: jax.Array, beam: int) -> tuple[jax.Array, jax.Array]:
+    """Top `beam` of `totals [batch, beam_in, F]`: (scores [batch, beam], flat index into beam_in * F)."""
+    batch, beam_in, width = totals.shape
+    if width > beam:  # exact two-stage top-k: no row contributes more than `beam` winners
+        row_scores, row_index = jax.lax.top_k(totals, beam)  # [batch, beam_in, beam]
+        scores, pick = jax.lax.top_k(row_scores.reshape(batch, beam_in * beam), beam)
+        flat = jnp.take_along_axis(row_index.reshape(batch, -1), pick, axis=1) + (pick // beam) * width
+        return scores, flat
+    flat_totals = totals.reshape(batch, beam_in * width)
+    if beam_in * width < beam:
+        flat_totals = jnp.pad(flat_totals, ((0, 0), (0, beam - beam_in * width)), constant_values=NEG_INF)
+    scores, flat = jax.lax.top_k(flat_totals, beam)
+    return scores, jnp.minimum(flat, beam_in * width - 1)
+
+
+def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | None, cache: Any, *,
+                batch_size: int, options: BeamSearchOptions, column_offset: int = 0,
+                max_length: int | None = None) -> BeamSearchResult:
+    """Top `beam_size` identifiers per query, best first.
+
+    `cache` has `batch_size` rows when `options.share_first_step` (the default), else `batch * beam`
+    rows (beam-minor). `tables=None` runs the same search unconstrained over the returned columns for
+    `max_length` steps (EOS not special), the baseline for the cost of the constraint.
+    """
+    beam, norm = options.beam_size, options.score_normalization
+    batch, rows = batch_size, batch_size * options.beam_size
+    if tables is None:
+        if max_length is None:
+            raise ValueError("beam_search: unconstrained search (tables=None) needs max_length")
+        if norm == "allowed":
+            raise ValueError("beam_search: score_normalization='allowed' needs trie tables")
+    else:
+        max_length = tables.max_length if max_length is None else max_length
+        if max_length != tables.max_length:
+            raise ValueError(f"beam_search: max_length={max_length} but the trie's identifiers have "
+                             f"{tables.max_length} tokens")
+
+    # Step 0: the decoder start token, identical for all beams of a query.
+    first_rows = batch if options.share_first_step else rows
+    out, cache = tokens_to_logits(DecodingState(jnp.zeros((), jnp.int32), jnp.full((first_rows,), PAD_ID,
+                                                                                  jnp.int32), cache))
+    if not options.share_first_step:  # keep beam 0 of each query
+        out = jax.tree.map(lambda x: x.reshape(batch, beam, *x.shape[1:])[:, 0], out)
+    if tables is None:
+        logp0, tok0 = unconstrained_candidates(out, beam, column_offset, norm)
+        state0 = jnp.zeros_like(tok0)
+    else:
+        tok0, state0, valid0 = trie_lib.children(tables, jnp.zeros((batch,), jnp.int32), width=tables.root_fanout)
+        logp0 = candidate_log_probs(out, tok0, valid0, column_offset, norm)  # [batch, root_fanout]
+    scores, flat = _top_beams(logp0[:, None, :], beam)  # [batch, beam]
+    states = jnp.take_along_axis(state0, flat, axis=1)
+    first = jnp.take_along_axis(tok0, flat, axis=1)
+    if tables is not None:
+        states = jnp.where(jnp.isneginf(scores), tables.sink, states)
+    seq = jnp.zeros((batch, beam, max_length), jnp.int32).at[:, :, 0].set(first)
+    if options.share_first_step:
+        cache = _tile_cache(cache, batch, beam)
+
+    def alive(states):
+        if tables is None:
+            return jnp.ones((), bool)
+        return jnp.any(trie_lib.num_children(tables, states) > 0)
+
+    def cond(carry):
+        t, _, states, _, _ = carry
+        return (t < max_length) & alive(states)
+
+    def body(carry):
+        t, scores, states, seq, cache = carry
+        cur = jnp.take_along_axis(seq, jnp.full((batch, beam, 1), t - 1), axis=2).reshape(rows)
+        out, cache = tokens_to_logits(DecodingState(t, cur, cache))
+        flat_states = states.reshape(rows)
+        if tables is None:
+            logp, tokens = unconstrained_candidates(out, beam, column_offset, norm)
+            next_states = jnp.zeros_like(tokens)
+        else:
+            tokens, next_states, valid = trie_lib.children(tables, flat_states)
+            logp = candidate_log_probs(out, tokens, valid, column_offset, norm)  # [rows, F]
+            # A finished beam (at a leaf) has one candidate: itself, unchanged, emitting PAD.
+            stay = (tables.node_group[flat_states] >= 0)[:, None] & (jnp.arange(logp.shape[1]) == 0)
+            logp = jnp.where(stay, 0.0, logp)
+            tokens = jnp.where(stay, PAD_ID, tokens)
+            next_states = jnp.where(stay, flat_states[:, None], next_states)
+        width = logp.shape[1]
+        totals = scores[:, :, None] + logp.reshape(batch, beam, width)
+        new_scores, flat = _top_beams(totals, beam)  # [batch, beam]
+        parent = flat // width
+        new_states = jnp.take_along_axis(next_states.reshape(batch, beam * width), flat, axis=1)
+        new_tokens = jnp.take_along_axis(tokens.reshape(batch, beam * width), flat, axis=1)
+        if tables is not None:
+            new_states = jnp.where(jnp.isneginf(new_scores), tables.sink, new_states)
+        seq = jnp.take_along_axis(seq, parent[:, :, None], axis=1).at[:, :, t].set(new_tokens)
+        row_index = (jnp.arange(batch)[:, None] * beam + parent).reshape(rows)
+        return t + 1, new_scores, new_states, seq, _reorder_cache(cache, rows, row_index)
+
+    carry = (jnp.ones((), jnp.int32), scores, states, seq, cache)
+    _, scores, states, seq, _ = jax.lax.while_loop(cond, body, carry)
+    if tables is None:
+        return BeamSearchResult(seq, scores, jnp.full((batch, beam), -1, jnp.int32))
+    groups = tables.node_group[states]
+    ok = groups >= 0
+    return BeamSearchResult(jnp.where(ok[:, :, None], seq, PAD_ID), jnp.where(ok, scores, NEG_INF),
+                            jnp.where(ok, groups, -1))

@@ -1,0 +1,1 @@
+"""Training: the sharded, checkpointed loop (trainer.py) and the retrieval losses and tasks."""

@@ -1,0 +1,130 @@
+"""orbax checkpoints of a training run: train state + data-iterator state + operative gin config.
+
+Saves are asynchronous (the arrays are copied to host before `save` returns, so the train step may
+donate its buffers at once). Restoring walks the committed steps newest first: a step that cannot be
+read (corrupted or half-written files) is reported by step number, moved aside to
+`<run>/corrupt_checkpoints/` and the previous one is used. If no step can be read, restoring raises
+instead of silently starting over (the usual cause is a changed model config, not corruption).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run could be restored."""
+
+
+class _FrozenIteratorState:
+    """The data-iterator state captured at save time (an async save may finish after the loop moved on)."""
+
+    def __init__(self, iterator: Any):
+        state = iterator.get_state()
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    """Keep-last-k, every-n-steps checkpoints of one run directory, with corruption fallback on restore."""
+
+    def __init__(self, directory: str | Path, save_every: int, keep: int = 3, async_save: bool = True):
+        if save_every <= 0:
+            raise ValueError(f"checkpoint save_every must be > 0, got {save_every}")
+        if keep <= 0:
+            raise ValueError(f"checkpoint keep must be > 0, got {keep}")
+        self.directory = Path(directory).absolute()
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Every `save_every` steps (orbax's own policy would also save the first step of a run)."""
+        return step % self.save_every == 0
+
+    def save(self, step: int, state: Any, data_iterator: Any, config_text: str, force: bool = False) -> bool:
+        """Start saving `state` at `step` if it is a save step (or `force`); returns whether it saves."""
+        if not force and not self.should_save(step):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator)),
+            config=ocp.args.JsonSave({"operative_config": config_text, "step": int(step)}),
+        )
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int] | None:
+        """Restore the newest readable step into `abstract_state`'s shardings and `data_iterator`.
+
+        Returns (state, step), or None when the run has no checkpoint yet.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        initial_data_state = data_iterator.get_state()
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    config=ocp.args.JsonRestore(),
+                ))
+                saved_step = int(restored.config["step"])
+                if saved_step != step:
+                    raise ValueError(f"config item records step {saved_step}")
+            except Exception as e:  # any unreadable file: try the previous step
+                failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+                continue
+            for bad, why in failures:
+                log.warning("checkpoint step %d in %s is unreadable (%s); falling back to step %d and moving "
+                            "it to %s", bad, self.directory, why, step, self.directory.parent / CORRUPT_DIR)
+            self._quarantine([bad for bad, _ in failures])
+            return restored.state, step
+        data_iterator.set_state(initial_data_state)
+        detail = "; ".join(f"step {s}: {why}" for s, why in failures)
+        raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({detail}). If the model or "
+                              "optimizer config changed, start a new run directory.")
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Move unreadable step directories out of orbax's view so the run can save those steps again."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            dest = self.directory.parent / CORRUPT_DIR
+            dest.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                shutil.move(str(self.directory / str(step)), str(dest / f"{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("avg_jax_checkpoint_quarantine")
+        self._manager.reload()
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

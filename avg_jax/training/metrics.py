@@ -1,0 +1,83 @@
+"""Training metrics to stdout (progress bar), a JSONL file and TensorBoard events; process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+class MetricWriter:
+    """Writes scalar metrics of a run. On a resumed run, rows after the resume step are dropped first."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True,
+                 tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._bar = None
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / METRICS_FILE
+        if path.exists():  # a restart replays steps after the checkpoint: keep only rows up to it
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start_step))
+        self._jsonl = path.open("a")
+        if tensorboard:  # imported lazily: tensorboardX pulls in torch when it is installed (seconds)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+        if progress_bar:
+            self._bar = tqdm.tqdm(total=total_steps, initial=start_step, file=sys.stdout, dynamic_ncols=True,
+                                  mininterval=1.0, desc="train")
+
+    def advance(self, step: int, postfix: Mapping[str, float] | None = None) -> None:
+        """Move the progress bar to `step`."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+        """One JSONL row and one TensorBoard scalar per metric at `step`."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(prefix + k, float(v), int(step))
+            self._tb.flush()
+
+    def print(self, message: str) -> None:
+        """A line on stdout that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(v: float) -> float | str:
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
