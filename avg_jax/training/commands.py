@@ -20,6 +20,7 @@ from typing import Any
 import gin
 import jax
 import numpy as np
+from etils import epath
 
 from avg_jax import cli, config
 from avg_jax.data.corpus import Corpus
@@ -128,7 +129,7 @@ def train_retrieval(
                          target_length=target_length, input_length=input_length)
     constants = {TRAIN_TRIE: train_trie.tables} if loss_config.discriminative_weight > 0 else None
 
-    run_path = Path(run_dir)
+    run_path = epath.Path(run_dir)  # local or gs://
     evaluator = None
     if eval_split is not None:
         evaluator = RetrievalEvaluator(corpus, table, vocab, model_config, eval_split, input_length,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from avg_jax import partitioning
 from avg_jax.data.corpus import Corpus
@@ -86,11 +86,11 @@ class RetrievalEvaluator:
         metrics["chance_recall@10"] = min(10, self.num_images) / self.num_images  # a random ranking
         return metrics
 
-    def write_ranked(self, params, path: str | Path) -> dict[str, float]:
+    def write_ranked(self, params, path: epath.PathLike) -> dict[str, float]:
         """Ranked outputs as `avg-jax eval` reads them (JSONL) plus the metrics; returns the metrics."""
         images, identifiers = self.rankings(params)
-        with Path(path).open("w") as f:
-            for j, im, ids in zip(self.query_rows, images, identifiers, strict=True):
-                f.write(json.dumps({"query_row": int(j), "text": self.corpus.queries[j].text, "image_ids": im,
-                                    "identifiers": [list(x) for x in ids]}) + "\n")
+        epath.Path(path).write_text("".join(
+            json.dumps({"query_row": int(j), "text": self.corpus.queries[j].text, "image_ids": im,
+                        "identifiers": [list(x) for x in ids]}) + "\n"
+            for j, im, ids in zip(self.query_rows, images, identifiers, strict=True)))
         return evaluate_images(images, self.relevant)

@@ -14,7 +14,6 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import flax
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -194,7 +194,7 @@ def _check_batch(batch: Batch, mesh: Mesh, accum_steps: int) -> None:
 def train_loop(
     task: TrainTask,
     train_iterator: Iterator[Batch],
-    run_dir: str | Path,
+    run_dir: str | epath.PathLike,
     num_steps: int = gin.REQUIRED,
     seed: int = 0,
     accum_steps: int = 1,
@@ -220,7 +220,7 @@ def train_loop(
         raise ValueError(f"train_loop.accum_steps must be > 0, got {accum_steps}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train_loop.compute_dtype: {compute_dtype!r} not one of {COMPUTE_DTYPES}")
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)  # local or gs://
     mesh = make_device_mesh()
     rules = partitioning.logical_axis_rules()
     tx, schedule = make_optimizer()
@@ -239,7 +239,7 @@ def train_loop(
                           in_shardings=(shardings, _batch_sharding(mesh, rules), partitioning.replicated(mesh)),
                           out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
         constants = jax.device_put(constants, partitioning.replicated(mesh))
-        config_text = gin.config_str()
+        config_text = gin.operative_config_str()
         if jax.process_index() == 0:
             config.write_operative_config(run_dir)
         writer = MetricWriter(run_dir, num_steps, start_step=start, progress_bar=progress_bar,
