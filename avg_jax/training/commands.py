@@ -42,7 +42,7 @@ RUN_FILE = "run.json"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train T5 generative retrieval (L_gen + λ L_dis, GRACE memorize)")
-    p.add_argument("--corpus", required=True, help="corpus directory")
+    p.add_argument("--corpus", default=None, help="corpus directory (default: the gin macro CORPUS_DIR)")
     p.add_argument("--identifiers", required=True, help="identifier table directory (avg-jax tokenize --out)")
     p.add_argument("--run_dir", required=True, help="output directory; an existing run is resumed")
     cli.add_gin_flags(p)
@@ -52,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
     initialize_distributed()  # joins a cluster only when configured (gin or JAX_* environment)
-    result = train_retrieval(args.corpus, args.identifiers, args.run_dir)
+    corpus_dir = config.path_from_flag_or_macro(args.corpus, "CORPUS_DIR", "--corpus")
+    result = train_retrieval(corpus_dir, args.identifiers, args.run_dir)
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
