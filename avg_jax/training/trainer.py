@@ -263,8 +263,7 @@ def _fresh_state(task: TrainTask, tx: optax.GradientTransformation, rng: jax.Arr
 
 
 def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_steps, ckpt, writer, watcher,
-         config_text,
-         log_every, eval_every, evaluate) -> TrainResult:
+         config_text, log_every, eval_every, evaluate) -> TrainResult:
     """The host loop. Metrics of step t are fetched after step t+1 is dispatched (keeps the device busy),
     except before a checkpoint, which is only written once its step's loss is known to be finite."""
     batch_sharding = _batch_sharding(mesh, rules)
