@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "avg_jax.tokenizer.commands",
     "avg_jax.evaluation.commands",
     "avg_jax.launch",
+    "avg_jax.sweep",
 )
 
 
