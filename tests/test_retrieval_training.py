@@ -11,13 +11,14 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from avg_jax.decoding.t5_decode import identifier_window
 
 from avg_jax import cli
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
-from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.commands import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
@@ -41,8 +42,10 @@ def setup(tiny_corpus, tmp_path_factory):
     table = make_identifier_table([im.id for im in tiny_corpus.images], text_vocab.text_size + codes,
                                   np.full(tiny_corpus.num_images, LEVELS), scheme="rq", num_scheme_tokens=CODEBOOK,
                                   text_vocab_size=text_vocab.text_size, variable_length=False,
-                                  metadata={"sentencepiece_model": str(spm), "num_extra_ids": 0})
+                                  metadata={"sentencepiece_model": str(spm), "num_extra_ids": 0,
+                                            "codebook_file": "codebook.npy"})
     table_dir = table.save(root / "table")
+    np.save(table_dir / "codebook.npy", np.random.default_rng(1).standard_normal((1, CODEBOOK, 32), np.float32))
     vocab = text_vocab.with_new_tokens(table.num_new_tokens)
     return {"corpus_dir": corpus_dir, "table_dir": table_dir, "corpus": tiny_corpus, "table": table,
             "vocab": vocab}
@@ -191,7 +194,8 @@ def test_train_cli_end_to_end_with_discriminative_stage_and_resume(setup, tmp_pa
     test_images = {corpus.images[i].id for i in corpus.image_rows("test")}
     assert all(len(r) == 10 and set(r) <= test_images for r in ranked.image_ids)
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["t5_config"]["vocab_size"] == setup["vocab"].size and run["target_length"] == setup["table"].max_len == LEVELS + 1
+    assert run["t5_config"]["vocab_size"] == setup["vocab"].size
+    assert run["target_length"] == setup["table"].max_len == LEVELS + 1  # random codes collide: + suffix
     capsys.readouterr()
     assert _train(setup, tmp_path, "train_loop.num_steps = 7", *params) == 0
     assert "resumed from checkpoint step 5" in capsys.readouterr().out
@@ -222,3 +226,35 @@ def test_identifier_table_vocabulary_mismatch_is_reported(setup, tmp_path):
     table.text_vocab_size += 1
     with pytest.raises(ValueError, match="does not match the SentencePiece model"):
         load_vocabulary(table, setup["table_dir"])
+
+
+def test_voken_embedding_init_from_codebook_and_pretrained_t5(setup, tmp_path):
+    """'codebook': voken rows are the tokenizer's codebook vectors (d_code = d_model: same directions), suffix
+    rows zero, text rows from the given HuggingFace checkpoint; the run starts from exactly these weights."""
+    from avg_jax.t5.hf_io import save_hf_t5
+    from avg_jax.t5.model import init_params
+    from avg_jax.training.commands import initial_t5_params
+
+    vocab, table = setup["vocab"], setup["table"]
+    text_config = named_t5_config("tiny", vocab_size=vocab.text_size, d_model=32)
+    text_params = init_params(text_config, jax.random.key(7))
+    save_hf_t5(text_params, text_config, tmp_path / "hf")
+    params, config = initial_t5_params(named_t5_config("tiny", vocab_size=vocab.size, d_model=32), vocab, table,
+                                       setup["table_dir"], voken_embedding_init="codebook",
+                                       pretrained_t5=str(tmp_path / "hf"))
+    emb = np.asarray(params["token_embedder"]["embedding"])  # [vocab.size, 32]
+    np.testing.assert_allclose(emb[: vocab.text_size], np.asarray(text_params["token_embedder"]["embedding"]),
+                               rtol=1e-6)
+    codebook = np.load(setup["table_dir"] / "codebook.npy")[0]
+    vokens = emb[vocab.text_size: vocab.text_size + CODEBOOK]
+    cos = np.sum(vokens * codebook, 1) / np.linalg.norm(vokens, axis=1) / np.linalg.norm(codebook, axis=1)
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(emb[vocab.text_size + CODEBOOK:], 0.0)  # suffix tokens, vocabulary padding
+    assert config.vocab_size == vocab.size
+    assert _train(setup, tmp_path / "run", "train_loop.num_steps = 1", "train_retrieval.eval_split = None",
+                  "T5Config.d_model = 32", "initial_t5_params.voken_embedding_init = 'codebook'",
+                  f"initial_t5_params.pretrained_t5 = '{tmp_path / 'hf'}'", "make_optimizer.name = 'sgd'",
+                  "learning_rate_schedule.peak_value = 0.0") == 0
+    with ocp.CheckpointManager(tmp_path / "run" / "checkpoints") as manager:  # lr 0: still the initial weights
+        state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    np.testing.assert_array_equal(np.asarray(state["params"]["token_embedder"]["embedding"]), emb)

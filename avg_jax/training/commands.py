@@ -32,12 +32,16 @@ from avg_jax.evaluation.metrics import evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.launch import initialize_distributed
 from avg_jax.t5.configs import T5Config
+from avg_jax.t5.hf_io import load_hf_t5
+from avg_jax.t5.model import init_params
+from avg_jax.t5.vocab_expand import expand_vocab
 from avg_jax.training.evaluator import RetrievalEvaluator
 from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture, with_instruction
 from avg_jax.training.retrieval import TRAIN_TRIE, RetrievalLossConfig, RetrievalTask
 from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, train_loop
 
 RUN_FILE = "run.json"
+VOKEN_INITS = ("none", "random", "codebook")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +77,71 @@ def load_vocabulary(table: IdentifierTable, table_dir: str | Path) -> Vocabulary
     return vocab
 
 
+def codebook_rows(table: IdentifierTable, table_dir: str | Path) -> np.ndarray:
+    """[num_new_tokens, code_dim] embedding seeds of the table's new tokens: the tokenizer's voken vectors in
+    token order (per-level codebooks flattened level-major), zero rows for disambiguation suffix tokens."""
+    name = table.metadata.get("codebook_file")
+    if not name:
+        raise ValueError(f"{table_dir}: voken_embedding_init='codebook' needs a voken table with a codebook "
+                         f"(scheme {table.scheme!r} has none)")
+    path = Path(table_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"codebook file missing: {path}")
+    codebook = np.load(path, allow_pickle=False)  # [C, N, code_dim]
+    vokens = codebook.reshape(-1, codebook.shape[-1]).astype(np.float32)
+    if vokens.shape[0] > table.num_new_tokens:
+        raise ValueError(f"{path}: {vokens.shape[0]} voken vectors but the table has {table.num_new_tokens} new "
+                         "tokens")
+    return np.concatenate([vokens, np.zeros((table.num_new_tokens - vokens.shape[0], vokens.shape[1]),
+                                            np.float32)])
+
+
+@gin.configurable(denylist=["model_config", "vocab", "table", "table_dir"])
+def initial_t5_params(model_config: T5Config, vocab: Vocabulary, table: IdentifierTable, table_dir: str | Path,
+                      voken_embedding_init: str = "none", pretrained_t5: str | None = None,
+                      seed: int = 0) -> tuple[dict | None, T5Config]:
+    """Starting parameters: None (the trainer's fresh init of the whole vocabulary) or a text-vocabulary T5
+    (a HuggingFace checkpoint directory, or fresh) whose embedding gets the new tokens by `expand_vocab`:
+    'codebook' = the paper's voken embedding (tokenizer codebook rows), 'random' = its ablation."""
+    if voken_embedding_init not in VOKEN_INITS:
+        raise ValueError(f"initial_t5_params.voken_embedding_init must be one of {VOKEN_INITS}, got "
+                         f"{voken_embedding_init!r}")
+    if voken_embedding_init == "none":
+        if pretrained_t5:
+            raise ValueError("initial_t5_params: a pretrained_t5 needs voken_embedding_init 'codebook' or 'random'")
+        return None, model_config
+    text_config = model_config.replace(vocab_size=vocab.text_size)
+    if pretrained_t5:
+        params, loaded = load_hf_t5(pretrained_t5)
+        if loaded.vocab_size < vocab.text_size:
+            raise ValueError(f"{pretrained_t5}: vocabulary {loaded.vocab_size} < the SentencePiece model's "
+                             f"{vocab.text_size} text ids")
+        text_config = loaded.replace(dropout_rate=model_config.dropout_rate, dtype=model_config.dtype,
+                                     num_image_tokens=model_config.num_image_tokens,
+                                     image_feature_dim=model_config.image_feature_dim, remat=model_config.remat)
+    else:
+        params = init_params(text_config, jax.random.key(seed))
+    codebook = codebook_rows(table, table_dir) if voken_embedding_init == "codebook" else None
+    params, config = expand_vocab(params, text_config, table.num_new_tokens, init=voken_embedding_init,
+                                  codebook=codebook, rng=jax.random.key(seed + 1), text_size=vocab.text_size)
+    if config.vocab_size != vocab.size:
+        raise ValueError(f"expanded vocabulary {config.vocab_size} != {vocab.size} (text + new tokens, padded)")
+    if config.num_image_tokens:  # the image-prefix projection is new: fresh weights beside the loaded ones
+        params = _fill_missing(params, init_params(config, jax.random.key(seed + 2)))
+    return params, config
+
+
+def _fill_missing(params: dict, fresh: dict) -> dict:
+    """`params` plus every entry of `fresh` that `params` lacks (nested dicts)."""
+    out = dict(params)
+    for k, v in fresh.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _fill_missing(out[k], v)
+    return out
+
+
 def _round_up(n: int, multiple: int = 8) -> int:
     return -(-n // multiple) * multiple
 
@@ -99,6 +168,7 @@ def train_retrieval(
     vocab = load_vocabulary(table, identifiers_dir)
     # The vocabulary and the corpus fix these two fields; gin sets the rest.
     model_config = T5Config(image_feature_dim=int(corpus.image_features.shape[1])).replace(vocab_size=vocab.size)
+    initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
     mixture = TrainMixture()
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
     memorize_stage, stream = build_mixture(corpus, table, vocab, mixture, image_dim, seed)
@@ -145,7 +215,8 @@ def train_retrieval(
             "retrieve_instruction": mixture.retrieve_instruction,
             "train_examples": len(stream), "memorize_stage_examples": len(memorize_stage),
         }, indent=2) + "\n")
-    result = train_loop(task, iterator, run_path, evaluate=evaluator, constants=constants)
+    result = train_loop(task, iterator, run_path, evaluate=evaluator, constants=constants,
+                        initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"

@@ -190,7 +190,7 @@ def _check_batch(batch: Batch, mesh: Mesh, accum_steps: int) -> None:
                          f"x accum_steps {accum_steps} = {need}")
 
 
-@gin.configurable(denylist=["task", "train_iterator", "run_dir", "evaluate", "constants"])
+@gin.configurable(denylist=["task", "train_iterator", "run_dir", "evaluate", "constants", "initial_params"])
 def train_loop(
     task: TrainTask,
     train_iterator: Iterator[Batch],
@@ -208,11 +208,14 @@ def train_loop(
     tensorboard: bool = True,
     evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
     constants: Any = None,
+    initial_params: Any = None,
 ) -> TrainResult:
     """Train `task` on batches of `train_iterator` (this process's rows) for `num_steps` updates.
 
     Resumes automatically from the newest readable checkpoint in `run_dir/checkpoints`. The iterator must
     support `get_state`/`set_state` (grain) so a resumed run sees exactly the batches it would have seen.
+    A fresh run starts from `initial_params` (host arrays, e.g. an imported checkpoint) when given, else from
+    `task.init_params(key(seed))`.
     """
     if num_steps <= 0:
         raise ValueError(f"train_loop.num_steps must be > 0, got {num_steps}")
@@ -229,7 +232,12 @@ def train_loop(
     with partitioning.sharding_context(mesh, rules):
         abstract, shardings = abstract_train_state(task, tx, mesh, rules)
         restored = ckpt.restore_latest(abstract, train_iterator)
-        if restored is None:
+        if restored is None and initial_params is not None:
+            params = jax.device_put(_check_like(initial_params, abstract.params), shardings.params)
+            opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+            state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+            start = 0
+        elif restored is None:
             init = jax.jit(lambda rng: _fresh_state(task, tx, rng), out_shardings=shardings)
             state, start = init(jax.random.key(seed)), 0
         else:
@@ -255,6 +263,21 @@ def train_loop(
             watcher.close()
             writer.close()
             ckpt.close()
+
+
+def _check_like(params: Any, abstract: Any) -> Any:
+    """`params` if its tree, shapes and dtypes match the task's parameters; else an error naming the leaf."""
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    names, expected = ({jax.tree_util.keystr(p) for p, _ in t} for t in (got, want))
+    if names != expected:
+        raise ValueError(f"initial_params: parameter names differ from the model's, e.g. "
+                         f"{sorted(names ^ expected)[:5]}")
+    for (path, x), (_, a) in zip(got, want, strict=True):
+        if np.shape(x) != a.shape or np.asarray(x).dtype != a.dtype:
+            raise ValueError(f"initial_params{jax.tree_util.keystr(path)}: {np.asarray(x).dtype}{list(np.shape(x))}, "
+                             f"the model expects {a.dtype}{list(a.shape)}")
+    return params
 
 
 def _fresh_state(task: TrainTask, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
