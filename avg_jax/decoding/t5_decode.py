@@ -1,13 +1,14 @@
-"""T5 adapter for the constrained beam search: encode once, then KV-cached one-token decoder steps.
+"""T5 decoding for the constrained beam search: encode once, then KV-cached one-token decoder steps.
 
-The adapter owns two savings the model cannot see:
-  * the projected encoder keys/values (cross-attention cache) are identical for the beams of a query,
-    so they are kept out of the cache the beam search reorders: computed once per query and tiled once;
-  * the output head. With identifiers made of new tokens (vokens) only the window
-    [text_vocab_size, text_vocab_size + num_new_tokens) of the vocabulary can ever be scored, so the
-    head returns those columns plus, for HuggingFace-compatible full-vocabulary scores, the log-sum-exp of
-    all logits computed chunk by chunk (`head_chunk_size`), never materialising `[rows, vocab]`. With
-    score_normalization 'window' or 'allowed' only the window's columns are computed at all.
+`decoder_step` is `T5.decode(..., decode=True)` re-laid for beam search (tested equal to it and to HF):
+  * the projected encoder keys/values are the same for every beam of a query, so they are computed once
+    per query `[batch, heads, length, kv]` and broadcast over the beams, never tiled or reordered;
+  * the self-attention query/key/value projections are one `[d, 3 * heads * kv]` matmul;
+  * the first step runs on `batch` rows (see beam_search.py).
+The output head returns only the vocabulary window the identifiers live in (the new-token block for
+voken identifiers) plus, for HuggingFace-compatible full-vocabulary scores ('vocab'), the log-sum-exp of
+all logits (optionally `head_chunk_size` columns at a time, never holding `[rows, vocab]`). With
+score_normalization 'window' (voken-only softmax) or 'allowed' only the window's columns are computed.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+import numpy as np
 
 from avg_jax.decoding import trie as trie_lib
 from avg_jax.decoding.beam_search import BeamSearchOptions, BeamSearchResult, StepLogits, beam_search
 from avg_jax.t5.configs import T5Config
-from avg_jax.t5.model import T5, encoder_input_mask, init_decode_cache
-
-CROSS_CACHE_KEYS = ("cached_cross_key", "cached_cross_value")
+from avg_jax.t5.layers import MASK_VALUE, relative_position_bucket
+from avg_jax.t5.model import T5, encoder_input_mask
 
 
 def identifier_window(trie: trie_lib.Trie, vocab_size: int, text_vocab_size: int | None = None
@@ -70,28 +70,105 @@ def chunked_logsumexp(x: jax.Array, rows: jax.Array, chunk: int) -> jax.Array:
     return m + jnp.log(s)
 
 
-def _decoder_hidden(module: T5, token_ids: jax.Array, encoder_mask: jax.Array) -> jax.Array:
-    """One cached decoder step: `[rows, 1]` ids -> final-norm hidden states `[rows, 1, d_model]`."""
-    return module.decoder(module.token_embedder(token_ids), None, encoder_mask, True, decode=True)
+def _rms_norm(x: jax.Array, scale: jax.Array, epsilon: float) -> jax.Array:
+    """T5 layer norm (as `avg_jax.t5.layers.RMSNorm`): statistics in float32, no mean, no bias."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+    return (x32 * scale).astype(x.dtype)
 
 
-def _split_cross(cache: dict) -> tuple[dict, dict]:
-    """(per-row self-attention cache, per-query cross-attention keys/values), both flat dicts."""
-    flat = traverse_util.flatten_dict(cache)
-    cross = {k: v for k, v in flat.items() if k[-1] in CROSS_CACHE_KEYS}
-    return {k: v for k, v in flat.items() if k[-1] not in CROSS_CACHE_KEYS}, cross
+def decode_weights(params: dict, config: T5Config) -> dict:
+    """Decoder parameters re-laid for one-token steps (fused self-attention projection), compute dtype."""
+    dtype, d = config.compute_dtype, config.d_model
+    hd = config.num_heads * config.d_kv
+    layers = []
+    for i in range(config.num_decoder_layers):
+        p = params["decoder"][f"layers_{i}"]
+        sa, ca = p["self_attention"], p["encoder_decoder_attention"]
+        qkv = jnp.concatenate([sa[n].reshape(d, hd) for n in ("query", "key", "value")], axis=1)
+        layers.append({
+            "self_norm": p["pre_self_attention_layer_norm"]["scale"], "qkv": qkv.astype(dtype),
+            "self_out": sa["out"].reshape(hd, d).astype(dtype),
+            "cross_norm": p["pre_cross_attention_layer_norm"]["scale"],
+            "cross_query": ca["query"].reshape(d, hd).astype(dtype),
+            "cross_key": ca["key"].astype(dtype), "cross_value": ca["value"].astype(dtype),
+            "cross_out": ca["out"].reshape(hd, d).astype(dtype),
+            "mlp_norm": p["pre_mlp_layer_norm"]["scale"],
+            "mlp": {n: w.astype(dtype) for n, w in p["mlp"].items()}})
+    return {"embedding": params["token_embedder"]["embedding"].astype(dtype), "layers": layers,
+            "relpos": params["decoder"]["layers_0"]["self_attention"]["relpos_bias"]["rel_embedding"],
+            "final_norm": params["decoder"]["decoder_norm"]["scale"]}
+
+
+def cross_attention_inputs(weights: dict, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Per decoder layer, the encoder keys and values `[batch, heads, length, kv]` (once per query)."""
+    encoded = encoded.astype(weights["embedding"].dtype)
+    return [(jnp.einsum("bld,dhk->bhlk", encoded, w["cross_key"]),
+             jnp.einsum("bld,dhk->bhlk", encoded, w["cross_value"])) for w in weights["layers"]]
+
+
+def init_self_cache(config: T5Config, rows: int, max_length: int) -> list[dict]:
+    """Per decoder layer, zero self-attention keys/values `[rows, max_length, heads, kv]`."""
+    shape = (rows, max_length, config.num_heads, config.d_kv)
+    return [{"key": jnp.zeros(shape, config.compute_dtype), "value": jnp.zeros(shape, config.compute_dtype)}
+            for _ in range(config.num_decoder_layers)]
+
+
+def decoder_step(weights: dict, config: T5Config, cache: list[dict], tokens: jax.Array, index: jax.Array,
+                 cross: list[tuple[jax.Array, jax.Array]], cross_bias: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """One decoder step for `tokens [rows]` at position `index` -> (final-norm hidden [rows, d], cache).
+
+    Rows are `batch * j` (j beams per query, beam-minor); `cross_bias [batch, length]` is 0 for encoder
+    tokens and MASK_VALUE for padding.
+    """
+    rows, batch = tokens.shape[0], cross_bias.shape[0]
+    h, dk = config.num_heads, config.d_kv
+    max_length = cache[0]["key"].shape[1]
+    offsets = np.arange(-(max_length - 1), max_length)  # every key-minus-query offset
+    buckets = jnp.asarray(relative_position_bucket(offsets, False, config.relative_attention_num_buckets,
+                                                   config.relative_attention_max_distance), jnp.int32)
+    key_position = jnp.arange(max_length)
+    self_bias = (jnp.take(weights["relpos"], jnp.take(buckets, key_position - index + max_length - 1), axis=1)
+                 + jnp.where(key_position <= index, 0.0, MASK_VALUE)[None, :])  # [heads, max_length]
+    x = jnp.take(weights["embedding"], tokens, axis=0)  # [rows, d]
+    eps = config.layer_norm_epsilon
+    new_cache = []
+    for w, layer_cache, (cross_key, cross_value) in zip(weights["layers"], cache, cross, strict=True):
+        y = _rms_norm(x, w["self_norm"], eps)
+        q, k, v = jnp.split((y @ w["qkv"]).reshape(rows, 1, 3, h, dk), 3, axis=2)  # each [rows, 1, 1, h, kv]
+        keys = jax.lax.dynamic_update_slice(layer_cache["key"], k[:, :, 0], (0, index, 0, 0))  # [rows, T, h, kv]
+        values = jax.lax.dynamic_update_slice(layer_cache["value"], v[:, :, 0], (0, index, 0, 0))
+        logits = jnp.einsum("nhd,nthd->nht", q[:, 0, 0], keys, preferred_element_type=jnp.float32) + self_bias
+        attended = jnp.einsum("nht,nthd->nhd", jax.nn.softmax(logits, -1).astype(values.dtype), values)
+        x = x + attended.reshape(rows, h * dk) @ w["self_out"]
+        y = _rms_norm(x, w["cross_norm"], eps)
+        q = (y @ w["cross_query"]).reshape(batch, rows // batch, h, dk)
+        logits = (jnp.einsum("bjhd,bhld->bjhl", q, cross_key, preferred_element_type=jnp.float32)
+                  + cross_bias[:, None, None, :])
+        attended = jnp.einsum("bjhl,bhld->bjhd", jax.nn.softmax(logits, -1).astype(cross_value.dtype),
+                              cross_value)
+        x = x + attended.reshape(rows, h * dk) @ w["cross_out"]
+        y = _rms_norm(x, w["mlp_norm"], eps)
+        mlp = w["mlp"]
+        if config.gated:
+            hidden = jax.nn.gelu(y @ mlp["wi_0"], approximate=True) * (y @ mlp["wi_1"])
+        else:
+            hidden = jax.nn.relu(y @ mlp["wi"])
+        x = x + hidden @ mlp["wo"]
+        new_cache.append({"key": keys, "value": values})
+    return _rms_norm(x, weights["final_norm"], eps), new_cache
 
 
 @gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length"])
 def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables: trie_lib.TrieTables | None, *,
                    options: BeamSearchOptions, window: tuple[int, int] | None = None,
-                   max_length: int | None = None, head_chunk_size: int = 4096) -> BeamSearchResult:
+                   max_length: int | None = None, head_chunk_size: int = 0) -> BeamSearchResult:
     """Constrained beam search of T5 for `input_ids [batch, length]` (pure; jit with static config/options).
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`);
     None = the whole vocabulary. `tables=None` decodes unconstrained for `max_length` steps.
+    `head_chunk_size` > 0 computes the full-vocabulary log-normaliser that many columns at a time.
     """
-    model = T5(config)
     batch, beam = input_ids.shape[0], options.beam_size
     max_length = tables.max_length if tables is not None else max_length
     if max_length is None:
@@ -100,34 +177,29 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
     full_window = (start, size) == (0, config.vocab_size)
     norm = options.score_normalization
 
-    encoded = model.apply({"params": params}, input_ids, method=T5.encode)  # [batch, length, d]
-    mask = encoder_input_mask(input_ids)  # [batch, length]
-    cache = init_decode_cache(model, params, encoded, mask, max_length)
-    self_cache, cross = _split_cross(cache)
-    per_query = (cross, mask)
-    per_row = (jax.tree.map(lambda x: jnp.repeat(x, beam, axis=0), cross), jnp.repeat(mask, beam, axis=0))
-    head = head_matrix(params, config)  # [vocab, d]
-    head_window = jax.lax.dynamic_slice_in_dim(head, start, size) if not full_window else head
+    encoded = T5(config).apply({"params": params}, input_ids, method=T5.encode)  # [batch, length, d]
+    cross_bias = jnp.where(encoder_input_mask(input_ids), 0.0, MASK_VALUE)  # [batch, length]
+    weights = decode_weights(params, config)
+    cross = cross_attention_inputs(weights, encoded)
+    head = head_matrix(params, config).astype(config.compute_dtype)  # [vocab, d]
+    head_window = head if full_window else jax.lax.dynamic_slice_in_dim(head, start, size)
     scale = config.d_model ** -0.5 if config.scale_logits else 1.0
 
     def tokens_to_logits(state):
-        rows = state.cur_token.shape[0]
-        cross_kv, cross_mask = per_query if rows == batch else per_row
-        variables = {"params": params, "cache": traverse_util.unflatten_dict({**state.cache, **cross_kv})}
-        hidden, mutated = model.apply(variables, state.cur_token[:, None], cross_mask, method=_decoder_hidden,
-                                      mutable=["cache"])
-        x = hidden[:, 0] * jnp.asarray(scale, hidden.dtype)  # [rows, d]
-        logits = jnp.einsum("nd,vd->nv", x, head_window.astype(x.dtype), preferred_element_type=jnp.float32)
+        hidden, cache = decoder_step(weights, config, state.cache, state.cur_token, state.cur_index, cross,
+                                     cross_bias)
+        x = hidden * jnp.asarray(scale, hidden.dtype)  # [rows, d]
+        logits = jnp.einsum("nd,vd->nv", x, head_window, preferred_element_type=jnp.float32)
         normalizer = None
         if norm == "vocab" and not full_window:
-            normalizer = chunked_logsumexp(x, head, head_chunk_size)
-        new_cache, _ = _split_cross(mutated["cache"])
-        return StepLogits(logits, normalizer), new_cache
+            normalizer = (chunked_logsumexp(x, head, head_chunk_size) if head_chunk_size else
+                          jax.nn.logsumexp(jnp.einsum("nd,vd->nv", x, head, preferred_element_type=jnp.float32),
+                                           axis=-1))
+        return StepLogits(logits, normalizer), cache
 
-    if not options.share_first_step:
-        self_cache = jax.tree.map(lambda x: jnp.repeat(x, beam, axis=0) if x.ndim else x, self_cache)
-    return beam_search(tokens_to_logits, tables, self_cache, batch_size=batch, options=options,
-                       column_offset=start, max_length=max_length)
+    first_rows = batch if options.share_first_step else batch * beam
+    return beam_search(tokens_to_logits, tables, init_self_cache(config, first_rows, max_length),
+                       batch_size=batch, options=options, column_offset=start, max_length=max_length)
 
 
 def make_t5_searcher(config: T5Config, options: BeamSearchOptions, window: tuple[int, int] | None = None,
