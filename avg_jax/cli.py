@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "avg_jax.data.commands",
     "avg_jax.evaluation.commands",
+    "avg_jax.decoding.commands",
     "avg_jax.launch",
 )
 
