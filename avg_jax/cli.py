@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Modules that register subcommands, in the order they appear in `--help`.
 COMMAND_MODULES = (
     "avg_jax.data.commands",
+    "avg_jax.tokenizer.commands",
     "avg_jax.evaluation.commands",
     "avg_jax.decoding.commands",
     "avg_jax.launch",

@@ -28,5 +28,5 @@ def write_operative_config(out_dir: str | os.PathLike, name: str = OPERATIVE_CON
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(gin.config_str())
+    path.write_text(gin.operative_config_str())
     return path

@@ -3,8 +3,9 @@
 Trainer and other multi-host entry points: call `initialize_distributed()` first, unconditionally, before
 the first JAX computation (it must precede anything that touches a backend, even `jax.devices()`), then
 build the mesh with `make_device_mesh()`. gin decides whether the run is multi-process: the binding
-`initialize_distributed.enabled = True` (added by tpu_scripts/launch.sh) joins the cluster; without it the
-call only reports the single process. On a Cloud TPU slice `jax.distributed.initialize()` finds the coordinator, process
+`initialize_distributed.enabled = True` (added by tpu_scripts/launch.sh) joins the cluster; so does a
+configured coordinator address or process count (gin or environment); otherwise the call only reports the
+single process. On a Cloud TPU slice `jax.distributed.initialize()` finds the coordinator, process
 count and process id from the TPU metadata, so nothing needs to be set. Elsewhere (the localhost simulation
 `tpu_scripts/launch.sh --local_workers N`, a CPU/GPU cluster) they come from gin or from the environment
 variables `JAX_COORDINATOR_ADDRESS` (also read by JAX itself), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`.
@@ -69,22 +70,25 @@ def cluster_info() -> ClusterInfo:
 
 
 @gin.configurable
-def initialize_distributed(enabled: bool = False, coordinator_address: str | None = None,
+def initialize_distributed(enabled: bool | None = None, coordinator_address: str | None = None,
                            num_processes: int | None = None, process_id: int | None = None,
                            cpu_collectives: str | None = "gloo", initialization_timeout: int = 300) -> ClusterInfo:
-    """With `enabled`, join the multi-process JAX cluster (once; later calls only report); call it first.
+    """Join the multi-process JAX cluster if so configured (once; later calls only report); call it first.
 
-    Without `enabled` nothing is joined and the single process is reported. Arguments left as None are read
+    `enabled`: True joins (on Cloud TPU nothing else needs setting), False never does, None (default) joins
+    when a coordinator address or a process count is configured. Arguments left as None are read
     from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), then
     auto-detected by JAX (Cloud TPU metadata, SLURM, Open MPI); num_processes=1 runs alone without a
     coordinator. `cpu_collectives` selects the cross-process collectives of the CPU backend ('gloo' for the
     localhost simulation).
     """
-    if not enabled or jax.distributed.is_initialized():
+    if enabled is False or jax.distributed.is_initialized():
         return cluster_info()
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR_ADDRESS) or None
     num_processes = _env_int(ENV_NUM_PROCESSES) if num_processes is None else num_processes
     process_id = _env_int(ENV_PROCESS_ID) if process_id is None else process_id
+    if enabled is None and coordinator_address is None and num_processes is None:
+        return cluster_info()
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"initialize_distributed: num_processes={num_processes} must be >= 1")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:

@@ -92,14 +92,60 @@ def query_encoder_qps(args) -> dict:
             "framework": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
 
 
-def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str]:
-    """Our constrained decode's q/s per image-set size, or (None, why) while the decoder is unavailable."""
+def random_identifiers(n: int, levels: int, codebook: int, text_vocab: int, rng: np.random.Generator
+                       ) -> np.ndarray:
+    """n distinct fixed-length voken identifiers [n, levels] int32 (model ids: text_vocab + code)."""
+    if n > codebook ** levels:
+        raise ValueError(f"{n} distinct identifiers need codebook ** levels >= n, got {codebook} ** {levels}")
+    codes = np.empty((0, levels), np.int64)
+    while len(codes) < n:  # redraw the few duplicates (1024^4 codes: collisions are rare)
+        extra = rng.integers(0, codebook, (n - len(codes), levels))
+        codes = np.unique(np.concatenate([codes, extra]), axis=0)
+    return (rng.permutation(codes)[:n] + text_vocab).astype(np.int32)
+
+
+def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str, dict | None]:
+    """Our constrained decode's q/s per image-set size (T5-small-size model, random weights, one compiled
+    search per size), or (None, why, None) while the T5 beam-search adapter is not available."""
     try:
-        from avg_jax.decoding import beam_search, trie  # noqa: F401  (the decoding helper's modules)
-        from avg_jax.t5 import model  # noqa: F401
+        from avg_jax.decoding import t5_decode, trie
+        from avg_jax.decoding.beam_search import BeamSearchOptions
+        from avg_jax.t5 import configs, model
     except ImportError as e:
-        return None, f"not measured: {e.name} is not on this branch yet"
-    return None, "not measured: the T5 adapter for beam search is not wired into this benchmark yet"
+        return None, f"not measured: {e.name} is not on this branch yet", None
+    import jax
+
+    from avg_jax.data.vocab import pad_vocab_size
+
+    text_vocab = 32128
+    config = configs.named_t5_config(args.t5_size, vocab_size=pad_vocab_size(text_vocab + args.codebook),
+                                     dropout_rate=0.0)
+    params = model.init_params(config, jax.random.PRNGKey(args.seed))
+    options = BeamSearchOptions(beam_size=args.beam)
+    rng = np.random.default_rng(args.seed + 1)
+    input_ids = [jax.numpy.asarray(rng.integers(2, text_vocab, (args.batch, args.query_tokens)), jax.numpy.int32)
+                 for _ in range(4)]
+    out, details = {}, {}
+    for n in sizes:
+        tokens = random_identifiers(n, args.levels, args.codebook, text_vocab, rng)
+        t0 = time.perf_counter()
+        built = trie.build_trie(tokens=tokens, lengths=np.full(n, args.levels, np.int32), fixed_length=True)
+        build_s = time.perf_counter() - t0
+        window = t5_decode.identifier_window(built, config.vocab_size, text_vocab)
+        search = t5_decode.make_t5_searcher(config, options, window)
+        sec, reps = median_seconds(
+            lambda i, search=search, built=built: jax.block_until_ready(
+                search(params, built.tables, input_ids[i % len(input_ids)])),
+            args.gen_repeats, 0.0)
+        out[n] = args.batch / sec
+        details[str(n)] = {"repeats": reps, "trie_build_s": round(build_s, 2),
+                           "bytes_per_identifier": round(built.bytes_per_identifier(), 1)}
+    model_info = {"model": f"T5-{args.t5_size} size (d_model {config.d_model}, {config.num_encoder_layers}+"
+                           f"{config.num_decoder_layers} layers, random weights)",
+                  "vocab": config.vocab_size, "beam": args.beam, "levels_M": args.levels,
+                  "codebook_N": args.codebook, "score_normalization": options.score_normalization,
+                  "query_tokens": args.query_tokens, "per_size": details}
+    return out, "measured", model_info
 
 
 def crossover(sizes: list[int], generative: dict[int, float] | None, dense: dict[int, float]) -> dict:
@@ -124,10 +170,13 @@ def plot(result: dict, path: Path) -> None:
     series = [("dense_jax_search_qps", "dense exact, jit jnp.dot + top_k (search only)", "C0", "-"),
               ("dense_faiss_search_qps", "dense exact, faiss IndexFlatIP (search only)", "C1", "-"),
               ("dense_with_encoder_qps", "dense best + query encoder (CLIP-L text tower)", "C2", "--"),
-              ("generative_qps", "generative: constrained beam search (T5-small)", "C3", "-")]
+              ("generative_qps", "generative: constrained beam search", "C3", "-")]
     for key, label, colour, style in series:
         values = result.get(key)
         if values:
+            if key == "generative_qps":
+                gen = result["generative_model"]
+                label = f"{label} ({gen['model'].split(' (')[0]}, beam {gen['beam']}, M={gen['levels_M']})"
             ax.plot(sizes, [values[str(n)] for n in sizes], style, marker="o", color=colour, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -156,6 +205,11 @@ def main() -> None:
     p.add_argument("--query_tokens", type=int, default=32, help="query length for the encoder forward pass")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed batches per measurement (median)")
     p.add_argument("--min_seconds", type=float, default=1.0, help="minimum timed seconds per measurement")
+    p.add_argument("--t5_size", default="small", help="generative: T5 size (small as in the paper's T5-small)")
+    p.add_argument("--beam", type=int, default=20, help="generative: beam size")
+    p.add_argument("--levels", type=int, default=4, help="generative: identifier length M")
+    p.add_argument("--codebook", type=int, default=1024, help="generative: codebook size N")
+    p.add_argument("--gen_repeats", type=int, default=3, help="generative: timed batches per size (median)")
     p.add_argument("--no_faiss", action="store_true")
     p.add_argument("--no_encoder", action="store_true")
     p.add_argument("--out_dir", default="bench_out", help="where efficiency.png goes")
@@ -183,7 +237,7 @@ def main() -> None:
     encoder = None if args.no_encoder else query_encoder_qps(args)
     # Encoder and search run one after the other on the same cores: times add.
     with_encoder = {n: 1.0 / (1.0 / best[n] + 1.0 / encoder["qps"]) for n in sizes} if encoder else None
-    generative, status = generative_qps(sizes, args)
+    generative, status, generative_model = generative_qps(sizes, args)
     cross = crossover(sizes, generative, best)
     cross_enc = crossover(sizes, generative, with_encoder) if with_encoder else {"measured": None,
                                                                                   "extrapolated": None}
@@ -200,7 +254,7 @@ def main() -> None:
         "sizes": sizes, "dim": args.dim, "batch": args.batch, "k": args.k, "device": device,
         "dense_jax_search_qps": table(dense_jax), "dense_faiss_search_qps": table(dense_faiss),
         "dense_best_search_qps": table(best), "dense_with_encoder_qps": table(with_encoder),
-        "generative_qps": table(generative), "generative_status": status if generative is None else "measured",
+        "generative_qps": table(generative), "generative_status": status, "generative_model": generative_model,
         "query_encoder": encoder,
         "repeats": {str(n): {k: v for k, v in per_size[n].items() if k.endswith("repeats")} for n in sizes},
         "timing": "median wall time per batch after one warm-up batch; q/s = batch / median",

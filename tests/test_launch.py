@@ -86,6 +86,10 @@ def test_mesh_gin_files(name, chips):
 
     config.parse_gin([f"mesh/{name}.gin"])
     try:
+        from avg_jax import partitioning
+
+        rules = partitioning.logical_axis_rules()
+        assert ("batch", "data") in rules and ("mlp", "model") in rules
         data = gin.query_parameter("make_device_mesh.data_parallelism")
         model = gin.query_parameter("make_device_mesh.model_parallelism")
         if chips is None:
@@ -102,6 +106,21 @@ def test_mesh_gin_files(name, chips):
 
 def test_initialize_distributed_disabled_reports_the_single_process(monkeypatch):
     monkeypatch.setenv(launch.ENV_NUM_PROCESSES, "not even read")
-    info = launch.initialize_distributed()
+    info = launch.initialize_distributed(enabled=False)
     assert (info.process_id, info.num_processes) == (0, 1)
     assert info.device_count == jax.device_count() and not jax.distributed.is_initialized()
+
+
+def test_initialize_distributed_unconfigured_stays_single_process(monkeypatch):
+    for name in (launch.ENV_COORDINATOR_ADDRESS, launch.ENV_NUM_PROCESSES, launch.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    info = launch.initialize_distributed()
+    assert info.num_processes == 1 and not jax.distributed.is_initialized()
+
+
+def test_initialize_distributed_configured_process_count_enables(monkeypatch):
+    """With enabled=None a configured (here: invalid) process count means "join": it is validated."""
+    monkeypatch.setenv(launch.ENV_NUM_PROCESSES, "2")
+    monkeypatch.setenv(launch.ENV_PROCESS_ID, "5")
+    with pytest.raises(ValueError, match=r"process_id=5 is outside \[0, 2\)"):
+        launch.initialize_distributed()

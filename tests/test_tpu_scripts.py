@@ -167,7 +167,7 @@ def test_launch_runs_avg_jax_train_on_all_workers(no_gcloud):
     distributed = re.search(r'DISTRIBUTED_GIN_PARAM:-"([^"]+)"', common).group(1)
     assert command[:6] == ["avg-jax", "train", "--gin_file", GIN_FILE, "--gin_param", GIN_PARAM]
     assert command[6:8] == ["--gin_param", distributed]
-    assert command[8] == "--gin_param" and "gs://bkt/runs/flickr-main" in command[9]
+    assert command[8:] == ["--run_dir", "gs://bkt/runs/flickr-main"]
     assert words[start - 3:start] == ["nohup", "setsid", "bash"] and words[end:][-1] == "&"
 
 

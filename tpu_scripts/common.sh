@@ -27,9 +27,9 @@ REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
 # --- How our entry points are told to run multi-host and where to write. THE ONE PLACE to change these. ---
 # gin binding that makes the trainer's first call, avg_jax.launch.initialize_distributed(), join the cluster.
 DISTRIBUTED_GIN_PARAM=${DISTRIBUTED_GIN_PARAM:-"initialize_distributed.enabled = True"}
-# gin binding (printf template, %s = run directory) that points `avg-jax train` at its run directory; the
+# `avg-jax train` flag naming its run directory (train_loop takes run_dir from the CLI, not from gin); the
 # trainer writes orbax checkpoints there and resumes from the latest one on start.
-RUN_DIR_GIN_PARAM_TEMPLATE=${RUN_DIR_GIN_PARAM_TEMPLATE:-'train_model.run_dir = "%s"'}
+RUN_DIR_FLAG=${RUN_DIR_FLAG:---run_dir}
 
 TPU_PROJECT=${TPU_PROJECT:-}
 TPU_ZONE=${TPU_ZONE:-}
@@ -257,7 +257,7 @@ tpu_state() {
 # The command every worker runs: `avg-jax ENTRY`, the gin files and bindings, and for `train` the multi-host
 # switch and the run directory. Prints one argument per line (read with mapfile).
 entry_args() {
-  local run_directory=$1 f p
+  local run_dir=$1 f p
   printf '%s\n' avg-jax "$ENTRY"
   for f in "${GIN_FILE_LIST[@]}"; do
     printf '%s\n' --gin_file "$f"
@@ -266,8 +266,6 @@ entry_args() {
     [[ -n $p ]] && printf '%s\n' --gin_param "$p"
   done
   if [[ $ENTRY == train ]]; then
-    printf '%s\n' --gin_param "$DISTRIBUTED_GIN_PARAM"
-    # shellcheck disable=SC2059  # the template is ours, with one %s
-    printf '%s\n' --gin_param "$(printf "$RUN_DIR_GIN_PARAM_TEMPLATE" "$run_directory")"
+    printf '%s\n' --gin_param "$DISTRIBUTED_GIN_PARAM" "$RUN_DIR_FLAG" "$run_dir"
   fi
 }

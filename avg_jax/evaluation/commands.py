@@ -50,9 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", required=True, help="corpus directory")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--backend", default="jax", choices=dense.BACKENDS)
-    p.add_argument("--projection", default="none", choices=("none", "ridge"),
+    p.add_argument("--projection", default="none", choices=("none", "ridge", "heads"),
                    help="none: features already aligned (e.g. CLIP); ridge: a linear text->image map fitted on "
-                        "the train split's (query, image) pairs")
+                        "the train split's (query, image) pairs; heads: the contrastive projection heads of a "
+                        "trained tokenizer (--tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory whose heads --projection heads uses")
     p.add_argument("--out", required=True, help="output directory for metrics.json and ranked.jsonl")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval_dense)
@@ -186,9 +188,15 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_eval_dense(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
     corpus = Corpus.load(args.corpus)
-    projection = dense.ridge_text_projection(corpus) if args.projection == "ridge" else None
+    text_projection = image_projection = None
+    if args.projection == "ridge":
+        text_projection = dense.ridge_text_projection(corpus)
+    elif args.projection == "heads":
+        if not args.tokenizer:
+            raise ValueError("--projection heads needs --tokenizer DIR (a trained tokenizer's output directory)")
+        text_projection, image_projection = dense.tokenizer_head_projections(args.tokenizer)
     result, ranked = dense.dense_baseline(corpus, split=args.split, backend=args.backend,
-                                          text_projection=projection)
+                                          text_projection=text_projection, image_projection=image_projection)
     name = f"dense-{args.projection}-{args.backend}"
     path = write_metrics(args.out, corpus, args.corpus, args.split, {name: result})
     rows = corpus.query_rows(args.split)

@@ -119,6 +119,26 @@ def fit_ridge_map(source: np.ndarray, target: np.ndarray, l2: float = 1.0) -> np
     return np.linalg.solve(gram, source.T @ np.asarray(target, np.float64)).astype(np.float32)
 
 
+def tokenizer_head_projections(tokenizer_dir: str) -> tuple[Projection, Projection]:
+    """(text, image) projections by a trained tokenizer's contrastive heads (`avg-jax tokenize` output)."""
+    from avg_jax.tokenizer.model import RQTokenizer
+    from avg_jax.tokenizer.train import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = RQTokenizer(tok.config)
+    embed_text = jax.jit(lambda x: model.apply({"params": tok.params}, x, method=RQTokenizer.embed_text))
+    embed_image = jax.jit(lambda x: model.apply({"params": tok.params}, x, method=RQTokenizer.embed_image))
+
+    def chunked(fn: Callable[[jax.Array], jax.Array], dim: int, what: str) -> Projection:
+        def project(x: np.ndarray) -> np.ndarray:
+            x = _check_matrix(x, f"{what} features", dim)
+            return np.concatenate([np.asarray(fn(x[i:i + 4096])) for i in range(0, len(x), 4096)]
+                                  or [np.zeros((0, tok.config.code_dim), np.float32)])
+        return project
+
+    return chunked(embed_text, tok.text_dim, "text"), chunked(embed_image, tok.image_dim, "image")
+
+
 @gin.configurable(denylist=["corpus"])
 def ridge_text_projection(corpus: Corpus, split: str = "train", l2: float = 1.0) -> Projection:
     """Text -> image-feature map fitted on every (query, relevant image) pair of `split` by ridge regression:
