@@ -65,32 +65,25 @@ def decode_flops(config: T5Config, query_length: int, beam: int, steps: int, hea
     return float(encoder + cross_kv + rows * per_row_step)
 
 
-def dot_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large float32 jnp.dot, the machine's practical peak."""
+def dot_timer(size: int = 2048):
+    """A timed large float32 jnp.dot (the machine's practical peak): returns a function -> FLOP/s."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
+
+    def measure() -> float:
         t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * size ** 3 / float(np.median(times))
+        for _ in range(3):
+            f(a).block_until_ready()
+        return 3 * 2 * size ** 3 / (time.perf_counter() - t)
+
+    return measure
 
 
-class Ours:
-    """One jitted search per (mode, trie capacities); timing over batches of queries."""
-
-    def __init__(self, config, params, options, window, tables, max_length=None, **head_options):
-        self.search = make_t5_searcher(config, options, window=window, max_length=max_length, **head_options)
-        self.params, self.tables = params, tables
-
-    def run(self, batches):
-        out = None
-        t = time.perf_counter()
-        for batch in batches:
-            out = jax.block_until_ready(self.search(self.params, self.tables, batch))
-        return time.perf_counter() - t, out
+def timed(fn, *args) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
 
 
 def genre_trie(rows: np.ndarray) -> dict:
@@ -110,7 +103,6 @@ def hf_run(model, torch, batches, trie, beam, steps, use_cache):
             node = node[tok]
         return list(node)
 
-    t = time.perf_counter()
     outs = []
     with torch.no_grad():
         for batch in batches:
@@ -120,7 +112,7 @@ def hf_run(model, torch, batches, trie, beam, steps, use_cache):
                                        max_new_tokens=steps, length_penalty=0.0, do_sample=False,
                                        early_stopping=True, use_cache=use_cache, output_scores=True,
                                        return_dict_in_generate=True))
-    return time.perf_counter() - t, outs
+    return outs
 
 
 def main(argv=None) -> dict:
@@ -132,11 +124,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--query_length", type=int, default=16)
-    parser.add_argument("--images", type=int, default=1000, help="image-set size of the HF comparison")
-    parser.add_argument("--scales", default="1000,10000,100000,1000000")
-    parser.add_argument("--our_batches", type=int, default=2, help="batches per timing of our decode")
-    parser.add_argument("--hf_batches", type=int, default=1, help="batches per timing of HF with cache")
-    parser.add_argument("--hf_nocache_queries", type=int, default=32, help="queries per HF cache-off timing")
+    parser.add_argument("--scales", default="1000,10000,100000,1000000",
+                        help="image-set sizes; the first one is also the HF comparison's")
+    parser.add_argument("--hf_nocache_queries", type=int, default=16, help="queries per HF cache-off timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip_hf", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,39 +136,36 @@ def main(argv=None) -> dict:
     config = named_t5_config(args.size, vocab_size=args.text_vocab + args.codebook, dropout_rate=0.0)
     params = jax.device_get(init_params(config, jax.random.key(args.seed)))
     window = (args.text_vocab, args.codebook)
-    steps = args.codes
+    steps, beam = args.codes, args.beam
+    queries = random_queries(rng, args.batch, args.query_length, args.text_vocab)
 
-    def trie_for(n):
-        codes = synthetic_identifiers(rng, n, args.codes, args.codebook)
-        t = time.perf_counter()
-        trie = build_trie(tokens=(args.text_vocab + codes).astype(np.int32),
-                          lengths=np.full(n, args.codes, np.int32), fixed_length=True)
-        return trie, time.perf_counter() - t
+    sizes = [int(x) for x in args.scales.split(",") if x]
+    tries, build_s = {}, {}
+    for n in sizes:
+        tokens = (args.text_vocab + synthetic_identifiers(rng, n, args.codes, args.codebook)).astype(np.int32)
+        build_s[n], tries[n] = timed(lambda tokens=tokens: build_trie(
+            tokens=tokens, lengths=np.full(len(tokens), args.codes, np.int32), fixed_length=True))
+    trie = tries[sizes[0]]
 
-    trie, _ = trie_for(args.images)
-    queries = random_queries(rng, args.batch * max(args.our_batches, args.hf_batches), args.query_length,
-                             args.text_vocab)
-    batches = [queries[i * args.batch:(i + 1) * args.batch] for i in range(args.our_batches)]
-    n_ours = len(batches) * args.batch
+    def searcher(options, tables, window=window, **kw):
+        search = make_t5_searcher(config, options, window=window, **kw)
+        return lambda: jax.block_until_ready(search(params, tables, queries))
 
-    modes = {
-        "vocab": Ours(config, params, BeamSearchOptions(args.beam, "vocab"), window, trie.tables),
-        "vocab_chunked": Ours(config, params, BeamSearchOptions(args.beam, "vocab"), window, trie.tables,
-                              head_chunk_size=4096),
-        "window": Ours(config, params, BeamSearchOptions(args.beam, "window"), window, trie.tables),
-        "vocab_unshared_first_step": Ours(config, params, BeamSearchOptions(args.beam, "vocab",
-                                                                            share_first_step=False),
-                                          window, trie.tables),
-        "unconstrained": Ours(config, params, BeamSearchOptions(args.beam, "vocab"), None, None,
-                              max_length=steps),
+    vocab = BeamSearchOptions(beam, "vocab")
+    runs = {  # every configuration on the same batch of queries, interleaved in each round
+        "vocab": searcher(vocab, trie.tables),
+        "vocab_chunked": searcher(vocab, trie.tables, head_chunk_size=4096),
+        "window": searcher(BeamSearchOptions(beam, "window"), trie.tables),
+        "vocab_unshared_first_step": searcher(BeamSearchOptions(beam, "vocab", share_first_step=False),
+                                              trie.tables),
+        "unconstrained": searcher(vocab, None, window=None, max_length=steps),
+        **{f"scale_{n}": searcher(vocab, tries[n].tables) for n in sizes[1:]},
     }
-    compile_s = {}
-    for name, m in modes.items():
-        t = time.perf_counter()
-        m.run(batches[:1])
-        compile_s[name] = time.perf_counter() - t
+    compile_s = {name: timed(run)[0] for name, run in runs.items()}
+    results = {name: runs[name]() for name in ("vocab", "window")}
+    query_counts = dict.fromkeys(runs, args.batch)
 
-    hf = None
+    hf_outputs = None
     if not args.skip_hf:
         import torch
         import transformers
@@ -186,79 +173,63 @@ def main(argv=None) -> dict:
             save_hf_t5(params, config, Path(tmp))
             hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp).eval()
         gtrie = genre_trie(trie.group_tokens)
-        hf_batches = [queries[i * args.batch:(i + 1) * args.batch] for i in range(args.hf_batches)]
-        nocache_batches = [queries[:args.hf_nocache_queries]]
-        hf_run(hf, torch, [queries[:2]], gtrie, args.beam, steps, True)  # warm-up
+        nocache = queries[:args.hf_nocache_queries]
+        runs["hf_cache"] = lambda: hf_run(hf, torch, [queries], gtrie, beam, steps, True)
+        runs["hf_nocache"] = lambda: hf_run(hf, torch, [nocache], gtrie, beam, steps, False)
+        query_counts.update(hf_cache=args.batch, hf_nocache=len(nocache))
+        hf_outputs = runs["hf_cache"]()  # also the warm-up
 
-    times: dict[str, list[float]] = {k: [] for k in [*modes, "hf_cache", "hf_nocache"]}
-    results = {}
+    measure_dot = dot_timer()
+    rounds = []
     for _ in range(args.rounds):
-        for name, m in modes.items():
-            dt, results[name] = m.run(batches)
-            times[name].append(dt)
-        if hf is not None:
-            dt, hf_out = hf_run(hf, torch, hf_batches, gtrie, args.beam, steps, True)
-            times["hf_cache"].append(dt)
-            dt, _ = hf_run(hf, torch, nocache_batches, gtrie, args.beam, steps, False)
-            times["hf_nocache"].append(dt)
-    qps = {name: n_ours / float(np.median(t)) for name, t in times.items() if t and name in modes}
+        qps = {"dot_gflops": measure_dot() / 1e9}
+        for name, run in runs.items():
+            qps[name] = query_counts[name] / timed(run)[0]
+        rounds.append(qps)
 
+    def median(fn):
+        return float(np.median([fn(r) for r in rounds]))
+
+    flops_vocab = decode_flops(config, args.query_length, beam, steps, config.vocab_size + args.codebook)
+    flops_window = decode_flops(config, args.query_length, beam, steps, args.codebook)
     report: dict = {
-        "device": str(jax.devices()[0].device_kind), "num_cpu_devices": jax.device_count(),
+        "device": str(jax.devices()[0].device_kind),
         "config": {"size": args.size, "vocab": config.vocab_size, "d_model": config.d_model,
                    "layers": [config.num_encoder_layers, config.num_decoder_layers], "batch": args.batch,
-                   "beam": args.beam, "codes": args.codes, "codebook": args.codebook,
-                   "query_length": args.query_length, "images": args.images},
-        "rounds": args.rounds, "queries_per_timing": n_ours, "compile_s": compile_s,
-        "qps": qps,
+                   "beam": beam, "codes": args.codes, "codebook": args.codebook,
+                   "query_length": args.query_length, "hf_compared_images": sizes[0]},
+        "rounds": args.rounds, "note": "q/s and ratios are medians over rounds; each ratio is taken within a round",
+        "compile_s": compile_s, "trie_build_s": {n: build_s[n] for n in sizes},
+        "qps": {name: median(lambda r, name=name: r[name]) for name in rounds[0]},
+        "decode_gflop_per_query": {"vocab": flops_vocab / 1e9, "window": flops_window / 1e9},
+        "flop_utilization": median(lambda r: flops_vocab * r["vocab"] / (r["dot_gflops"] * 1e9)),
+        "flop_utilization_voken_head": median(lambda r: flops_window * r["window"] / (r["dot_gflops"] * 1e9)),
+        "constraint_overhead": median(lambda r: r["unconstrained"] / r["vocab"] - 1.0),
+        "first_step_sharing_speedup": median(lambda r: r["vocab"] / r["vocab_unshared_first_step"]),
+        "chunked_head_speedup": median(lambda r: r["vocab_chunked"] / r["vocab"]),
     }
-    if hf is not None:
-        report["qps"]["hf_cache"] = args.hf_batches * args.batch / float(np.median(times["hf_cache"]))
-        report["qps"]["hf_nocache"] = len(nocache_batches[0]) / float(np.median(times["hf_nocache"]))
-        # Parity check on the compared queries: same ranked identifiers, scores within 1e-4.
-        ours_tokens = np.asarray(results["vocab"].tokens)[:args.batch]
-        ours_scores = np.asarray(results["vocab"].scores)[:args.batch]
-        hf_tokens = hf_out[0].sequences.numpy()[:, 1:].reshape(args.batch, args.beam, steps)
-        hf_scores = hf_out[0].sequences_scores.numpy().reshape(args.batch, args.beam)
+    # Voken-only head: how far its ranking moves from the full-softmax one (recall needs a trained model).
+    report["voken_head_top1_agreement"] = float(np.mean(np.asarray(results["window"].groups)[:, 0]
+                                                        == np.asarray(results["vocab"].groups)[:, 0]))
+    if hf_outputs is not None:
+        for key, ours in (("speedup_vs_hf", "vocab"), ("speedup_vs_hf_voken_head", "window")):
+            report[key] = median(lambda r, ours=ours: r[ours] / r["hf_cache"])
+            report[key.replace("hf", "hf_nocache", 1)] = median(lambda r, ours=ours: r[ours] / r["hf_nocache"])
+        # Parity on the compared queries: same ranked identifiers, scores within 1e-4.
+        hf_tokens = hf_outputs[0].sequences.numpy()[:, 1:].reshape(args.batch, beam, steps)
+        hf_scores = hf_outputs[0].sequences_scores.numpy().reshape(args.batch, beam)
+        ours_tokens, ours_scores = np.asarray(results["vocab"].tokens), np.asarray(results["vocab"].scores)
         report["hf_agreement"] = float(np.mean((hf_tokens == ours_tokens).all(axis=(1, 2))))
         report["hf_max_score_diff"] = float(np.abs(hf_scores - ours_scores).max())
-        report["speedup_vs_hf"] = qps["vocab"] / report["qps"]["hf_cache"]
-        report["speedup_vs_hf_nocache"] = qps["vocab"] / report["qps"]["hf_nocache"]
-        report["speedup_vs_hf_voken_head"] = qps["window"] / report["qps"]["hf_cache"]
-        report["speedup_vs_hf_nocache_voken_head"] = qps["window"] / report["qps"]["hf_nocache"]
 
-    # Voken-only head: how far its ranking moves from the full-softmax one (recall needs a trained model).
-    same_top1 = np.asarray(results["window"].groups)[:, 0] == np.asarray(results["vocab"].groups)[:, 0]
-    report["voken_head_top1_agreement"] = float(same_top1.mean())
-
-    dot = dot_flops_per_second()
-    flops_vocab = decode_flops(config, args.query_length, args.beam, steps, config.vocab_size + args.codebook)
-    flops_window = decode_flops(config, args.query_length, args.beam, steps, args.codebook)
-    report["dot_gflops"] = dot / 1e9
-    report["decode_gflop_per_query"] = {"vocab": flops_vocab / 1e9, "window": flops_window / 1e9}
-    report["flop_utilization"] = flops_vocab * qps["vocab"] / dot
-    report["flop_utilization_voken_head"] = flops_window * qps["window"] / dot
-    report["constraint_overhead"] = qps["unconstrained"] / qps["vocab"] - 1.0
-    report["first_step_sharing_speedup"] = qps["vocab"] / qps["vocab_unshared_first_step"]
-    report["chunked_head_speedup"] = qps["vocab_chunked"] / qps["vocab"]
-
-    # Image-set size: same model, same queries; q/s of the HF-compatible mode.
-    scale = {}
-    for n in [int(s) for s in args.scales.split(",") if s]:
-        big, build_s = trie_for(n)
-        m = Ours(config, params, BeamSearchOptions(args.beam, "vocab"), window, big.tables)
-        m.run(batches[:1])
-        dts = [m.run(batches)[0] for _ in range(args.rounds)]
-        scale[n] = {"qps": n_ours / float(np.median(dts)), "build_s": build_s,
-                    "bytes_per_identifier": big.bytes_per_identifier(), "num_nodes": big.num_nodes,
-                    "num_groups": big.num_groups, "max_fanout": big.tables.max_fanout}
-        del big, m
-    report["scale"] = scale
-    sizes = sorted(scale)
-    if sizes:
-        report["scale_1m_vs_1k"] = scale[sizes[0]]["qps"] / scale[sizes[-1]]["qps"]
-        report["bytes_per_identifier"] = scale[sizes[-1]]["bytes_per_identifier"]
-        report["scale_sizes_compared"] = [sizes[0], sizes[-1]]
+    scale_key = {sizes[0]: "vocab", **{n: f"scale_{n}" for n in sizes[1:]}}
+    report["scale"] = {n: {"qps": report["qps"][scale_key[n]], "build_s": build_s[n],
+                           "bytes_per_identifier": tries[n].bytes_per_identifier(),
+                           "num_nodes": tries[n].num_nodes, "num_groups": tries[n].num_groups,
+                           "max_fanout": tries[n].tables.max_fanout} for n in sizes}
+    report["scale_1m_vs_1k"] = median(lambda r: r["vocab"] / r[scale_key[sizes[-1]]])
+    report["scale_sizes_compared"] = [sizes[0], sizes[-1]]
+    report["bytes_per_identifier"] = tries[sizes[-1]].bytes_per_identifier()
     print(json.dumps(report, indent=1, sort_keys=True, default=str))
     sys.stdout.flush()
     return report
