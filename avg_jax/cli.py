@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "avg_jax.evaluation.commands",
     "avg_jax.decoding.commands",
     "avg_jax.launch",
+    "avg_jax.sweep",
 )
 
 

@@ -35,7 +35,7 @@ STATS_FILE = "stats.json"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tokenize", help="train the image tokenizer / build identifiers for every image")
-    p.add_argument("--corpus", required=True, help="corpus directory (avg-jax data ...)")
+    p.add_argument("--corpus", help="corpus directory (avg-jax data ...); default: the gin macro CORPUS_DIR")
     p.add_argument("--out", required=True, help="output directory for the identifier table and artefacts")
     p.add_argument("--sentencepiece_model", default=None,
                    help="text vocabulary; default: gin tokenize_corpus.sentencepiece_model, else train one")
@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
-    table, stats = tokenize_corpus(args.corpus, args.out, sentencepiece_model=args.sentencepiece_model)
+    corpus = config.path_from_flag_or_macro(args.corpus, "CORPUS_DIR", "--corpus")
+    table, stats = tokenize_corpus(corpus, args.out, sentencepiece_model=args.sentencepiece_model)
     config.write_operative_config(args.out)
     print(f"wrote {table.scheme} identifiers for {table.num_images} images to {args.out}: max length "
           f"{table.max_len}, {table.num_new_tokens} new tokens, collision rate before policy "
