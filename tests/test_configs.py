@@ -213,6 +213,12 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     runs = {line.split()[2] for line in text.splitlines() if line.strip().startswith("run dir:")}
     assert len(runs) == 1  # beam size is evaluation only: Table 7 trains once
+    assert cli.main(["sweep", "--table", "grace_beam", "--corpus", str(corpus_dir), "--out", str(out),
+                     "--dry_run"]) == 0
+    text = capsys.readouterr().out
+    runs = [line.split()[2] for line in text.splitlines() if line.strip().startswith("run dir:")]
+    assert len(runs) == 4 * len(sweep.GRACE_BEAMS) and len(set(runs)) == 4  # one training run per scheme
+    assert "'train_retrieval.eval_beam_size = 50'" in text
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
