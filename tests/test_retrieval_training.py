@@ -163,7 +163,7 @@ def _train(setup, run_dir, *params: str) -> int:
                   "T5Config.d_kv = 16", "T5Config.d_ff = 64", "T5Config.num_encoder_layers = 1",
                   "T5Config.num_decoder_layers = 1", "T5Config.dropout_rate = 0.0",
                   "train_retrieval.train_batch_size = 8", "train_retrieval.eval_max_queries = 12",
-                  "train_retrieval.eval_batch_size = 6", "train_loop.progress_bar = False",
+                  "train_retrieval.eval_batch_size = 64", "train_loop.progress_bar = False",
                   "train_loop.tensorboard = False", "train_loop.log_every = 1", *params]
     argv = ["train", "--corpus", str(setup["corpus_dir"]), "--identifiers", str(setup["table_dir"]),
             "--run_dir", str(run_dir)]
