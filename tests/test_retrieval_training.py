@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from avg_jax.decoding.t5_decode import identifier_window
 
 from avg_jax import cli
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
+from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.commands import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table

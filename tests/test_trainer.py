@@ -73,11 +73,13 @@ def test_kill_and_sigterm_resume_is_bit_identical(tmp_path):
     run_dir = tmp_path / "interrupted"
     rng = random.Random(0)
     resumed_from = []
-    for how, after_checkpoint in (("kill", 5), ("kill", 15), ("term", 20)):
-        proc = subprocess.Popen(_fixture_cmd(run_dir, "--sleep", "0.05", params=PREEMPT_PARAMS), env=_env(),
+    # 0.15 s per batch leaves >= 1.5 s between the kill point and the end of the run, even on a loaded machine
+    for how, after_checkpoint in (("kill", 5), ("term", 10), ("kill", 20)):
+        proc = subprocess.Popen(_fixture_cmd(run_dir, "--sleep", "0.15", params=PREEMPT_PARAMS), env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 200
-        while not [s for s in _committed_steps(run_dir) if s >= after_checkpoint]:
+        before = set(_committed_steps(run_dir))
+        while not [s for s in _committed_steps(run_dir) if s >= after_checkpoint and s not in before]:
             assert proc.poll() is None and time.time() < deadline, "run ended before the kill point"
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.2))  # a random step after that checkpoint

@@ -52,7 +52,8 @@ class RegressionTask:
 
 
 def make_iterator(local_batch: int, seed: int, sleep: float, nan_at_step: int | None):
-    """Shuffled, repeated batches of this process's share; `nan_at_step` poisons the batch of that step."""
+    """Shuffled, repeated batches of this process's share; `nan_at_step` poisons the batch of that step;
+    `sleep` seconds before each batch."""
     rng = np.random.default_rng(1234)
     x = rng.standard_normal((NUM_EXAMPLES, IN_DIM)).astype(np.float32)
     y = (x @ rng.standard_normal((IN_DIM, OUT_DIM)).astype(np.float32)) / 4
@@ -61,13 +62,36 @@ def make_iterator(local_batch: int, seed: int, sleep: float, nan_at_step: int | 
     ds = ds.shuffle(seed=seed).repeat().batch(local_batch, drop_remainder=True)
 
     def poison(i, b):
-        if sleep:
-            time.sleep(sleep)
         if nan_at_step is not None and i == nan_at_step - 1:  # batch i trains step i + 1
             b = {**b, "x": np.full_like(b["x"], np.nan)}
         return b
 
-    return iter(ds.map_with_index(poison).to_iter_dataset())
+    it = iter(ds.map_with_index(poison).to_iter_dataset())
+    return SlowIterator(it, sleep) if sleep else it
+
+
+class SlowIterator:
+    """Sleeps in the consumer before each batch (grain's prefetch threads would hide a sleep in a map), so a
+    test can interrupt the run at a chosen step. Checkpointable like the grain iterator it wraps."""
+
+    def __init__(self, inner, sleep: float):
+        self.inner, self.sleep = inner, sleep
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        time.sleep(self.sleep)
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(json.loads(state) if isinstance(state, bytes) else state)
+
+    def start_prefetch(self):
+        self.inner.start_prefetch()
 
 
 def main(argv=None) -> int:
