@@ -144,6 +144,9 @@ def test_aggregate_lays_out_the_papers_table(tmp_path):
     ]
     assert [r["status"] for r in data["rows"]] == ["done", "not run", "done", "failed"]
     assert data["rows"][0]["paper"] == {"recall@1": 60.8, "recall@5": 82.0, "recall@10": 84.8}
+    assert cli.main(["sweep", "--table", "avg_table4", "--out", str(tmp_path), "--aggregate_only"]) == 0
+    assert (root / "table.md").read_text() == markdown
+    assert json.loads((root / "table.json").read_text())["rows"][3]["error"].startswith("ValueError: kmeans")
 
 
 def test_aggregate_hides_paper_numbers_on_other_corpora_and_rejects_mixed_ones(tmp_path):
