@@ -18,6 +18,8 @@ from avg_jax import cli
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
+from avg_jax.decoding.beam_search import BeamSearchOptions
+from avg_jax.decoding.retrieve import Retriever
 from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.commands import read_ranked_jsonl
@@ -193,6 +195,10 @@ def test_train_cli_end_to_end_with_discriminative_stage_and_resume(setup, tmp_pa
     ranked = read_ranked_jsonl(tmp_path / "ranked_test.jsonl", corpus, "test")
     test_images = {corpus.images[i].id for i in corpus.image_rows("test")}
     assert all(len(r) == 10 and set(r) <= test_images for r in ranked.image_ids)
+    retriever = Retriever.load(tmp_path / "retrieval", options=BeamSearchOptions(beam_size=10))  # avg-jax retrieve
+    lines = [json.loads(line) for line in (tmp_path / "ranked_test.jsonl").read_text().splitlines()[:4]]
+    for line, got in zip(lines, retriever.retrieve([line["text"] for line in lines], k=10), strict=True):
+        assert got.image_ids == line["image_ids"]
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["t5_config"]["vocab_size"] == setup["vocab"].size
     assert run["target_length"] == setup["table"].max_len == LEVELS + 1  # random codes collide: + suffix

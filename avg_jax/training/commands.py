@@ -8,6 +8,9 @@ The run directory receives:
   run.json                inputs, T5Config, sequence lengths (what `retrieve`/`eval` need to rebuild the model)
   ranked_<split>.jsonl    final ranked outputs of the evaluation split (`avg-jax eval --ranked` format)
   eval_<split>.json       final image-level R@1/5/10 of that split
+  retrieval/              the trained model as a retrieval checkpoint (`avg-jax retrieve --checkpoint`):
+                          HF T5 directory, the identifier table of the evaluation split's images (all images
+                          without an evaluation split), the SentencePiece model
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import gin
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from avg_jax import cli, config
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import make_batch_iterator
 from avg_jax.data.vocab import Vocabulary
+from avg_jax.decoding.retrieve import save_retrieval_checkpoint
 from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.metrics import evaluate_images
@@ -41,6 +46,7 @@ from avg_jax.training.retrieval import TRAIN_TRIE, RetrievalLossConfig, Retrieva
 from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, train_loop
 
 RUN_FILE = "run.json"
+RETRIEVAL_DIR = "retrieval"
 VOKEN_INITS = ("none", "random", "codebook")
 
 
@@ -218,6 +224,10 @@ def train_retrieval(
     result = train_loop(task, iterator, run_path, evaluate=evaluator, constants=constants,
                         initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
+    if not result.preempted:
+        image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
+        export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, result.state.params, model_config,
+                                    table.subset(image_ids), vocab)
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"
         if jax.process_index() == 0:
@@ -230,6 +240,25 @@ def train_retrieval(
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def export_retrieval_checkpoint(out_dir: epath.PathLike, params: Any, config: T5Config, table: IdentifierTable,
+                                vocab: Vocabulary) -> None:
+    """The text-to-identifier model in the retrieval checkpoint layout (process 0 writes; all gather).
+
+    The GRACE image prefix is only used to memorise; queries are text, so its projection is left out."""
+    params = multihost_utils.process_allgather(params, tiled=True)  # host numpy on every process
+    if jax.process_index() != 0:
+        return
+    if str(out_dir).startswith(("gs://", "s3://")):
+        print(f"retrieval checkpoint not exported: {out_dir} is not a local path (the layout's writers are "
+              "local-file only); export from the orbax checkpoint after copying the run", flush=True)
+        return
+    if config.num_image_tokens:
+        params = {**params, "encoder": {k: v for k, v in params["encoder"].items()
+                                        if not k.startswith("image_projection")}}
+        config = config.replace(num_image_tokens=0, image_feature_dim=0)
+    save_retrieval_checkpoint(out_dir, params, config, table, vocab.path)
 
 
 def _finite(d: dict) -> dict:
