@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "avg_jax.data.commands",
     "avg_jax.evaluation.commands",
     "avg_jax.launch",
+    "avg_jax.demo",
 )
 
 
