@@ -16,6 +16,7 @@ Writes OUT/report.md, OUT/metrics.json, OUT/*.png and every stage's operative gi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -47,6 +48,7 @@ from avg_jax.tokenizer.commands import tokenize_corpus
 from avg_jax.training.commands import RUN_FILE, load_vocabulary, train_retrieval
 from avg_jax.training.evaluator import pad_token_rows
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
+from avg_jax.training.retrieval import RetrievalLossConfig
 from avg_jax.training.trainer import CHECKPOINT_DIR
 
 REPORT_FILE = "report.md"
@@ -175,9 +177,11 @@ def run_demo(
                        "num_test_images": len(test_ids), "num_test_queries": int(corpus.query_rows(SPLIT).size),
                        "num_train_queries": int(corpus.query_rows("train").size)},
             "identifiers": {"scheme": table.scheme, "max_len": table.max_len, "num_new_tokens": table.num_new_tokens,
+                            "collision_policy": tokenizer_stats["collision_policy"],
                             "collision_rate_before_policy":
                                 tokenizer_stats["collisions_before_policy"]["collision_rate"]},
-            "t5": {"config": model.config.to_dict(), "num_params": model.num_params, "steps": int(final["step"])},
+            "t5": {"config": model.config.to_dict(), "num_params": model.num_params, "steps": int(final["step"]),
+                   "loss": dataclasses.asdict(RetrievalLossConfig())},
             "avg": avg_metrics, "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
             "examples": examples, "efficiency": efficiency,
         }
@@ -455,11 +459,12 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
         f"{c['num_images']} images, {c['num_train_queries']} training queries; evaluation on the "
         f"{c['num_test_queries']} test queries against the {c['num_test_images']} test images, which no "
         "training query describes.", "",
-        f"- identifiers: {ident['scheme']} vokens, {ident['max_len']} tokens each, {ident['num_new_tokens']} new "
-        f"tokens; collision rate before disambiguation {_pct(ident['collision_rate_before_policy'])}%",
+        f"- identifiers: {ident['scheme']} vokens, up to {ident['max_len']} tokens, {ident['num_new_tokens']} new "
+        f"tokens; {_pct(ident['collision_rate_before_policy'])}% of images collide before the collision policy "
+        f"'{ident['collision_policy']}' is applied",
         f"- T5 from scratch: d_model {cfg['d_model']}, {cfg['num_encoder_layers']}+{cfg['num_decoder_layers']} "
         f"layers, {cfg['num_heads']} heads, vocab {cfg['vocab_size']}, {t5['num_params']:,} parameters, "
-        f"{t5['steps']} steps",
+        f"{t5['steps']} steps: {_loss_description(t5['loss'], t5['steps'])}",
         "- dense baseline: the tokenizer's contrastive projection heads (two towers), exact inner-product search",
         "", "## Retrieval (test split, values in %)", "",
         "| system | " + " | ".join(f"R@{k}" for k in ks) + " | MRR@10 | empty | id-level " +
@@ -518,6 +523,14 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in wall.items()]
     lines += ["", f"Operative gin configs of every stage: `{CONFIG_DIR}/`.", ""]
     return "\n".join(lines)
+
+
+def _loss_description(loss: dict[str, Any], steps: int) -> str:
+    if loss["discriminative_weight"] == 0 or loss["discriminative_start_step"] >= steps:
+        return "generative loss only"
+    start = loss["discriminative_start_step"]
+    return (f"generative loss for {start} steps, then L_gen + {loss['discriminative_weight']:g} L_dis (listwise over "
+            f"the top-{loss['beam_size']} constrained-beam candidates) for {steps - start} steps")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
