@@ -282,14 +282,13 @@ def example_queries(corpus: Corpus, avg: dict[int, list[str]], dense_ranked: dic
     picks = np.random.default_rng([seed, 7]).choice(rows, size=min(num, rows.size), replace=False)
     describe = _image_descriptions(corpus)
     out = []
+    def listing(ids: list[str], relevant: set[str]) -> list[dict[str, Any]]:
+        return [{"image_id": i, "relevant": i in relevant, "caption": describe.get(i, "")} for i in ids[:top_k]]
+
     for j in sorted(int(p) for p in picks):
         relevant = set(corpus.queries[j].image_ids)
-
-        def listing(ids: list[str]) -> list[dict[str, Any]]:
-            return [{"image_id": i, "relevant": i in relevant, "caption": describe.get(i, "")} for i in ids[:top_k]]
-
         out.append({"query_row": j, "query": corpus.queries[j].text, "relevant": sorted(relevant),
-                    "avg": listing(avg[j]), "dense": listing(dense_ranked[j])})
+                    "avg": listing(avg[j], relevant), "dense": listing(dense_ranked[j], relevant)})
     return out
 
 
