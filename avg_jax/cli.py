@@ -14,8 +14,10 @@ from collections.abc import Sequence
 # Modules that register subcommands, in the order they appear in `--help`.
 COMMAND_MODULES = (
     "avg_jax.data.commands",
+    "avg_jax.tokenizer.commands",
     "avg_jax.evaluation.commands",
     "avg_jax.launch",
+    "avg_jax.sweep",
     "avg_jax.demo",
 )
 

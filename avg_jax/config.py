@@ -28,5 +28,17 @@ def write_operative_config(out_dir: str | os.PathLike, name: str = OPERATIVE_CON
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(gin.config_str())
+    path.write_text(gin.operative_config_str())
     return path
+
+
+def path_from_flag_or_macro(value: str | None, macro: str, flag: str) -> str:
+    """`value` when the flag was given, else the gin macro `macro` (experiment configs bind e.g. CORPUS_DIR in
+    their data file); call after `parse_gin`."""
+    if value:
+        return value
+    try:
+        return str(gin.query_parameter(f"%{macro}"))
+    except ValueError:
+        raise ValueError(f"{flag} not given and no gin macro {macro} is bound (an experiment's data file binds "
+                         f"it; or --gin_param \"{macro} = '...'\")") from None

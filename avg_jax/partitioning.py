@@ -17,10 +17,10 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "model")
+from avg_jax.launch import MESH_AXES, make_device_mesh
+
 LogicalRules = tuple[tuple[str, str | None], ...]
 
 # Logical names that every table replicates (sequence positions, per-head dims, small tables).
@@ -54,24 +54,11 @@ def logical_axis_rules(name: str = "model_parallel", overrides: Sequence[tuple[s
     return rules
 
 
-@gin.configurable
 def make_mesh(shape: Sequence[int] = (-1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'model') mesh of `shape` over `devices` (default all); one entry may be -1 (inferred)."""
-    devices = list(jax.devices() if devices is None else devices)
-    shape = [int(s) for s in shape]
+    """A ('data', 'model') mesh of `shape` (one entry may be -1) via `avg_jax.launch.make_device_mesh`."""
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: entries must be positive, with at most one -1")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {len(devices)}")
-    device_array = mesh_utils.create_device_mesh(shape, devices)
-    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {tuple(shape)}")
+    return make_device_mesh(int(shape[0]), int(shape[1]), None if devices is None else list(devices))
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -258,6 +259,8 @@ def main() -> None:
         "query_encoder": encoder,
         "repeats": {str(n): {k: v for k, v in per_size[n].items() if k.endswith("repeats")} for n in sizes},
         "timing": "median wall time per batch after one warm-up batch; q/s = batch / median",
+        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "cpu_count": os.cpu_count(),
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -128,3 +128,40 @@ def test_eval_with_identifier_table(corpus_dir, tiny_corpus, tmp_path, capsys):
     assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", str(tmp_path / "gen.jsonl"),
                      "--identifiers", str(tmp_path / "short"), "--out", str(tmp_path / "m2")]) == 2
     assert "not in the identifier table" in capsys.readouterr().err
+
+
+def test_eval_dense_with_tokenizer_heads(corpus_dir, tiny_corpus, tmp_path):
+    """The tokenizer's trained heads as the two towers; ranking checked against the heads applied in numpy."""
+    from avg_jax.tokenizer.train import load_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    argv = ["tokenize", "--corpus", corpus_dir, "--out", str(tok_dir), "--gin_file", "tokenizer/avg.gin"]
+    for p in ["RQTokenizerConfig.code_dim = 16", "RQTokenizerConfig.codebook_size = 16",
+              "RQTokenizerConfig.num_levels = 2", "RQTokenizerConfig.decoder_hidden_dim = 32",
+              "train_tokenizer.steps = 10", "train_tokenizer.batch_size = 48",
+              "train_tokenizer.contrastive_steps = 60", "tokenize_corpus.sentencepiece_vocab_size = 300"]:
+        argv += ["--gin_param", p]
+    assert cli.main(argv) == 0
+    out = tmp_path / "dense"
+    assert cli.main(["eval-dense", "--corpus", corpus_dir, "--projection", "heads", "--tokenizer", str(tok_dir),
+                     "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())["systems"]["dense-heads-jax"]
+    tok = load_tokenizer(tok_dir)
+    assert tok.config.head_hidden_dim == 0  # linear heads: x @ kernel + bias, then L2-normalised
+
+    def head(x, name):
+        p = tok.params[name]["out"]
+        y = x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    test_images = tiny_corpus.image_rows("test")
+    test_q = tiny_corpus.query_rows("test")
+    sims = head(tiny_corpus.text_features[test_q], "text_head") @ head(
+        tiny_corpus.image_features[test_images], "image_head").T
+    ids = np.array([tiny_corpus.images[i].id for i in test_images])
+    ranked = ids[np.argsort(-sims, axis=1)]
+    first = np.array([np.flatnonzero(np.isin(r, tiny_corpus.queries[q].image_ids))[0] + 1
+                      for r, q in zip(ranked, test_q, strict=True)])
+    for k in (1, 5, 10):
+        assert m[f"recall@{k}"] == pytest.approx(np.mean(first <= k), abs=2 / len(first))
+    assert m["recall@10"] > 10 / len(test_images)  # even briefly trained heads beat chance

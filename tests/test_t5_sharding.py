@@ -74,7 +74,9 @@ def test_rules_and_mesh_validation():
         partitioning.logical_axis_rules("nope")
     with pytest.raises(ValueError, match="unknown mesh axis"):
         partitioning.logical_axis_rules("fsdp", overrides=[("batch", "replica")])
-    with pytest.raises(ValueError, match="needs"):
+    with pytest.raises(ValueError, match="entries"):
+        partitioning.make_mesh((1, 1, 1))
+    with pytest.raises(ValueError, match="devices"):
         partitioning.make_mesh((jax.device_count() + 1, 1))
     mesh = partitioning.make_mesh((-1, 1))
     assert mesh.shape == {"data": jax.device_count(), "model": 1}

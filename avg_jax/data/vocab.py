@@ -58,6 +58,10 @@ class Vocabulary:
             raise ValueError(f"new token index {j} out of range [0, {self.num_new})")
         return self.text_size + j
 
+    def piece_id(self, piece: str) -> int:
+        """Id of one SentencePiece piece (UNK_ID when the model has no such piece)."""
+        return int(self._sp.piece_to_id(piece))
+
     def encode(self, text: str, add_eos: bool = True) -> list[int]:
         ids = self._sp.encode(text)
         return [*ids, EOS_ID] if add_eos else ids
@@ -89,7 +93,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, hard_vocab_limit=False,
-        seed_sentencepiece_size=seed_sentencepiece_size, minloglevel=2, random_seed=0,
+        seed_sentencepiece_size=seed_sentencepiece_size, minloglevel=2,
         num_threads=1,
     )
     path = Path(f"{model_prefix}.model")

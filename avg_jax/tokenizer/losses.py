@@ -53,10 +53,17 @@ def tokenizer_losses(
     return {"total": total, "recon": recon, "commit": commit, "codebook": codebook, "align": align}
 
 
-def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> jax.Array:
-    """Symmetric InfoNCE over a batch of matching (image, caption) pairs, both [batch, dim] normalised."""
+def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature: float, valid: jax.Array | None = None,
+             ) -> jax.Array:
+    """Symmetric InfoNCE over matching (image, caption) pairs [batch, dim]; `valid` [batch] drops pairs."""
     logits = jnp.dot(image_emb, text_emb.T) / temperature  # [batch, batch]
-    labels = jnp.arange(logits.shape[0])
-    i2t = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[labels, labels])
-    t2i = -jnp.mean(jax.nn.log_softmax(logits, axis=0)[labels, labels])
-    return 0.5 * (i2t + t2i)
+    if valid is None:
+        valid = jnp.ones(logits.shape[0], bool)
+    valid = valid.astype(bool)
+    pair = valid[:, None] & valid[None, :]
+    logits = jnp.where(pair, logits, -1e9)
+    diag = jnp.diagonal(logits)
+    i2t = jax.nn.logsumexp(logits, axis=1) - diag
+    t2i = jax.nn.logsumexp(logits, axis=0) - diag
+    w = valid.astype(logits.dtype)
+    return 0.5 * jnp.sum((i2t + t2i) * w) / jnp.maximum(jnp.sum(w), 1.0)

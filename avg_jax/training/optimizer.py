@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import gin
 import optax
 
@@ -39,6 +42,19 @@ def learning_rate_schedule(
         return after
     warmup = optax.linear_schedule(0.0, peak_value, warmup_steps)
     return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+@gin.configurable
+def staged_learning_rate(values: Sequence[float] = gin.REQUIRED, boundaries: Sequence[int] = ()) -> optax.Schedule:
+    """values[0] before boundaries[0], values[i] from boundaries[i-1] on: a constant rate per training stage
+    (AVG: 1e-3 for the generative stage, 1e-4 once the discriminative loss starts)."""
+    values, boundaries = [float(v) for v in values], [int(b) for b in boundaries]
+    if len(values) != len(boundaries) + 1:
+        raise ValueError(f"staged_learning_rate: {len(values)} values need {len(values) - 1} boundaries, got "
+                         f"{len(boundaries)} ({boundaries})")
+    if any(b <= 0 for b in boundaries) or any(b2 <= b1 for b1, b2 in itertools.pairwise(boundaries)):
+        raise ValueError(f"staged_learning_rate.boundaries must be positive and increasing, got {boundaries}")
+    return optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries)
 
 
 @gin.configurable

@@ -1,0 +1,404 @@
+"""`avg-jax sweep`: run the experiments of one paper table and lay their metrics out like the paper's table.
+
+A table is a list of rows (label, experiment gin files, the paper's R@1/5/10). Each row runs the stages'
+library functions in this process, sequentially: `tokenize_corpus` (identifier table), `train_retrieval`
+(training + final constrained-beam evaluation), then image- and identifier-level metrics into the row's
+`metrics.json`. Rows whose tokenizer bindings are identical share one identifier table, and rows that differ
+only in evaluation settings (beam size) share one trained run, so e.g. Table 7 trains once. Output layout:
+
+  OUT/identifiers/<key>/      identifier tables (avg-jax tokenize --out), shared by rows
+  OUT/runs/<key>/             training runs (avg-jax train --run_dir), shared by rows
+  OUT/<table>/<row>/          metrics.json, ranked_<split>.jsonl, operative_config.gin, row.json (or error.txt)
+  OUT/<table>/table.md        the aggregated table; table.json the same numbers
+
+On a TPU pod each row is its own job: `--dry_run` prints every row's gin files and directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import numpy as np
+
+from avg_jax import cli, config
+
+METRICS_FILE = "metrics.json"
+ROW_FILE = "row.json"
+ERROR_FILE = "error.txt"
+TABLE_MD = "table.md"
+TABLE_JSON = "table.json"
+PAPER_KS = (1, 5, 10)
+# Bindings of the tokenizer stage: rows agreeing on these (and on the corpus) share an identifier table.
+TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerConfig", "TokenizerLossWeights",
+                           "grace_semantic_identifiers", "grace_structured_identifiers")
+# Parameters read only by the final evaluation: rows differing only in these share one trained run.
+EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
+                    "train_retrieval.eval_max_queries")
+DATASETS = ("flickr30k", "coco")
+
+Paper = tuple[float | None, float | None, float | None]  # R@1, R@5, R@10 in %, None where the paper has "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+    label: str
+    gin_files: tuple[str, ...]
+    paper: Paper | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTable:
+    name: str
+    title: str  # the paper's caption, shortened
+    row_header: str  # first column, as in the paper ("Method", "Codebook Size", ...)
+    dataset: str  # the paper's numbers are shown beside ours when the corpus is this dataset
+    rows: tuple[SweepRow, ...]
+
+
+def _row(label: str, gin_file: str, paper: Paper | None = None) -> SweepRow:
+    return SweepRow(label, (gin_file,), paper)
+
+
+_AVG = "experiments/avg/flickr30k_"
+_AVG_REF = _AVG + "table3_full.gin"  # AVG at N = 1024, M = 4, T5-base, beam 10: the ablation tables' AVG row
+_GRACE_NAMES = {"numeric": "Numeric Id", "string": "String Id", "semantic": "Semantic Id",
+                "structured": "Structured Id", "atomic": "Atomic Id"}
+# Paper numbers: AVG paper Tables 1, 3-7; GRACE paper Tables 1-2 (../shared/papers/*.md).
+_GRACE_F30K = {"numeric": (22.5, 28.9, 29.4), "string": (30.5, 39.0, 40.4), "semantic": (22.9, 34.9, 37.4),
+               "structured": (37.4, 59.5, 66.2), "atomic": (68.4, 88.9, 93.7)}
+_GRACE_COCO = {"numeric": (0.03, 0.14, 0.28), "string": (0.12, 0.37, 0.88), "semantic": (13.3, 30.4, 35.9),
+               "structured": (16.7, 39.2, 50.3), "atomic": (41.5, 69.1, 79.1)}
+_GRACE_NO_MEMORIZE = {"numeric": (18.2, 24.3, 24.9), "string": (26.1, 33.3, 34.6),
+                      "semantic": (19.3, 31.2, 34.3), "structured": (36.5, 61.1, 68.2)}
+
+
+def _grace_rows(dataset: str, numbers: dict[str, Paper], schemes: Sequence[str]) -> tuple[SweepRow, ...]:
+    return tuple(_row(f"GRACE ({_GRACE_NAMES[s]})", f"experiments/grace/{dataset}_{s}.gin", numbers[s])
+                 for s in schemes)
+
+
+TABLES: dict[str, SweepTable] = {t.name: t for t in (
+    SweepTable("avg_table1", "AVG Table 1: generative cross-modal retrieval on Flickr30K", "Method", "flickr30k",
+               (*_grace_rows("flickr30k", _GRACE_F30K, ("numeric", "string", "semantic", "structured")),
+                _row("IRGen", _AVG + "irgen.gin", (49.0, 68.9, 72.5)),
+                _row("AVG", _AVG + "main.gin", (62.8, 85.4, 91.2)))),
+    SweepTable("avg_table1_coco", "AVG Table 1: generative cross-modal retrieval on MS-COCO (5K)", "Method",
+               "coco",
+               (*_grace_rows("coco", _GRACE_COCO, ("numeric", "string", "semantic", "structured")),
+                _row("IRGen", "experiments/avg/coco_irgen.gin", (29.6, 50.7, 56.3)),
+                _row("AVG", "experiments/avg/coco_main.gin", (31.3, 58.0, 66.5)))),
+    SweepTable("avg_table3", "AVG Table 3: ablation study on key components of AVG (Flickr30K)", "Method",
+               "flickr30k",
+               (_row("AVG", _AVG_REF, (62.3, 83.5, 86.6)),
+                _row("w/o cross-modal alignment", _AVG + "table3_no_alignment.gin", (56.8, 76.5, 79.2)),
+                _row("w/o discriminative loss", _AVG + "table3_no_discriminative.gin", (60.1, 81.9, 85.0)))),
+    SweepTable("avg_table4", "AVG Table 4: performance versus the codebook size N on Flickr30K", "Codebook Size",
+               "flickr30k",
+               (_row("256", _AVG + "table4_n256.gin", (60.8, 82.0, 84.8)),
+                _row("512", _AVG + "table4_n512.gin", (61.1, 82.8, 86.1)),
+                _row("1,024", _AVG_REF, (62.3, 83.5, 86.6)),
+                _row("2,048", _AVG + "table4_n2048.gin", (61.2, 83.0, 86.0)))),
+    SweepTable("avg_table5", "AVG Table 5: performance versus the voken length M on Flickr30K", "Voken Length",
+               "flickr30k",
+               (_row("2", _AVG + "table5_m2.gin", (45.7, 73.1, 80.6)),
+                _row("4", _AVG_REF, (62.3, 83.5, 86.6)),
+                _row("6", _AVG + "table5_m6.gin", (63.2, 84.0, 86.7)),
+                _row("8", _AVG + "table5_m8.gin", (62.1, 82.6, 85.2)),
+                _row("10", _AVG + "table5_m10.gin", (64.1, 84.2, 87.1)))),
+    SweepTable("avg_table6", "AVG Table 6: autoregressive model backbones on Flickr30K (full fine-tuning)",
+               "Backbone", "flickr30k",
+               (_row("T5-small", _AVG + "table6_t5_small.gin"),
+                _row("T5-base", _AVG_REF, (62.3, 83.5, 86.6)),
+                _row("T5-large", _AVG + "table6_t5_large.gin", (64.0, 84.5, 87.6)),
+                _row("T5-XL", _AVG + "table6_t5_xl.gin", (64.6, 84.9, 88.0)))),
+    SweepTable("avg_table7", "AVG Table 7: performance of AVG versus the beam size (Flickr30K)", "Beam Size",
+               "flickr30k",
+               (_row("1", _AVG + "table7_beam1.gin", (44.2, None, None)),
+                _row("5", _AVG + "table7_beam5.gin", (60.6, 78.1, None)),
+                _row("10", _AVG_REF, (62.3, 83.5, 86.6)),
+                _row("20", _AVG + "table7_beam20.gin", (62.7, 85.1, 90.2)),
+                _row("30", _AVG + "table7_beam30.gin", (62.7, 85.5, 91.1)),
+                _row("40", _AVG + "table7_beam40.gin", (62.8, 85.4, 91.2)),
+                _row("50", _AVG + "table7_beam50.gin", (62.8, 85.4, 91.1)))),
+    SweepTable("grace_table1", "GRACE Table 1: text-to-image retrieval on Flickr30K", "Identifier", "flickr30k",
+               _grace_rows("flickr30k", _GRACE_F30K, tuple(_GRACE_NAMES))),
+    SweepTable("grace_table1_coco", "GRACE Table 1: text-to-image retrieval on MS-COCO (5K)", "Identifier", "coco",
+               _grace_rows("coco", _GRACE_COCO, tuple(_GRACE_NAMES))),
+    SweepTable("grace_table2", "GRACE Table 2: ablation study (Flickr30K)", "Identifier", "flickr30k",
+               tuple(r for s in ("numeric", "string", "semantic", "structured") for r in (
+                   _row(f"{_GRACE_NAMES[s]}", f"experiments/grace/flickr30k_{s}.gin", _GRACE_F30K[s]),
+                   _row(f"{_GRACE_NAMES[s]} w/o learning to memorize",
+                        f"experiments/grace/flickr30k_{s}_no_memorize.gin", _GRACE_NO_MEMORIZE[s])))),
+)}
+
+
+def experiment_files() -> list[str]:
+    """Every experiment gin file some table runs (relative to gin_configs/), sorted."""
+    return sorted({f for t in TABLES.values() for r in t.rows for f in r.gin_files})
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "row"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def tokenizer_key(corpus_dir: str) -> str:
+    """Digest of the parsed config's tokenizer-stage bindings (macros resolved) and the corpus directory."""
+    bindings = {name: gin.get_bindings(name) for name in TOKENIZER_CONFIGURABLES}
+    return _digest(json.dumps({"corpus": str(Path(corpus_dir).resolve()), "bindings": bindings}, sort_keys=True,
+                              default=repr))
+
+
+def training_key(tok_key: str) -> str:
+    """Digest of the whole parsed config without the evaluation-only parameters, and of the identifier table."""
+    eval_only = re.compile(r"^(" + "|".join(re.escape(p) for p in EVAL_ONLY_PARAMS) + r")\s*=")
+    lines = [line for line in gin.config_str().splitlines() if not eval_only.match(line)]
+    return _digest(tok_key + "\n" + "\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """Where one row's stages read and write, resolved from its parsed gin config."""
+
+    table: str
+    row: SweepRow
+    gin_files: tuple[str, ...]
+    gin_params: tuple[str, ...]
+    corpus_dir: str
+    identifiers_dir: Path
+    run_dir: Path
+    row_dir: Path
+    config_digest: str
+
+
+def parse_row(table: SweepTable, row: SweepRow, out_dir: str | Path, corpus_dir: str | None = None,
+              gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> RowPlan:
+    """Parse the row's gin files (then `gin_files`, `gin_params` and the corpus override) and plan its dirs."""
+    params = list(gin_params) + ([f"CORPUS_DIR = {str(corpus_dir)!r}"] if corpus_dir else [])
+    files = (*row.gin_files, *gin_files)
+    config.parse_gin(files, params)
+    corpus = config.path_from_flag_or_macro(None, "CORPUS_DIR", f"{table.name} row {row.label!r}: --corpus")
+    tok = tokenizer_key(corpus)
+    out = Path(out_dir)
+    return RowPlan(table=table.name, row=row, gin_files=files, gin_params=tuple(params), corpus_dir=corpus,
+                   identifiers_dir=out / "identifiers" / tok, run_dir=out / "runs" / training_key(tok),
+                   row_dir=out / table.name / _slug(row.label), config_digest=_digest(gin.config_str()))
+
+
+def run_row(plan: RowPlan) -> dict[str, float]:
+    """Tokenize (unless the table exists), train (resumes; a finished run only re-evaluates) and score one row.
+
+    Expects the row's gin config to be parsed (`parse_row`). Returns the image-level metrics.
+    """
+    from avg_jax.data.corpus import Corpus
+    from avg_jax.evaluation import commands as evaluation
+    from avg_jax.identifiers.table import IdentifierTable
+    from avg_jax.tokenizer.commands import tokenize_corpus
+    from avg_jax.training.commands import train_retrieval  # the trainer; imported here so tables load without it
+
+    if not Path(plan.corpus_dir).exists():
+        raise FileNotFoundError(f"corpus directory {plan.corpus_dir} (CORPUS_DIR of {list(plan.gin_files)}) does "
+                                "not exist; build it as the data gin file says, or pass --corpus DIR")
+    if not (plan.identifiers_dir / "identifiers.json").exists():
+        tokenize_corpus(plan.corpus_dir, str(plan.identifiers_dir))
+        config.write_operative_config(plan.identifiers_dir)
+    result = train_retrieval(plan.corpus_dir, str(plan.identifiers_dir), str(plan.run_dir))
+    if result.get("preempted"):
+        raise RuntimeError(f"training of {plan.run_dir} was stopped (SIGTERM) at step {result['step']}; rerun "
+                           "the sweep to resume it")
+    split = result.get("split")
+    if split is None:
+        raise ValueError(f"{plan.table} row {plan.row.label!r}: train_retrieval.eval_split is None, nothing to "
+                         "score")
+    ranked = plan.run_dir / f"ranked_{split}.jsonl"
+    corpus = Corpus.load(plan.corpus_dir)
+    table = IdentifierTable.load(plan.identifiers_dir)
+    split_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
+    outputs = evaluation.read_ranked_jsonl(ranked, corpus, split)
+    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups())
+    plan.row_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ranked, plan.row_dir / ranked.name)
+    evaluation.write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
+    config.write_operative_config(plan.row_dir)
+    (plan.row_dir / ROW_FILE).write_text(json.dumps(_row_record(plan), indent=2) + "\n")
+    return scores
+
+
+def _row_record(plan: RowPlan) -> dict[str, Any]:
+    return {"table": plan.table, "label": plan.row.label, "gin_files": list(plan.gin_files),
+            "gin_params": list(plan.gin_params), "corpus": plan.corpus_dir,
+            "identifiers": str(plan.identifiers_dir), "run_dir": str(plan.run_dir),
+            "config_digest": plan.config_digest}
+
+
+def is_done(plan: RowPlan) -> bool:
+    """The row's metrics exist and were made by exactly this config."""
+    record = plan.row_dir / ROW_FILE
+    if not (plan.row_dir / METRICS_FILE).exists() or not record.exists():
+        return False
+    return json.loads(record.read_text()).get("config_digest") == plan.config_digest
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+
+def _dataset_of(metrics: dict[str, Any]) -> str | None:
+    """'flickr30k' / 'coco' when metrics.json's corpus is (a real copy of) that dataset, else None."""
+    if metrics.get("synthetic"):
+        return None
+    name = re.sub(r"[^a-z0-9]", "", str(metrics.get("corpus_name", "")).lower())
+    return next((d for d in DATASETS if d in name), None)
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.{digits}f}"
+
+
+def _paper(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """The markdown table (ours R@1/5/10 and MRR@10 in %, the paper's R@1/5/10 beside them when the corpus is
+    the paper's dataset) and the same numbers as a dict, from each row's metrics.json under OUT/<table>/."""
+    root = Path(out_dir) / table.name
+    rows, datasets, notes = [], set(), []
+    for row in table.rows:
+        row_dir = root / _slug(row.label)
+        entry: dict[str, Any] = {"label": row.label, "gin_files": list(row.gin_files),
+                                 "paper": None if row.paper is None else dict(zip(
+                                     [f"recall@{k}" for k in PAPER_KS], row.paper, strict=True))}
+        path = row_dir / METRICS_FILE
+        if path.exists():
+            metrics = json.loads(path.read_text())
+            systems = metrics.get("systems", {})
+            if len(systems) != 1:
+                raise ValueError(f"{path}: expected one system under 'systems', got {sorted(systems)}")
+            entry.update(status="done", metrics=next(iter(systems.values())), split=metrics.get("split"),
+                         corpus_name=metrics.get("corpus_name"), synthetic=bool(metrics.get("synthetic")))
+            datasets.add(_dataset_of(metrics))
+        elif (row_dir / ERROR_FILE).exists():
+            entry.update(status="failed", error=(row_dir / ERROR_FILE).read_text().strip().splitlines()[-1])
+        else:
+            entry["status"] = "not run"
+        rows.append(entry)
+    corpora = {r["corpus_name"] for r in rows if r["status"] == "done"}
+    if len(corpora) > 1:
+        raise ValueError(f"{root}: rows were run on different corpora {sorted(corpora)}; one table, one corpus")
+    show_paper = datasets == {table.dataset}
+    header = [table.row_header, "R@1", "R@5", "R@10", "MRR@10", "id R@10", "collisions"]
+    if show_paper:
+        header += ["paper R@1", "paper R@5", "paper R@10"]
+    lines = [f"## {table.title}", ""]
+    if corpora:
+        corpus = next(iter(corpora))
+        synthetic = any(r.get("synthetic") for r in rows if r["status"] == "done")
+        lines.append(f"Ours on corpus `{corpus}`{' (SYNTHETIC)' if synthetic else ''}, split "
+                     f"`{next(r['split'] for r in rows if r['status'] == 'done')}`, image-level recall in %.")
+        if not show_paper:
+            notes.append(f"Paper numbers ({table.dataset}) are not shown: this corpus is not that dataset.")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if r["status"] == "done":
+            m = r["metrics"]
+            cells = [_pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
+                _pct(m.get("mrr@10")), _pct(m.get("identifier_recall@10")), _pct(m.get("collision_rate"), 2)]
+        else:
+            cells = [r["status"]] + [""] * 5
+            if r["status"] == "failed":
+                notes.append(f"{r['label']}: {r['error']}")
+        if show_paper:
+            cells += [_paper(v) for v in (r["paper"] or {}).values()] or ["-"] * 3
+        lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines).rstrip() + "\n", {"table": table.name, "title": table.title, "rows": rows,
+                                               "paper_shown": show_paper}
+
+
+def write_table(table: SweepTable, out_dir: str | Path) -> Path:
+    """Aggregate and write OUT/<table>/table.md and table.json; returns the markdown path."""
+    markdown, data = aggregate(table, out_dir)
+    root = Path(out_dir) / table.name
+    root.mkdir(parents=True, exist_ok=True)
+    (root / TABLE_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    path = root / TABLE_MD
+    path.write_text(markdown)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="run the experiments of a paper table and aggregate a markdown table")
+    p.add_argument("--table", help=f"one of {sorted(TABLES)}")
+    p.add_argument("--list", action="store_true", help="list the tables and their rows")
+    p.add_argument("--corpus", help="corpus directory for every row (default: each row's CORPUS_DIR macro)")
+    p.add_argument("--out", default="sweeps", help="output directory (default: sweeps)")
+    p.add_argument("--dry_run", action="store_true", help="print what would run, where, and what is reused")
+    p.add_argument("--aggregate_only", action="store_true", help="only rebuild table.md from existing rows")
+    cli.add_gin_flags(p)  # applied to every row after its own gin files (e.g. a mesh, smaller steps)
+    p.set_defaults(func=run)
+
+
+def get_table(name: str | None) -> SweepTable:
+    if name not in TABLES:
+        raise ValueError(f"--table must be one of {sorted(TABLES)}, got {name!r}")
+    return TABLES[name]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for t in TABLES.values():
+            print(f"{t.name}: {t.title}")
+            for r in t.rows:
+                print(f"  {r.label:<45} {' '.join(r.gin_files)}")
+        return 0
+    table = get_table(args.table)
+    if args.aggregate_only:
+        print(write_table(table, args.out).read_text(), end="")
+        return 0
+    failed = 0
+    for i, row in enumerate(table.rows, start=1):
+        plan = parse_row(table, row, args.out, args.corpus, args.gin_file, args.gin_param)
+        head = f"[{i}/{len(table.rows)}] {table.name} / {row.label}"
+        if args.dry_run:
+            tokenized = (plan.identifiers_dir / "identifiers.json").exists()
+            print(f"{head}\n  gin files:   {' '.join(plan.gin_files)}\n  gin params:  {list(plan.gin_params)}\n"
+                  f"  corpus:      {plan.corpus_dir}\n"
+                  f"  identifiers: {plan.identifiers_dir}{' (exists)' if tokenized else ''}\n"
+                  f"  run dir:     {plan.run_dir}\n  metrics:     {plan.row_dir / METRICS_FILE}"
+                  f"{' (done)' if is_done(plan) else ''}")
+            continue
+        if is_done(plan):
+            print(f"{head}: done already ({plan.row_dir})")
+            continue
+        print(f"{head}: {' '.join(plan.gin_files)}", flush=True)
+        (plan.row_dir / ERROR_FILE).unlink(missing_ok=True)
+        try:
+            scores = run_row(plan)
+        except Exception as e:  # one failed row must not lose the others; the table names it, error.txt has all
+            failed += 1
+            plan.row_dir.mkdir(parents=True, exist_ok=True)
+            summary = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"  # the table's note
+            (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
+            print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
+            continue
+        print(f"{head}: " + " ".join(f"R@{k}={100 * scores[f'recall@{k}']:.1f}" for k in PAPER_KS), flush=True)
+    if args.dry_run:
+        return 0
+    path = write_table(table, args.out)
+    print(path.read_text(), end="")
+    print(f"wrote {path}")
+    return 1 if failed else 0

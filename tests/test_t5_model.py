@@ -1,0 +1,145 @@
+"""T5 configs, dtype, dropout, remat, image prefix, decode errors and orbax checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avg_jax.config import GIN_CONFIG_DIR, parse_gin
+from avg_jax.t5.checkpoint import restore_t5_checkpoint, save_t5_checkpoint
+from avg_jax.t5.configs import T5Config, named_t5_config
+from avg_jax.t5.model import T5, encoder_input_mask, init_decode_cache, init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _ids(seed=0, batch=2, length=10, vocab=256):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab, (batch, length))
+    ids[0, length // 2:] = 0
+    return jnp.asarray(ids, jnp.int32)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+@pytest.mark.parametrize("size", ["small", "base", "xl"])
+def test_named_configs_match_hf_parameter_counts(size, version):
+    """Parameter count of each published size equals HF's (built on the meta device, no memory)."""
+    config = named_t5_config(size, version)
+    hf_config = transformers.T5Config(
+        vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv, d_ff=config.d_ff,
+        num_layers=config.num_encoder_layers, num_decoder_layers=config.num_decoder_layers,
+        num_heads=config.num_heads, feed_forward_proj=config.feed_forward)
+    with torch.device("meta"):
+        hf_model = transformers.T5ForConditionalGeneration(hf_config)
+    expected = sum(p.numel() for p in hf_model.parameters())
+    if not config.tie_word_embeddings:  # transformers 5 ties lm_head unless the checkpoint holds its own
+        expected += config.vocab_size * config.d_model
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract)) == expected
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large", "xl"])
+def test_gin_files_bind_the_named_configs(size):
+    parse_gin([str(GIN_CONFIG_DIR / "models" / f"t5_{size}.gin")])
+    assert T5Config() == named_t5_config(size, "1.0")
+    parse_gin([str(GIN_CONFIG_DIR / "models" / f"t5_1_1_{size}.gin")])
+    assert T5Config() == named_t5_config(size, "1.1")
+    parse_gin([])
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="feed_forward"):
+        T5Config(feed_forward="swiglu")
+    with pytest.raises(ValueError, match="image_feature_dim"):
+        T5Config(num_image_tokens=2)
+    with pytest.raises(ValueError, match="unknown T5Config fields"):
+        T5Config.from_dict({"d_model": 8, "nope": 1})
+    with pytest.raises(ValueError, match="size"):
+        named_t5_config("huge")
+
+
+def test_bfloat16_compute_tracks_float32():
+    config = named_t5_config("tiny", "1.1")
+    params = init_params(config, jax.random.key(0))
+    ids, dec = _ids(), _ids(1, length=6)
+    ref = jax.jit(T5(config).apply)({"params": params}, ids, dec)
+    low = jax.jit(T5(config.replace(dtype="bfloat16")).apply)({"params": params}, ids, dec)
+    assert low.dtype == jnp.float32
+    rel = np.linalg.norm(np.asarray(low - ref)) / np.linalg.norm(np.asarray(ref))
+    assert rel < 0.05
+    assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    config = named_t5_config("tiny", "1.0", dropout_rate=0.3)
+    params = init_params(config, jax.random.key(0))
+    ids, dec = _ids(), _ids(1, length=6)
+    apply = jax.jit(T5(config).apply, static_argnames="deterministic")
+    a = apply({"params": params}, ids, dec, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    b = apply({"params": params}, ids, dec, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    c = apply({"params": params}, ids, dec)
+    d = apply({"params": params}, ids, dec)
+    assert not np.allclose(a, b) and not np.allclose(a, c)
+    np.testing.assert_array_equal(c, d)
+
+
+def test_remat_gives_the_same_loss_and_grads():
+    config = named_t5_config("tiny", "1.1")
+    params = init_params(config, jax.random.key(0))
+    ids, dec = _ids(), _ids(1, length=6)
+
+    def loss(cfg):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(T5(cfg).apply({"params": p}, ids, dec) ** 2)))(params)
+
+    (l0, g0), (l1, g1) = loss(config), loss(config.replace(remat=True))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_image_prefix_soft_tokens():
+    config = named_t5_config("tiny", "1.0", num_image_tokens=3, image_feature_dim=12)
+    params = init_params(config, jax.random.key(0))
+    assert params["encoder"]["image_projection_kernel"].shape == (12, 3, config.d_model)
+    model = T5(config)
+    apply = jax.jit(model.apply, static_argnames="method")
+    features = jax.random.normal(jax.random.key(1), (2, 12))
+    ids = jnp.zeros((2, 4), jnp.int32)  # text fully padded: the image alone conditions the decoder
+    encoded = apply({"params": params}, ids, features, method=T5.encode)
+    assert encoded.shape == (2, 3 + 4, config.d_model)
+    mask = encoder_input_mask(ids, config.num_image_tokens)
+    assert mask.shape == (2, 7) and bool(mask[:, :3].all()) and not bool(mask[:, 3:].any())
+    dec = _ids(1, length=5)
+    logits = apply({"params": params}, ids, dec, features)
+    np.testing.assert_allclose(logits, apply({"params": params}, encoded, mask, dec, method=T5.decode), atol=1e-5)
+    other = apply({"params": params}, ids, dec, features[::-1])
+    assert not np.allclose(logits[0], other[0])
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, ids, dec, features) ** 2)))(params)
+    assert float(jnp.abs(grads["encoder"]["image_projection_kernel"]).sum()) > 0
+    with pytest.raises(ValueError, match="image_features"):
+        T5(named_t5_config("tiny")).apply({"params": init_params(named_t5_config("tiny"), jax.random.key(0))},
+                                          ids, features, method=T5.encode)
+
+
+def test_decode_step_rejects_more_than_one_token():
+    config = named_t5_config("tiny", "1.0")
+    params = init_params(config, jax.random.key(0))
+    model, ids = T5(config), _ids()
+    encoded = model.apply({"params": params}, ids, method=T5.encode)
+    cache = init_decode_cache(model, params, encoded, encoder_input_mask(ids), 4)
+    with pytest.raises(ValueError, match="one token per step"):
+        model.apply({"params": params, "cache": cache}, None, encoder_input_mask(ids), jnp.zeros((2, 2), jnp.int32),
+                    decode=True, method=T5.decode, mutable=["cache"])
+
+
+def test_orbax_checkpoint_round_trip(tmp_path):
+    config = named_t5_config("tiny", "1.1")
+    params = init_params(config, jax.random.key(3))
+    save_t5_checkpoint(tmp_path / "ckpt", params, config)
+    with pytest.raises(FileExistsError):
+        save_t5_checkpoint(tmp_path / "ckpt", params, config)
+    restored, restored_config = restore_t5_checkpoint(tmp_path / "ckpt")
+    assert restored_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
+    with pytest.raises(FileNotFoundError, match="t5_config"):
+        restore_t5_checkpoint(tmp_path / "missing")

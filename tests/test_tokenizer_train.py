@@ -1,0 +1,112 @@
+"""Tokenizer training: k-means init, dead-code re-seeding, sharded == single device, checkpoint round trip."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avg_jax.tokenizer.model import RQTokenizerConfig
+from avg_jax.tokenizer.quantizer import RQCodes
+from avg_jax.tokenizer.train import (
+    TokenizerData,
+    _reseed_dead_codes,
+    encode_images,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+SMALL = RQTokenizerConfig(code_dim=16, codebook_size=32, num_levels=2, decoder_hidden_dim=32)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_corpus):
+    return TokenizerData.from_corpus(tiny_corpus, "train")
+
+
+def test_data_from_corpus_uses_only_train_captions(tiny_corpus, data):
+    train_ids = {im.id for im in tiny_corpus.images if im.split == "train"}
+    assert data.num_images == len(train_ids)
+    for j in data.caption_rows[data.caption_rows >= 0]:
+        q = tiny_corpus.queries[j]
+        assert q.split == "train" and set(q.image_ids) <= train_ids
+    b = data.batch(np.arange(4))
+    assert b["text"].shape == (4, data.caption_rows.shape[1], 48) and b["text_mask"].shape == (4, 5)
+
+
+def test_kmeans_init_beats_random_init(tiny_corpus, data):
+    errors = {}
+    for init in ("kmeans", "random"):
+        tok = train_tokenizer(data, SMALL, steps=60, batch_size=60, contrastive_steps=30, codebook_init=init,
+                              reseed_every=0, num_devices=1, log_every=60)
+        enc = encode_images(tok, data.image_features)
+        errors[init] = float(enc.quantization_error.mean())
+        errors[init + "_recon"] = tok.history[-1]["recon"]
+    assert errors["kmeans"] < 0.8 * errors["random"], errors
+    assert errors["kmeans_recon"] < errors["random_recon"], errors
+
+
+def test_reseed_replaces_dead_codes_with_worst_served_residuals():
+    rng = np.random.default_rng(0)
+    b, m, d, n = 6, 2, 3, 5
+    residuals = rng.standard_normal((b, m, d)).astype(np.float32)
+    errors = rng.random((b, m)).astype(np.float32)
+    books = rng.standard_normal((m, n, d)).astype(np.float32)  # per-level codebooks
+    counts = np.array([[3, 0, 5, 0, 1], [0, 2, 2, 2, 2]], np.float32)
+    rq = RQCodes(codes=jnp.zeros((b, m), jnp.int32), residuals=jnp.asarray(residuals),
+                 partial_sums=jnp.zeros((b, m, d)), errors=jnp.asarray(errors))
+    new, num_dead = _reseed_dead_codes(jnp.asarray(books), jnp.asarray(counts), rq, threshold=1.0)
+    new = np.asarray(new)
+    assert int(num_dead) == 3
+    for level in range(m):
+        worst = np.argsort(-errors[:, level], kind="stable")  # samples, worst served first
+        dead = np.flatnonzero(counts[level] < 1)
+        for rank, code in enumerate(dead):
+            np.testing.assert_allclose(new[level, code], residuals[worst[rank], level])
+        alive = np.flatnonzero(counts[level] >= 1)
+        np.testing.assert_array_equal(new[level, alive], books[level, alive])
+
+
+def test_dead_codes_get_used_after_reseeding(data):
+    # A random codebook far too large for the data: most vokens start dead.
+    cfg = dataclasses.replace(SMALL, codebook_size=128)
+    tok = train_tokenizer(data, cfg, steps=40, batch_size=60, contrastive_steps=0, codebook_init="random",
+                          reseed_every=10, num_devices=1, log_every=10)
+    assert sum(h.get("reseeded", 0) for h in tok.history) > 0
+    enc = encode_images(tok, data.image_features)
+    tok0 = train_tokenizer(data, cfg, steps=40, batch_size=60, contrastive_steps=0, codebook_init="random",
+                           reseed_every=0, num_devices=1, log_every=40)
+    enc0 = encode_images(tok0, data.image_features)
+    assert np.unique(enc.codes[:, 0]).size > np.unique(enc0.codes[:, 0]).size
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_sharded_training_equals_single_device(data):
+    kwargs = dict(steps=12, batch_size=64, contrastive_steps=6, reseed_every=5, log_every=1, seed=3)
+    one = train_tokenizer(data, SMALL, num_devices=1, **kwargs)
+    eight = train_tokenizer(data, SMALL, num_devices=8, **kwargs)
+    assert len(one.history) == len(eight.history) == 18
+    for a, b in zip(one.history, eight.history, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-5), (a["step"], k)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-4), one.params, eight.params)
+
+
+def test_checkpoint_round_trip(tmp_path, data):
+    tok = train_tokenizer(data, SMALL, steps=5, batch_size=60, contrastive_steps=5, num_devices=1)
+    back = load_tokenizer(save_tokenizer(tok, tmp_path / "tok"))
+    assert back.config == tok.config and back.loss_weights == tok.loss_weights
+    jax.tree.map(np.testing.assert_array_equal, back.params, tok.params)
+    np.testing.assert_array_equal(np.load(tmp_path / "tok" / "codebook.npy"), tok.params["codebooks"])
+    a, b = encode_images(tok, data.image_features), encode_images(back, data.image_features, chunk=64)
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def test_bad_settings_are_named(data):
+    with pytest.raises(ValueError, match="codebook_init"):
+        train_tokenizer(data, SMALL, steps=1, codebook_init="zeros", num_devices=1)
+    with pytest.raises(ValueError, match="batch_size 100000"):
+        train_tokenizer(data, SMALL, steps=1, batch_size=100000, num_devices=1)
