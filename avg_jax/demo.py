@@ -38,6 +38,7 @@ from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.data.synthetic import make_synthetic_corpus
 from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
+from avg_jax.decoding.retrieve import Retriever, save_retrieval_checkpoint
 from avg_jax.decoding.t5_decode import identifier_window, make_t5_searcher
 from avg_jax.decoding.trie import Trie, build_trie
 from avg_jax.evaluation import dense, metrics
@@ -46,7 +47,6 @@ from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.t5.configs import T5Config
 from avg_jax.tokenizer.commands import tokenize_corpus
 from avg_jax.training.commands import RUN_FILE, load_vocabulary, train_retrieval
-from avg_jax.training.evaluator import pad_token_rows
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
 from avg_jax.training.retrieval import RetrievalLossConfig
 from avg_jax.training.trainer import CHECKPOINT_DIR
@@ -56,6 +56,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_DIR = "configs"
 PLOTS = {"training": "training_curves.png", "beam": "recall_vs_beam.png", "efficiency": "qps_vs_images.png"}
 SPLIT = "test"
+RETRIEVAL_CHECKPOINT = "retrieval_checkpoint"  # `avg-jax retrieve --checkpoint` over the test images
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -154,7 +155,9 @@ def run_demo(
         stages.done()
 
         stages.start("beam_sweep")
-        model = TrainedRetriever.load(run_dir, ids_dir, corpus)
+        model = TrainedModel.load(run_dir, ids_dir)
+        save_retrieval_checkpoint(out / RETRIEVAL_CHECKPOINT, model.params, model.config,
+                                  table.subset(test_ids), model.vocab.path)
         sweep = beam_sweep(model, corpus, table, beam_sizes, beam_sweep_queries)
         stages.done()
 
@@ -215,62 +218,55 @@ def chance_recall(corpus: Corpus, split: str, ks: Sequence[int] = metrics.DEFAUL
     return out
 
 
-class TrainedRetriever:
-    """The trained T5 of a `train_retrieval` run directory, its vocabulary and query encoding."""
+@dataclasses.dataclass
+class TrainedModel:
+    """The trained T5 of a `train_retrieval` run directory and how the trainer fed it queries."""
 
-    def __init__(self, config: T5Config, params: Any, vocab: Vocabulary, input_length: int, instruction: str):
-        self.config, self.params, self.vocab = config, params, vocab
-        self.input_length, self.instruction = input_length, instruction
-        self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    config: T5Config
+    params: Any
+    vocab: Vocabulary
+    instruction: str
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(self.params)))
 
     @classmethod
-    def load(cls, run_dir: Path, ids_dir: Path, corpus: Corpus) -> TrainedRetriever:
-        """Parameters of the newest checkpoint (orbax, no code executed) and the run's recorded shapes."""
+    def load(cls, run_dir: Path, ids_dir: Path) -> TrainedModel:
+        """Parameters of the run's newest checkpoint (orbax, nothing executed) and its recorded config."""
         run = json.loads((run_dir / RUN_FILE).read_text())
-        steps = sorted(int(p.name) for p in (run_dir / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+        ckpt_dir = run_dir / CHECKPOINT_DIR
+        steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
         if not steps:
-            raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINT_DIR}")
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
         with ocp.StandardCheckpointer() as ckpt:
-            state = ckpt.restore((run_dir / CHECKPOINT_DIR / str(steps[-1]) / "state").resolve())
+            state = ckpt.restore((ckpt_dir / str(steps[-1]) / "state").resolve())
         vocab = load_vocabulary(IdentifierTable.load(ids_dir), ids_dir)
-        return cls(T5Config.from_dict(run["t5_config"], f"{run_dir / RUN_FILE}"), state["params"], vocab,
-                   int(run["input_length"]), run.get("retrieve_instruction", ""))
+        return cls(T5Config.from_dict(run["t5_config"], str(run_dir / RUN_FILE)), state["params"], vocab,
+                   run.get("retrieve_instruction", ""))
 
-    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids [n, input_length] of the queries, as the trainer fed them."""
-        texts = [f"{self.instruction} {t}" if self.instruction else t for t in texts]
-        return pad_token_rows([self.vocab.encode(t) for t in texts], self.input_length, "query")
+    def queries(self, texts: Sequence[str]) -> list[str]:
+        """Query texts as the trainer encoded them (with its retrieve instruction, if any)."""
+        return [f"{self.instruction} {t}" if self.instruction else t for t in texts]
 
-    def searcher(self, trie: Trie, beam_size: int) -> Callable[[Any, np.ndarray], Any]:
-        """jit-compiled constrained beam search over `trie` (the decoding stage's T5 adapter)."""
-        window = identifier_window(trie, self.config.vocab_size, self.vocab.text_size)
-        return make_t5_searcher(self.config, BeamSearchOptions(beam_size=beam_size), window)
-
-    def rank(self, trie: Trie, input_ids: np.ndarray, beam_size: int, batch_size: int = 64) -> list[list[str]]:
-        """Ranked image ids of every query (identifier groups expanded in table order)."""
-        search = self.searcher(trie, beam_size)
-        ranked = []
-        for lo in range(0, len(input_ids), batch_size):
-            chunk = input_ids[lo:lo + batch_size]
-            padded = np.zeros((batch_size, chunk.shape[1]), np.int32)  # one compiled shape
-            padded[: len(chunk)] = chunk
-            result = jax.device_get(search(self.params, trie.tables, jnp.asarray(padded)))
-            ranked += [[im for im, _ in trie.ranked_images(g, s)]
-                       for g, s in zip(result.groups[: len(chunk)], result.scores[: len(chunk)], strict=True)]
-        return ranked
+    def retriever(self, table: IdentifierTable, beam_size: int, batch_size: int = 64) -> Retriever:
+        """The decoding stage's jitted constrained search over `table`'s image set."""
+        return Retriever(self.params, self.config, table, self.vocab, BeamSearchOptions(beam_size=beam_size),
+                         batch_size=batch_size)
 
 
-def beam_sweep(model: TrainedRetriever, corpus: Corpus, table: IdentifierTable, beam_sizes: Sequence[int],
+def beam_sweep(model: TrainedModel, corpus: Corpus, table: IdentifierTable, beam_sizes: Sequence[int],
                max_queries: int | None) -> dict[str, Any]:
-    """Image-level metrics of the test queries for each beam size (the first `max_queries` queries)."""
+    """Image-level metrics of the test queries for each beam size b (the top-b images; first `max_queries`)."""
     rows = corpus.query_rows(SPLIT)[:max_queries]
-    trie = build_trie(table.subset([corpus.images[i].id for i in corpus.image_rows(SPLIT)]))
-    inputs = model.encode_queries([corpus.queries[j].text for j in rows])
+    test_table = table.subset([corpus.images[i].id for i in corpus.image_rows(SPLIT)])
+    texts = model.queries([corpus.queries[j].text for j in rows])
     relevant = [corpus.queries[j].image_ids for j in rows]
     per_beam = {}
     for beam in tqdm.tqdm(beam_sizes, desc="beam sweep", leave=False):
         t0 = time.perf_counter()
-        per_beam[str(beam)] = metrics.evaluate_images(model.rank(trie, inputs, beam), relevant)
+        ranked = [r.image_ids for r in model.retriever(test_table, beam).retrieve(texts, k=beam)]
+        per_beam[str(beam)] = metrics.evaluate_images(ranked, relevant)
         per_beam[str(beam)]["seconds"] = time.perf_counter() - t0
     return {"num_queries": int(rows.size), "beam_sizes": [int(b) for b in beam_sizes], "per_beam": per_beam}
 
@@ -323,20 +319,22 @@ def random_identifier_trie(n: int, levels: int, codebook_size: int, text_vocab_s
     return build_trie(tokens=tokens, lengths=np.full(n, levels, np.int32), fixed_length=True)
 
 
-def measure_efficiency(model: TrainedRetriever, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
-                       batch: int, beam: int, repeats: int, seed: int) -> dict[str, Any]:
+def measure_efficiency(model: TrainedModel, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
+                       batch: int, beam: int, repeats: int, seed: int, query_tokens: int = 16) -> dict[str, Any]:
     """Queries/s of the trained T5's constrained decode (incl. its encoder) and of dense exact search
-    (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch`."""
+    (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch` of
+    `query_tokens`-token queries."""
     levels = int(table.metadata.get("num_levels", table.max_len))
     codebook = int(table.metadata.get("codebook_size", table.num_new_tokens))
     rng = np.random.default_rng([seed, 11])
     queries = [normalize_rows(rng.standard_normal((batch, code_dim)).astype(np.float32)) for _ in range(4)]
-    inputs = [jnp.asarray(rng.integers(3, model.vocab.text_size, (batch, model.input_length)), jnp.int32)
+    inputs = [jnp.asarray(rng.integers(3, model.vocab.text_size, (batch, query_tokens)), jnp.int32)
               for _ in range(4)]
     gen, dense_qps = {}, {}
     for n in tqdm.tqdm(sizes, desc="efficiency", leave=False):
         trie = random_identifier_trie(int(n), levels, codebook, model.vocab.text_size, seed)
-        search = model.searcher(trie, beam)
+        window = identifier_window(trie, model.config.vocab_size, model.vocab.text_size)
+        search = make_t5_searcher(model.config, BeamSearchOptions(beam_size=beam), window)
         sec = _median_seconds(lambda i, s=search, t=trie: s(model.params, t.tables, inputs[i % 4]), repeats)
         gen[str(n)] = batch / sec
         index = dense.JaxExactIndex(normalize_rows(rng.standard_normal((int(n), code_dim)).astype(np.float32)))
@@ -345,7 +343,8 @@ def measure_efficiency(model: TrainedRetriever, table: IdentifierTable, sizes: S
         dense_qps[str(n)] = batch / sec
         del index
     return {"sizes": [int(n) for n in sizes], "batch": batch, "beam": beam, "levels": levels,
-            "codebook_size": codebook, "dim": code_dim, "generative_qps": gen, "dense_search_qps": dense_qps,
+            "codebook_size": codebook, "dim": code_dim, "query_tokens": query_tokens, "generative_qps": gen,
+            "dense_search_qps": dense_qps,
             "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
             "timing": f"median of {repeats} batches after one warm-up batch; q/s = batch / median"}
 
@@ -511,7 +510,8 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
     eff = r["efficiency"]
     lines += ["## Efficiency (queries/s)", "", f"![queries/s vs image-set size]({PLOTS['efficiency']})", "",
               f"{eff['device']}, batch {eff['batch']}; AVG: the demo's trained T5 (encoder + constrained beam "
-              f"search, beam {eff['beam']}) over random {eff['levels']}-voken identifiers from N="
+              f"search, beam {eff['beam']}, {eff['query_tokens']}-token queries) over random {eff['levels']}-voken "
+              f"identifiers from N="
               f"{eff['codebook_size']}; dense: exact search over random d={eff['dim']} embeddings, search only "
               f"(the query encoder here is a linear head over precomputed features). {eff['timing']}.", "",
               "| images | AVG q/s | dense q/s |", "|---|---|---|"]
@@ -520,7 +520,10 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
     wall = r["wall_seconds"]
     lines += ["", "## Wall time (seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in wall.items()]
-    lines += ["", f"Operative gin configs of every stage: `{CONFIG_DIR}/`.", ""]
+    lines += ["", f"Operative gin configs of every stage: `{CONFIG_DIR}/`. The trained model over the test images, "
+              f"as a retrieval checkpoint: `avg-jax retrieve --checkpoint {RETRIEVAL_CHECKPOINT} --query "
+              f"\"{r['examples'][0]['query'] if r['examples'] else 'two red circles'}\"` (run in this directory).",
+              ""]
     return "\n".join(lines)
 
 

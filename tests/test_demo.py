@@ -96,3 +96,15 @@ def test_chance_recall_matches_enumeration(num_images, relevant_counts):
             else:
                 per_query.append(np.mean(firsts <= int(key.split("@")[1])))
         assert got[key] == pytest.approx(np.mean(per_query)), key
+
+
+def test_demo_retrieval_checkpoint_serves_the_test_images(demo_out, capsys):
+    """The exported checkpoint answers `avg-jax retrieve` with test images only."""
+    corpus = Corpus.load(demo_out / "corpus")
+    test_ids = {corpus.images[i].id for i in corpus.image_rows("test")}
+    capsys.readouterr()
+    assert cli.main(["retrieve", "--checkpoint", str(demo_out / demo.RETRIEVAL_CHECKPOINT), "--query",
+                     corpus.queries[int(corpus.query_rows("test")[0])].text, "--k", "5"]) == 0
+    printed = capsys.readouterr().out
+    ranked = [i for i in test_ids if i in printed]
+    assert len(ranked) == 5, printed
