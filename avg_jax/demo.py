@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -120,7 +121,7 @@ def run_demo(
     corpus_dir, ids_dir, run_dir = out / "corpus", out / "identifiers", out / "t5_run"
     stages = _Stages(["data", "tokenizer", "t5", "evaluate", "beam_sweep", "examples", "efficiency", "report"],
                      out / CONFIG_DIR)
-    total_start = time.perf_counter()
+    total_start, load_start = time.perf_counter(), os.getloadavg()[0]
     try:
         stages.start("data")
         corpus = make_synthetic_corpus(seed=seed)
@@ -192,6 +193,7 @@ def run_demo(
         plot_beam_sweep(sweep, dense_metrics, chance, out / PLOTS["beam"])
         plot_efficiency(efficiency, out / PLOTS["efficiency"])
         stages.done()
+        result["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
         result["wall_seconds"] = {**{k: round(v, 2) for k, v in stages.seconds.items()},
                                   "total": round(time.perf_counter() - total_start, 2)}
         (out / METRICS_FILE).write_text(json.dumps(_finite(result), indent=2) + "\n")
@@ -518,7 +520,11 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
     for n in eff["sizes"]:
         lines.append(f"| {n:,} | {eff['generative_qps'][str(n)]:.1f} | {eff['dense_search_qps'][str(n)]:.1f} |")
     wall = r["wall_seconds"]
-    lines += ["", "## Wall time (seconds)", "", "| stage | s |", "|---|---|"]
+    load = r["load_average_1min"]
+    lines += ["", "## Wall time (seconds)", "",
+              f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end, on "
+              f"{load['cpus']} CPUs (other processes on shared cores slow every stage down).", "",
+              "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in wall.items()]
     lines += ["", f"Operative gin configs of every stage: `{CONFIG_DIR}/`. The trained model over the test images, "
               f"as a retrieval checkpoint: `avg-jax retrieve --checkpoint {RETRIEVAL_CHECKPOINT} --query "
