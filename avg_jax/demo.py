@@ -367,7 +367,7 @@ def plot_training(rows: list[dict[str, Any]], dense_metrics: dict[str, float], c
                   path: Path) -> None:
     """Training loss and periodic test R@K against step, with the dense baseline and chance for reference."""
     plt = _pyplot()
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 5.2))
     train = [r for r in rows if "loss" in r]
     for key, label in (("loss", "total loss"), ("gen_loss", "generative loss"), ("dis_loss", "discriminative loss")):
         pts = [(r["step"], r[key]) for r in train if key in r and (key != "dis_loss" or r.get("dis_weight", 0) > 0)]
@@ -391,7 +391,7 @@ def plot_training(rows: list[dict[str, Any]], dense_metrics: dict[str, float], c
     ax_rec.set_ylim(0, 1)
     ax_rec.set_title("test recall during training")
     ax_rec.grid(alpha=0.3)
-    ax_rec.legend(fontsize=7, ncol=3)
+    ax_rec.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -401,7 +401,7 @@ def plot_beam_sweep(sweep: dict[str, Any], dense_metrics: dict[str, float], chan
                     path: Path) -> None:
     """Image-level R@K of the trained model against beam size."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
     beams = sweep["beam_sizes"]
     for i, k in enumerate(metrics.DEFAULT_KS):
         colour = f"C{i}"
@@ -417,7 +417,7 @@ def plot_beam_sweep(sweep: dict[str, Any], dense_metrics: dict[str, float], chan
     ax.set_ylim(0, 1)
     ax.set_title(f"recall vs beam size ({sweep['num_queries']} test queries)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="best")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
