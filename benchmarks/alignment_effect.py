@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--contrastive_steps", type=int, default=500)
     p.add_argument("--finetune_image_head", type=int, default=1)
-    p.add_argument("--contrastive_weight", type=float, default=1.0)
+    p.add_argument("--contrastive_weight", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     gin.clear_config()

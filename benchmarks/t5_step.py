@@ -135,11 +135,17 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak, for mfu")
+    parser.add_argument("--torch_threads", type=int, default=1,
+                        help="torch.set_num_threads; 0 = torch's default (one per core). Default 1: on a shared, "
+                             "oversubscribed CPU torch's multi-thread pool collapsed (23 s/step for T5-small at "
+                             "2 threads vs 1.9 s at 1), so 1 is its best setting there; use 0 on an idle machine")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step compiles)")
 
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     config = named_t5_config(args.size, args.version)
     torch.manual_seed(args.seed)
     hf_model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config_to_hf(config)))
@@ -190,6 +196,7 @@ def main() -> None:
         "tokens_per_step": tokens, "steps_per_repeat": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "optimizer": f"AdamW(lr={args.learning_rate}, wd={args.weight_decay}), dropout {config.dropout_rate}",
         "device": f"{device.platform}:{device.device_kind}", "torch_threads": torch.get_num_threads(),
+        "xla_cpu_threads": "XLA default (all cores)",
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
     print(json.dumps(result))

@@ -163,6 +163,14 @@ def test_export_round_trip_loads_in_transformers(hf_pair, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params_again, params)
 
 
+def test_import_reads_bfloat16_checkpoints(tmp_path):
+    model = _hf_model("1.1").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    params, config = load_hf_t5(tmp_path)
+    np.testing.assert_array_equal(params["lm_head"], model.lm_head.weight.detach().float().numpy().T)
+    assert params["lm_head"].dtype == np.float32 and config.feed_forward == "gated-gelu"
+
+
 def test_import_rejects_bad_checkpoints(hf_pair, tmp_path):
     _, _, _, _, path = hf_pair
     with pytest.raises(FileNotFoundError, match=r"config\.json"):

@@ -122,6 +122,14 @@ def test_info_nce_matches_numpy():
         expect, rel=1e-5)
 
 
+def test_info_nce_mask_equals_the_valid_subset():
+    rng = np.random.default_rng(7)
+    a, t = (jnp.asarray(rng.standard_normal((7, 4)), jnp.float32) for _ in range(2))
+    valid = np.array([1, 0, 1, 1, 0, 1, 1], bool)
+    got = info_nce(a, t, 0.2, jnp.asarray(valid))
+    assert float(got) == pytest.approx(float(info_nce(a[valid], t[valid], 0.2)), rel=1e-5)
+
+
 def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 

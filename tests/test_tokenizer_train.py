@@ -40,7 +40,7 @@ def test_kmeans_init_beats_random_init(tiny_corpus, data):
     errors = {}
     for init in ("kmeans", "random"):
         tok = train_tokenizer(data, SMALL, steps=60, batch_size=60, contrastive_steps=30, codebook_init=init,
-                              reseed_every=0, num_devices=1, log_every=60)
+                              reseed_every=0, finetune_image_head=False, num_devices=1, log_every=60)
         enc = encode_images(tok, data.image_features)
         errors[init] = float(enc.quantization_error.mean())
         errors[init + "_recon"] = tok.history[-1]["recon"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from safetensors.flax import load_file as load_flax_file
 from safetensors.numpy import load_file, save_file
 
 from avg_jax.t5.configs import T5Config
@@ -145,10 +146,7 @@ def load_hf_t5(path: str | Path, **config_overrides: Any) -> tuple[dict, T5Confi
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as e:  # safetensors raises its own error types for corrupt/unsupported files
-        raise ValueError(f"{weights_path}: cannot read safetensors ({e})") from e
+    tensors = _read_safetensors(weights_path)
     if "shared.weight" not in tensors:
         raise ValueError(f"{weights_path}: no 'shared.weight' tensor (not a T5 checkpoint?)")
     shared = tensors["shared.weight"]
@@ -175,6 +173,18 @@ def load_hf_t5(path: str | Path, **config_overrides: Any) -> tuple[dict, T5Confi
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     return params, config
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors as numpy; bfloat16 files (numpy has no bf16) are read through safetensors' flax loader."""
+    try:
+        return load_file(str(path))
+    except TypeError as e:
+        if "bfloat16" not in str(e):
+            raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+    except Exception as e:  # safetensors raises its own error types for corrupt/unsupported files
+        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+    return {k: np.asarray(v, np.float32) for k, v in load_flax_file(str(path)).items()}
 
 
 def save_hf_t5(params: dict, config: T5Config, path: str | Path) -> Path:

@@ -3,6 +3,12 @@
 Data parallel on a ('data', 'model') mesh: batches are sharded over 'data', parameters and optimizer
 state are replicated (the tokenizer is small). Every step is one jit-compiled function: loss, update,
 code usage counts and dead-code re-seeding (under lax.cond) all stay on device.
+
+Stages: (1) InfoNCE warm-up of both projection heads (`contrastive_steps`); (2) codebook init by k-means
+on the first `kmeans_init_batches` batches of residuals; (3) eqs. 3-6. In stage 3 the text head is frozen
+(it would otherwise chase v̂) and, with `finetune_image_head` (default, as the paper trains its encoders),
+the image head trains through the straight-through estimator; this is what lets the alignment weight
+change the codes (benchmarks/alignment_effect.py). `contrastive_weight` > 0 adds InfoNCE to stage 3.
 """
 
 from __future__ import annotations
@@ -226,7 +232,7 @@ def train_tokenizer(
     kmeans_iters: int = 25,
     reseed_every: int = 100,
     dead_code_threshold: float = 1.0,
-    finetune_image_head: bool = False,
+    finetune_image_head: bool = True,
     contrastive_weight: float = 0.0,
     num_devices: int | None = None,
     log_every: int = 100,
