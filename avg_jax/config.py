@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gin
+from etils import epath
 
 GIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
 OPERATIVE_CONFIG_NAME = "operative_config.gin"
@@ -23,9 +24,10 @@ def parse_gin(gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> 
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_params), finalize_config=False)
 
 
-def write_operative_config(out_dir: str | os.PathLike, name: str = OPERATIVE_CONFIG_NAME) -> Path:
-    """Write the gin config actually used (every bound and every called configurable) next to outputs."""
-    out = Path(out_dir)
+def write_operative_config(out_dir: str | os.PathLike, name: str = OPERATIVE_CONFIG_NAME) -> epath.Path:
+    """Write the gin config actually used (every bound and every called configurable) next to outputs
+    (`out_dir` may be a local path or a gs:// URL)."""
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     path.write_text(gin.operative_config_str())

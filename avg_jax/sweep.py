@@ -46,6 +46,9 @@ EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batc
                     "train_retrieval.eval_max_queries")
 DATASETS = ("flickr30k", "coco")
 
+# GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table): beams of at least R@10's 10 results.
+GRACE_BEAMS = (10, 20, 30, 40, 50)
+
 Paper = tuple[float | None, float | None, float | None]  # R@1, R@5, R@10 in %, None where the paper has "-"
 
 
@@ -54,6 +57,7 @@ class SweepRow:
     label: str
     gin_files: tuple[str, ...]
     paper: Paper | None = None
+    gin_params: tuple[str, ...] = ()  # after the files: a study of one setting without a file per value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                "flickr30k",
                (_row("AVG", _AVG_REF, (62.3, 83.5, 86.6)),
                 _row("w/o cross-modal alignment", _AVG + "table3_no_alignment.gin", (56.8, 76.5, 79.2)),
+                _row("w/o voken embedding", _AVG + "table3_no_voken_init.gin", (62.4, 82.7, 85.8)),
                 _row("w/o discriminative loss", _AVG + "table3_no_discriminative.gin", (60.1, 81.9, 85.0)))),
     SweepTable("avg_table4", "AVG Table 4: performance versus the codebook size N on Flickr30K", "Codebook Size",
                "flickr30k",
@@ -134,6 +139,11 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                _grace_rows("flickr30k", _GRACE_F30K, tuple(_GRACE_NAMES))),
     SweepTable("grace_table1_coco", "GRACE Table 1: text-to-image retrieval on MS-COCO (5K)", "Identifier", "coco",
                _grace_rows("coco", _GRACE_COCO, tuple(_GRACE_NAMES))),
+    SweepTable("grace_beam", "GRACE appendix B (Figure 6): retrieval versus the beam size (Flickr30K)",
+               "Identifier, beam", "flickr30k",
+               tuple(SweepRow(f"{_GRACE_NAMES[s]}, {b}", (f"experiments/grace/flickr30k_{s}.gin",),
+                              gin_params=(f"train_retrieval.eval_beam_size = {b}",))
+                     for s in ("numeric", "string", "semantic", "structured") for b in GRACE_BEAMS)),
     SweepTable("grace_table2", "GRACE Table 2: ablation study (Flickr30K)", "Identifier", "flickr30k",
                tuple(r for s in ("numeric", "string", "semantic", "structured") for r in (
                    _row(f"{_GRACE_NAMES[s]}", f"experiments/grace/flickr30k_{s}.gin", _GRACE_F30K[s]),
@@ -187,7 +197,7 @@ class RowPlan:
 def parse_row(table: SweepTable, row: SweepRow, out_dir: str | Path, corpus_dir: str | None = None,
               gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> RowPlan:
     """Parse the row's gin files (then `gin_files`, `gin_params` and the corpus override) and plan its dirs."""
-    params = list(gin_params) + ([f"CORPUS_DIR = {str(corpus_dir)!r}"] if corpus_dir else [])
+    params = [*row.gin_params, *gin_params] + ([f"CORPUS_DIR = {str(corpus_dir)!r}"] if corpus_dir else [])
     files = (*row.gin_files, *gin_files)
     config.parse_gin(files, params)
     corpus = config.path_from_flag_or_macro(None, "CORPUS_DIR", f"{table.name} row {row.label!r}: --corpus")
@@ -363,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
         for t in TABLES.values():
             print(f"{t.name}: {t.title}")
             for r in t.rows:
-                print(f"  {r.label:<45} {' '.join(r.gin_files)}")
+                print(f"  {r.label:<45} {' '.join(r.gin_files)}" + "".join(f" [{p}]" for p in r.gin_params))
         return 0
     table = get_table(args.table)
     if args.aggregate_only:

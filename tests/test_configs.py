@@ -69,6 +69,7 @@ def test_experiments_bind_the_papers_settings():
     assert _q("TokenizerLossWeights.align") > 0 and _q("train_tokenizer.learning_rate") == 1e-4
     assert (_q("T5Config.d_model"), _q("T5Config.num_encoder_layers"), _q("T5Config.d_ff")) == (768, 12, 3072)
     assert _q("RetrievalLossConfig.discriminative_weight") == 0.5
+    assert _q("initial_t5_params.voken_embedding_init") == "codebook"
     assert _q("staged_learning_rate.values") == [1e-3, 1e-4]
     start = _q("RetrievalLossConfig.discriminative_start_step")
     assert _q("staged_learning_rate.boundaries") == [start] and 0 < start < _q("train_loop.num_steps")
@@ -76,6 +77,7 @@ def test_experiments_bind_the_papers_settings():
     expected = {
         "experiments/avg/flickr30k_table3_no_alignment.gin": {"TokenizerLossWeights.align": 0.0},
         "experiments/avg/flickr30k_table3_no_discriminative.gin": {"RetrievalLossConfig.discriminative_weight": 0.0},
+        "experiments/avg/flickr30k_table3_no_voken_init.gin": {"initial_t5_params.voken_embedding_init": "random"},
         "experiments/avg/flickr30k_table4_n256.gin": {"RQTokenizerConfig.codebook_size": 256,
                                                       "train_retrieval.eval_beam_size": 10},
         "experiments/avg/flickr30k_table5_m10.gin": {"RQTokenizerConfig.num_levels": 10},
@@ -142,6 +144,9 @@ def test_aggregate_lays_out_the_papers_table(tmp_path):
     ]
     assert [r["status"] for r in data["rows"]] == ["done", "not run", "done", "failed"]
     assert data["rows"][0]["paper"] == {"recall@1": 60.8, "recall@5": 82.0, "recall@10": 84.8}
+    assert cli.main(["sweep", "--table", "avg_table4", "--out", str(tmp_path), "--aggregate_only"]) == 0
+    assert (root / "table.md").read_text() == markdown
+    assert json.loads((root / "table.json").read_text())["rows"][3]["error"].startswith("ValueError: kmeans")
 
 
 def test_aggregate_hides_paper_numbers_on_other_corpora_and_rejects_mixed_ones(tmp_path):
@@ -203,14 +208,20 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     ids = [line.split()[1] for line in text.splitlines() if line.strip().startswith("identifiers:")]
     runs = [line.split()[2] for line in text.splitlines() if line.strip().startswith("run dir:")]
-    # AVG and w/o discriminative loss share the tokenizer; w/o alignment has its own; three distinct runs.
-    assert ids[0] == ids[2] != ids[1] and len(set(runs)) == 3
+    # Only w/o alignment has its own tokenizer; four distinct training runs.
+    assert ids[0] == ids[2] == ids[3] != ids[1] and len(set(runs)) == 4
     assert not out.exists()  # a dry run writes nothing
     assert cli.main(["sweep", "--table", "avg_table7", "--corpus", str(corpus_dir), "--out", str(out),
                      "--dry_run"]) == 0
     text = capsys.readouterr().out
     runs = {line.split()[2] for line in text.splitlines() if line.strip().startswith("run dir:")}
     assert len(runs) == 1  # beam size is evaluation only: Table 7 trains once
+    assert cli.main(["sweep", "--table", "grace_beam", "--corpus", str(corpus_dir), "--out", str(out),
+                     "--dry_run"]) == 0
+    text = capsys.readouterr().out
+    runs = [line.split()[2] for line in text.splitlines() if line.strip().startswith("run dir:")]
+    assert len(runs) == 4 * len(sweep.GRACE_BEAMS) and len(set(runs)) == 4  # one training run per scheme
+    assert "'train_retrieval.eval_beam_size = 50'" in text
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also

@@ -73,11 +73,13 @@ def test_kill_and_sigterm_resume_is_bit_identical(tmp_path):
     run_dir = tmp_path / "interrupted"
     rng = random.Random(0)
     resumed_from = []
-    for how, after_checkpoint in (("kill", 5), ("kill", 15), ("term", 20)):
-        proc = subprocess.Popen(_fixture_cmd(run_dir, "--sleep", "0.05", params=PREEMPT_PARAMS), env=_env(),
+    # 0.15 s per batch leaves >= 1.5 s between the kill point and the end of the run, even on a loaded machine
+    for how, after_checkpoint in (("kill", 5), ("term", 10), ("kill", 20)):
+        proc = subprocess.Popen(_fixture_cmd(run_dir, "--sleep", "0.15", params=PREEMPT_PARAMS), env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 200
-        while not [s for s in _committed_steps(run_dir) if s >= after_checkpoint]:
+        before = set(_committed_steps(run_dir))
+        while not [s for s in _committed_steps(run_dir) if s >= after_checkpoint and s not in before]:
             assert proc.poll() is None and time.time() < deadline, "run ended before the kill point"
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.2))  # a random step after that checkpoint
@@ -201,10 +203,11 @@ def test_two_process_jax_distributed_agree(tmp_path):
     for i in range(2):
         params = ("train_loop.num_steps=8", "train_loop.log_every=1", "train_loop.checkpoint_every=4",
                   "train_loop.progress_bar=False", "train_loop.tensorboard=False",
+                  "initialize_distributed.enabled=True",
                   f"initialize_distributed.coordinator_address='127.0.0.1:{port}'",
                   "initialize_distributed.num_processes=2", f"initialize_distributed.process_id={i}")
         procs.append(subprocess.Popen(
-            _fixture_cmd(tmp_path / "run", "--distributed", "--out_params", str(tmp_path / f"p{i}.npz"),
+            _fixture_cmd(tmp_path / "run", "--out_params", str(tmp_path / f"p{i}.npz"),
                          params=params), env=_env(),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]

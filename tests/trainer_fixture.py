@@ -45,14 +45,15 @@ class RegressionTask:
     def init_params(self, rng):
         return self.model.init(rng, jnp.zeros((1, IN_DIM)), deterministic=True)["params"]
 
-    def loss(self, params, batch, rng, step):
+    def loss(self, params, batch, rng, step, constants):
         pred = self.model.apply({"params": params}, batch["x"].astype(jnp.float32), rngs={"dropout": rng})
         loss = jnp.mean((pred.astype(jnp.float32) - batch["y"]) ** 2)
         return loss, {"pred_mean": jnp.mean(pred.astype(jnp.float32))}
 
 
 def make_iterator(local_batch: int, seed: int, sleep: float, nan_at_step: int | None):
-    """Shuffled, repeated batches of this process's share; `nan_at_step` poisons the batch of that step."""
+    """Shuffled, repeated batches of this process's share; `nan_at_step` poisons the batch of that step;
+    `sleep` seconds before each batch."""
     rng = np.random.default_rng(1234)
     x = rng.standard_normal((NUM_EXAMPLES, IN_DIM)).astype(np.float32)
     y = (x @ rng.standard_normal((IN_DIM, OUT_DIM)).astype(np.float32)) / 4
@@ -61,13 +62,36 @@ def make_iterator(local_batch: int, seed: int, sleep: float, nan_at_step: int | 
     ds = ds.shuffle(seed=seed).repeat().batch(local_batch, drop_remainder=True)
 
     def poison(i, b):
-        if sleep:
-            time.sleep(sleep)
         if nan_at_step is not None and i == nan_at_step - 1:  # batch i trains step i + 1
             b = {**b, "x": np.full_like(b["x"], np.nan)}
         return b
 
-    return iter(ds.map_with_index(poison).to_iter_dataset())
+    it = iter(ds.map_with_index(poison).to_iter_dataset())
+    return SlowIterator(it, sleep) if sleep else it
+
+
+class SlowIterator:
+    """Sleeps in the consumer before each batch (grain's prefetch threads would hide a sleep in a map), so a
+    test can interrupt the run at a chosen step. Checkpointable like the grain iterator it wraps."""
+
+    def __init__(self, inner, sleep: float):
+        self.inner, self.sleep = inner, sleep
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        time.sleep(self.sleep)
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(json.loads(state) if isinstance(state, bytes) else state)
+
+    def start_prefetch(self):
+        self.inner.start_prefetch()
 
 
 def main(argv=None) -> int:
@@ -81,12 +105,10 @@ def main(argv=None) -> int:
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, so a test can kill mid-run")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--nan_at_step", type=int, default=None)
-    p.add_argument("--distributed", action="store_true", help="join the jax.distributed cluster set in gin")
     p.add_argument("--gin_param", action="append", default=[])
     args = p.parse_args(argv)
     gin.parse_config(args.gin_param)
-    if args.distributed:
-        initialize_distributed()
+    initialize_distributed()  # joins a cluster only with initialize_distributed.enabled = True
     it = make_iterator(args.global_batch // jax.process_count(), seed=7, sleep=args.sleep,
                        nan_at_step=args.nan_at_step)
     result = train_loop(RegressionTask(args.dropout), it, args.run_dir)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -44,12 +43,14 @@ class _FrozenIteratorState:
 class Checkpointer:
     """Keep-last-k, every-n-steps checkpoints of one run directory, with corruption fallback on restore."""
 
-    def __init__(self, directory: str | Path, save_every: int, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | epath.PathLike, save_every: int, keep: int = 3, async_save: bool = True):
         if save_every <= 0:
             raise ValueError(f"checkpoint save_every must be > 0, got {save_every}")
         if keep <= 0:
             raise ValueError(f"checkpoint keep must be > 0, got {keep}")
-        self.directory = Path(directory).absolute()
+        self.directory = epath.Path(directory)
+        if not str(directory).startswith(("gs://", "s3://")):
+            self.directory = self.directory.absolute()
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -116,7 +117,7 @@ class Checkpointer:
             dest = self.directory.parent / CORRUPT_DIR
             dest.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                shutil.move(str(self.directory / str(step)), str(dest / f"{step}-{int(time.time())}"))
+                (self.directory / str(step)).rename(dest / f"{step}-{int(time.time())}")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("avg_jax_checkpoint_quarantine")
         self._manager.reload()

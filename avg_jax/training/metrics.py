@@ -6,33 +6,36 @@ import json
 import math
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import tqdm
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
 
 class MetricWriter:
-    """Writes scalar metrics of a run. On a resumed run, rows after the resume step are dropped first."""
+    """Writes scalar metrics of a run. On a resumed run, rows after the resume step are dropped first.
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True,
+    The JSONL file is rewritten whole at every write (object stores such as gs:// cannot append).
+    """
+
+    def __init__(self, run_dir: str | epath.PathLike, total_steps: int, start_step: int = 0, progress_bar: bool = True,
                  tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self._bar = None
-        self._jsonl = None
+        self._rows: list[str] = []
         self._tb = None
         if not self.enabled:
             return
-        run_dir = Path(run_dir)
+        run_dir = epath.Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / METRICS_FILE
-        if path.exists():  # a restart replays steps after the checkpoint: keep only rows up to it
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start_step))
-        self._jsonl = path.open("a")
+        self._path = run_dir / METRICS_FILE
+        if self._path.exists():  # a restart replays steps after the checkpoint: keep only rows up to it
+            rows = [line for line in self._path.read_text().splitlines() if line.strip()]
+            self._rows = [line for line in rows if json.loads(line)["step"] <= start_step]
+            self._path.write_text("".join(line + "\n" for line in self._rows))
         if tensorboard:  # imported lazily: tensorboardX pulls in torch when it is installed (seconds)
             from tensorboardX import SummaryWriter
 
@@ -53,8 +56,8 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        self._rows.append(json.dumps(row))
+        self._path.write_text("".join(line + "\n" for line in self._rows))
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(prefix + k, float(v), int(step))
@@ -72,8 +75,6 @@ class MetricWriter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 

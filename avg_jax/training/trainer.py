@@ -14,7 +14,6 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import flax
@@ -24,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from avg_jax import config
+from avg_jax import config, partitioning
 from avg_jax.launch import make_device_mesh
-from avg_jax.training import sharding
 from avg_jax.training.checkpointing import Checkpointer
 from avg_jax.training.metrics import MetricWriter
 from avg_jax.training.optimizer import make_optimizer
@@ -50,8 +49,10 @@ class TrainTask(Protocol):
     def init_params(self, rng: jax.Array) -> Any:
         """Parameters, possibly `nn.LogicallyPartitioned`-boxed so they can be sharded by the rules."""
 
-    def loss(self, params: Any, batch: Batch, rng: jax.Array, step: jax.Array) -> tuple[jax.Array, Metrics]:
-        """(mean loss over the batch, scalar metrics); `step` is the number of updates done so far."""
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, step: jax.Array, constants: Any
+             ) -> tuple[jax.Array, Metrics]:
+        """(mean loss over the batch, scalar metrics); `step` is the number of updates done so far;
+        `constants` are the loop's per-run arrays (e.g. trie tables), jit inputs of every step."""
 
 
 @flax.struct.dataclass
@@ -84,40 +85,41 @@ def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
 
 
 def make_train_step(task: TrainTask, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int,
-                    mesh: Mesh, accum_steps: int = 1, compute_dtype: str = "float32"
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    batch_sharding: NamedSharding, accum_steps: int = 1, compute_dtype: str = "float32"
+                    ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, Metrics]]:
     """One optimizer update from one global batch ([accum_steps * micro, ...] rows), as a pure function."""
     dtype = jnp.dtype(compute_dtype)
 
-    def loss_fn(params, batch, rng, step):
-        return task.loss(cast_floating(params, dtype) if dtype != jnp.float32 else params, batch, rng, step)
+    def loss_fn(params, batch, rng, step, constants):
+        params = cast_floating(params, dtype) if dtype != jnp.float32 else params
+        return task.loss(params, batch, rng, step, constants)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    micro_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+    micro_sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, batch_sharding.spec[0]))
 
     def split_micro(x):  # [accum * micro, ...] -> [accum, micro, ...]; row r goes to micro-batch r % accum
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(x, micro_sharding)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, constants: Any) -> tuple[TrainState, Metrics]:
         rng = step_rng(seed, state.step)
         if accum_steps == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, rng, state.step)
+            (loss, aux), grads = grad_fn(state.params, batch, rng, state.step, constants)
         else:
             def body(carry, xs):
                 i, micro = xs
-                out = grad_fn(state.params, micro, jax.random.fold_in(rng, i), state.step)
+                out = grad_fn(state.params, micro, jax.random.fold_in(rng, i), state.step, constants)
                 return jax.tree.map(jnp.add, carry, out), None
 
             micro_batches = jax.tree.map(split_micro, batch)
             first = jax.tree.map(lambda x: x[0], micro_batches)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 jax.eval_shape(grad_fn, state.params, first, rng, state.step))
+                                 jax.eval_shape(grad_fn, state.params, first, rng, state.step, constants))
             ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro_batches))
             loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -128,13 +130,13 @@ def abstract_train_state(task: TrainTask, tx: optax.GradientTransformation, mesh
                          rules: tuple[tuple[str, str | None], ...]) -> tuple[TrainState, TrainState]:
     """The train state's shapes with their shardings (the restore target) and those shardings alone."""
     rng = jax.random.key(0)  # shapes only
-    param_shardings = sharding.boxed_shardings(jax.eval_shape(task.init_params, rng), mesh, rules)
+    param_shardings = partitioning.boxed_shardings(jax.eval_shape(task.init_params, rng), mesh, rules)
     abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                    jax.eval_shape(lambda r: nn.unbox(task.init_params(r)), rng), param_shardings)
     opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
     abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 jax.eval_shape(tx.init, abstract_params), opt_shardings)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=partitioning.replicated(mesh))
     abstract = TrainState(step=step, params=abstract_params, opt_state=abstract_opt)
     return abstract, state_shardings(abstract)
 
@@ -167,6 +169,11 @@ class PreemptionWatcher:
             self._previous = None
 
 
+def _batch_sharding(mesh: Mesh, rules: partitioning.LogicalRules) -> NamedSharding:
+    """Leading axis by the 'batch' rule, trailing axes replicated (any rank)."""
+    return partitioning.batch_sharding(mesh, rules, ndim=1)
+
+
 def _global_batch(local: Batch, batch_sharding: NamedSharding) -> Batch:
     """Assemble the global batch from this process's rows (rows of process p come p-th along 'data')."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
@@ -183,11 +190,11 @@ def _check_batch(batch: Batch, mesh: Mesh, accum_steps: int) -> None:
                          f"x accum_steps {accum_steps} = {need}")
 
 
-@gin.configurable(denylist=["task", "train_iterator", "run_dir", "evaluate"])
+@gin.configurable(denylist=["task", "train_iterator", "run_dir", "evaluate", "constants", "initial_params"])
 def train_loop(
     task: TrainTask,
     train_iterator: Iterator[Batch],
-    run_dir: str | Path,
+    run_dir: str | epath.PathLike,
     num_steps: int = gin.REQUIRED,
     seed: int = 0,
     accum_steps: int = 1,
@@ -200,11 +207,15 @@ def train_loop(
     progress_bar: bool = True,
     tensorboard: bool = True,
     evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
+    constants: Any = None,
+    initial_params: Any = None,
 ) -> TrainResult:
     """Train `task` on batches of `train_iterator` (this process's rows) for `num_steps` updates.
 
     Resumes automatically from the newest readable checkpoint in `run_dir/checkpoints`. The iterator must
     support `get_state`/`set_state` (grain) so a resumed run sees exactly the batches it would have seen.
+    A fresh run starts from `initial_params` (host arrays, e.g. an imported checkpoint) when given, else from
+    `task.init_params(key(seed))`.
     """
     if num_steps <= 0:
         raise ValueError(f"train_loop.num_steps must be > 0, got {num_steps}")
@@ -212,24 +223,31 @@ def train_loop(
         raise ValueError(f"train_loop.accum_steps must be > 0, got {accum_steps}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train_loop.compute_dtype: {compute_dtype!r} not one of {COMPUTE_DTYPES}")
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)  # local or gs://
     mesh = make_device_mesh()
-    rules = sharding.logical_axis_rules()
+    rules = partitioning.logical_axis_rules()
     tx, schedule = make_optimizer()
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
                         async_save=async_checkpoints)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with partitioning.sharding_context(mesh, rules):
         abstract, shardings = abstract_train_state(task, tx, mesh, rules)
         restored = ckpt.restore_latest(abstract, train_iterator)
-        if restored is None:
+        if restored is None and initial_params is not None:
+            params = jax.device_put(_check_like(initial_params, abstract.params), shardings.params)
+            opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+            state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+            start = 0
+        elif restored is None:
             init = jax.jit(lambda rng: _fresh_state(task, tx, rng), out_shardings=shardings)
             state, start = init(jax.random.key(seed)), 0
         else:
             state, start = restored
-        step_fn = jax.jit(make_train_step(task, tx, schedule, seed, mesh, accum_steps, compute_dtype),
-                          in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-        config_text = gin.config_str()
+        step_fn = jax.jit(make_train_step(task, tx, schedule, seed, _batch_sharding(mesh, rules), accum_steps,
+                                          compute_dtype),
+                          in_shardings=(shardings, _batch_sharding(mesh, rules), partitioning.replicated(mesh)),
+                          out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
+        constants = jax.device_put(constants, partitioning.replicated(mesh))
+        config_text = gin.operative_config_str()
         if jax.process_index() == 0:
             config.write_operative_config(run_dir)
         writer = MetricWriter(run_dir, num_steps, start_step=start, progress_bar=progress_bar,
@@ -238,7 +256,8 @@ def train_loop(
             writer.print(f"resumed from checkpoint step {start} in {ckpt.directory}")
         watcher = PreemptionWatcher()
         try:
-            return _run(state, start, num_steps, step_fn, train_iterator, mesh, accum_steps, ckpt, writer,
+            return _run(state, start, num_steps, step_fn, constants, train_iterator, mesh, rules, accum_steps,
+                        ckpt, writer,
                         watcher, config_text, log_every, eval_every, evaluate)
         finally:
             watcher.close()
@@ -246,16 +265,31 @@ def train_loop(
             ckpt.close()
 
 
+def _check_like(params: Any, abstract: Any) -> Any:
+    """`params` if its tree, shapes and dtypes match the task's parameters; else an error naming the leaf."""
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    names, expected = ({jax.tree_util.keystr(p) for p, _ in t} for t in (got, want))
+    if names != expected:
+        raise ValueError(f"initial_params: parameter names differ from the model's, e.g. "
+                         f"{sorted(names ^ expected)[:5]}")
+    for (path, x), (_, a) in zip(got, want, strict=True):
+        if np.shape(x) != a.shape or np.asarray(x).dtype != a.dtype:
+            raise ValueError(f"initial_params{jax.tree_util.keystr(path)}: {np.asarray(x).dtype}{list(np.shape(x))}, "
+                             f"the model expects {a.dtype}{list(a.shape)}")
+    return params
+
+
 def _fresh_state(task: TrainTask, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     params = nn.unbox(task.init_params(rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _run(state, step, num_steps, step_fn, it, mesh, accum_steps, ckpt, writer, watcher, config_text,
-         log_every, eval_every, evaluate) -> TrainResult:
+def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_steps, ckpt, writer, watcher,
+         config_text, log_every, eval_every, evaluate) -> TrainResult:
     """The host loop. Metrics of step t are fetched after step t+1 is dispatched (keeps the device busy),
     except before a checkpoint, which is only written once its step's loss is known to be finite."""
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = _batch_sharding(mesh, rules)
     pending: tuple[int, Metrics] | None = None
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
@@ -300,7 +334,7 @@ def _run(state, step, num_steps, step_fn, it, mesh, accum_steps, ckpt, writer, w
             raise ValueError(f"training data ran out at step {step} of {num_steps}; make the train pipeline "
                              "repeat (num_epochs=None)") from None
         _check_batch(local, mesh, accum_steps)
-        state, metrics = step_fn(state, _global_batch(local, batch_sharding))
+        state, metrics = step_fn(state, _global_batch(local, batch_sharding), constants)
         step += 1
         settle()
         pending = (step, metrics)

@@ -1,0 +1,265 @@
+"""`avg-jax train`: train T5 generative retrieval (AVG / GRACE) on a corpus and its identifier table.
+
+Inputs: a corpus directory, an identifier table directory (its metadata names the SentencePiece model).
+The run directory receives:
+  checkpoints/            orbax: train state, data-iterator state, operative gin config (resumed on restart)
+  metrics.jsonl, tb/      training and periodic-evaluation metrics (JSONL and TensorBoard events)
+  operative_config.gin    the gin config in use
+  run.json                inputs, T5Config, sequence lengths (what `retrieve`/`eval` need to rebuild the model)
+  ranked_<split>.jsonl    final ranked outputs of the evaluation split (`avg-jax eval --ranked` format)
+  eval_<split>.json       final image-level R@1/5/10 of that split
+  retrieval/              the trained model as a retrieval checkpoint (`avg-jax retrieve --checkpoint`):
+                          HF T5 directory, the identifier table of the evaluation split's images (all images
+                          without an evaluation split), the SentencePiece model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from avg_jax import cli, config
+from avg_jax.data.corpus import Corpus
+from avg_jax.data.pipeline import make_batch_iterator
+from avg_jax.data.vocab import Vocabulary
+from avg_jax.decoding.retrieve import save_retrieval_checkpoint
+from avg_jax.decoding.t5_decode import identifier_window
+from avg_jax.decoding.trie import build_trie
+from avg_jax.evaluation.metrics import evaluate_images
+from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.launch import initialize_distributed
+from avg_jax.t5.configs import T5Config
+from avg_jax.t5.hf_io import load_hf_t5
+from avg_jax.t5.model import init_params
+from avg_jax.t5.vocab_expand import expand_vocab
+from avg_jax.training.evaluator import RetrievalEvaluator
+from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture, with_instruction
+from avg_jax.training.retrieval import TRAIN_TRIE, RetrievalLossConfig, RetrievalTask
+from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, train_loop
+
+RUN_FILE = "run.json"
+RETRIEVAL_DIR = "retrieval"
+VOKEN_INITS = ("none", "random", "codebook")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train T5 generative retrieval (L_gen + λ L_dis, GRACE memorize)")
+    p.add_argument("--corpus", default=None, help="corpus directory (default: the gin macro CORPUS_DIR)")
+    p.add_argument("--identifiers", required=True, help="identifier table directory (avg-jax tokenize --out)")
+    p.add_argument("--run_dir", required=True, help="output directory; an existing run is resumed")
+    cli.add_gin_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config.parse_gin(args.gin_file, args.gin_param)
+    initialize_distributed()  # joins a cluster only when configured (gin or JAX_* environment)
+    corpus_dir = config.path_from_flag_or_macro(args.corpus, "CORPUS_DIR", "--corpus")
+    result = train_retrieval(corpus_dir, args.identifiers, args.run_dir)
+    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+
+
+def load_vocabulary(table: IdentifierTable, table_dir: str | Path) -> Vocabulary:
+    """The text vocabulary recorded in the table's metadata (or a copy beside the table), plus its new tokens."""
+    recorded = table.metadata.get("sentencepiece_model")
+    if not recorded:
+        raise ValueError(f"{table_dir}: identifier table metadata has no 'sentencepiece_model'")
+    path = Path(recorded)
+    if not path.exists() and (Path(table_dir) / path.name).exists():
+        path = Path(table_dir) / path.name  # the table directory was moved with its spm.model
+    vocab = Vocabulary(path, num_extra_ids=int(table.metadata.get("num_extra_ids", 0)),
+                       num_new=table.num_new_tokens)
+    if vocab.text_size != table.text_vocab_size:
+        raise ValueError(f"{table_dir}: text_vocab_size {table.text_vocab_size} does not match the SentencePiece "
+                         f"model {path} ({vocab.text_size} ids incl. extra ids)")
+    return vocab
+
+
+def codebook_rows(table: IdentifierTable, table_dir: str | Path) -> np.ndarray:
+    """[num_new_tokens, code_dim] embedding seeds of the table's new tokens: the tokenizer's voken vectors in
+    token order (per-level codebooks flattened level-major), zero rows for disambiguation suffix tokens."""
+    name = table.metadata.get("codebook_file")
+    if not name:
+        raise ValueError(f"{table_dir}: voken_embedding_init='codebook' needs a voken table with a codebook "
+                         f"(scheme {table.scheme!r} has none)")
+    path = Path(table_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"codebook file missing: {path}")
+    codebook = np.load(path, allow_pickle=False)  # [C, N, code_dim]
+    vokens = codebook.reshape(-1, codebook.shape[-1]).astype(np.float32)
+    if vokens.shape[0] > table.num_new_tokens:
+        raise ValueError(f"{path}: {vokens.shape[0]} voken vectors but the table has {table.num_new_tokens} new "
+                         "tokens")
+    return np.concatenate([vokens, np.zeros((table.num_new_tokens - vokens.shape[0], vokens.shape[1]),
+                                            np.float32)])
+
+
+@gin.configurable(denylist=["model_config", "vocab", "table", "table_dir"])
+def initial_t5_params(model_config: T5Config, vocab: Vocabulary, table: IdentifierTable, table_dir: str | Path,
+                      voken_embedding_init: str = "none", pretrained_t5: str | None = None,
+                      seed: int = 0) -> tuple[dict | None, T5Config]:
+    """Starting parameters: None (the trainer's fresh init of the whole vocabulary) or a text-vocabulary T5
+    (a HuggingFace checkpoint directory, or fresh) whose embedding gets the new tokens by `expand_vocab`:
+    'codebook' = the paper's voken embedding (tokenizer codebook rows), 'random' = its ablation."""
+    if voken_embedding_init not in VOKEN_INITS:
+        raise ValueError(f"initial_t5_params.voken_embedding_init must be one of {VOKEN_INITS}, got "
+                         f"{voken_embedding_init!r}")
+    if voken_embedding_init == "none":
+        if pretrained_t5:
+            raise ValueError("initial_t5_params: a pretrained_t5 needs voken_embedding_init 'codebook' or 'random'")
+        return None, model_config
+    text_config = model_config.replace(vocab_size=vocab.text_size)
+    if pretrained_t5:
+        params, loaded = load_hf_t5(pretrained_t5)
+        if loaded.vocab_size < vocab.text_size:
+            raise ValueError(f"{pretrained_t5}: vocabulary {loaded.vocab_size} < the SentencePiece model's "
+                             f"{vocab.text_size} text ids")
+        text_config = loaded.replace(dropout_rate=model_config.dropout_rate, dtype=model_config.dtype,
+                                     num_image_tokens=model_config.num_image_tokens,
+                                     image_feature_dim=model_config.image_feature_dim, remat=model_config.remat)
+    else:
+        params = init_params(text_config, jax.random.key(seed))
+    codebook = codebook_rows(table, table_dir) if voken_embedding_init == "codebook" else None
+    params, config = expand_vocab(params, text_config, table.num_new_tokens, init=voken_embedding_init,
+                                  codebook=codebook, rng=jax.random.key(seed + 1), text_size=vocab.text_size)
+    if config.vocab_size != vocab.size:
+        raise ValueError(f"expanded vocabulary {config.vocab_size} != {vocab.size} (text + new tokens, padded)")
+    if config.num_image_tokens:  # the image-prefix projection is new: fresh weights beside the loaded ones
+        params = _fill_missing(params, init_params(config, jax.random.key(seed + 2)))
+    return params, config
+
+
+def _fill_missing(params: dict, fresh: dict) -> dict:
+    """`params` plus every entry of `fresh` that `params` lacks (nested dicts)."""
+    out = dict(params)
+    for k, v in fresh.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _fill_missing(out[k], v)
+    return out
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
+
+
+@gin.configurable(denylist=["corpus_dir", "identifiers_dir", "run_dir"])
+def train_retrieval(
+    corpus_dir: str,
+    identifiers_dir: str,
+    run_dir: str,
+    train_batch_size: int = 32,
+    seed: int = 0,
+    input_length: int | None = None,
+    eval_split: str | None = "test",
+    eval_beam_size: int = 10,
+    eval_batch_size: int = 32,
+    eval_max_queries: int | None = None,
+) -> dict[str, Any]:
+    """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
+    periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries.
+    `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
+    length cuts longer inputs (training and evaluation alike); the number cut is printed."""
+    corpus = Corpus.load(corpus_dir)
+    table = IdentifierTable.load(identifiers_dir)
+    vocab = load_vocabulary(table, identifiers_dir)
+    # The vocabulary and the corpus fix these two fields; gin sets the rest.
+    model_config = T5Config(image_feature_dim=int(corpus.image_features.shape[1])).replace(vocab_size=vocab.size)
+    initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
+    mixture = TrainMixture()
+    image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
+    memorize_stage, stream = build_mixture(corpus, table, vocab, mixture, image_dim, seed)
+    longest = max(len(ex["inputs"]) for ex in stream + memorize_stage)
+    if eval_split is not None:
+        instruction = mixture.retrieve_instruction
+        longest = max(longest, *(len(vocab.encode(with_instruction(instruction, corpus.queries[j].text)))
+                                 for j in corpus.query_rows(eval_split)))
+    input_length = _round_up(longest) if input_length is None else input_length
+    cut = sum(len(ex["inputs"]) > input_length for ex in stream + memorize_stage)
+    if cut and jax.process_index() == 0:
+        print(f"train_retrieval: {cut} of {len(stream) + len(memorize_stage)} training inputs are longer than "
+              f"input_length {input_length} and are cut", flush=True)
+    target_length = table.max_len
+    lengths = {"inputs": input_length, "targets": target_length}
+    if train_batch_size % jax.process_count():
+        raise ValueError(f"train_retrieval.train_batch_size {train_batch_size} is not divisible by "
+                         f"{jax.process_count()} processes")
+    local_batch = train_batch_size // jax.process_count()
+    iterator = make_batch_iterator(stream, local_batch, seed, lengths, truncate=True)
+    if memorize_stage:
+        first = make_batch_iterator(memorize_stage, local_batch, seed + 1, lengths, truncate=True)
+        iterator = SequentialIterator(first, iterator, mixture.memorize_steps)
+
+    loss_config = RetrievalLossConfig()
+    train_ids = [corpus.images[i].id for i in corpus.image_rows("train")]
+    train_trie = build_trie(table.subset(train_ids))
+    task = RetrievalTask(model_config, loss_config, identifier_window(train_trie, vocab.size, vocab.text_size),
+                         target_length=target_length, input_length=input_length)
+    constants = {TRAIN_TRIE: train_trie.tables} if loss_config.discriminative_weight > 0 else None
+
+    run_path = epath.Path(run_dir)  # local or gs://
+    evaluator = None
+    if eval_split is not None:
+        evaluator = RetrievalEvaluator(corpus, table, vocab, model_config, eval_split, input_length,
+                                       beam_size=eval_beam_size, batch_size=eval_batch_size,
+                                       max_queries=eval_max_queries, instruction=mixture.retrieve_instruction)
+    if jax.process_index() == 0:
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / RUN_FILE).write_text(json.dumps({
+            "corpus": str(Path(corpus_dir).resolve()), "identifiers": str(Path(identifiers_dir).resolve()),
+            "sentencepiece_model": str(vocab.path.resolve()), "t5_config": model_config.to_dict(),
+            "input_length": input_length, "target_length": target_length,
+            "retrieve_instruction": mixture.retrieve_instruction,
+            "train_examples": len(stream), "memorize_stage_examples": len(memorize_stage),
+        }, indent=2) + "\n")
+    result = train_loop(task, iterator, run_path, evaluate=evaluator, constants=constants,
+                        initial_params=initial_params)
+    final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
+    if not result.preempted:
+        image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
+        export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, result.state.params, model_config,
+                                    table.subset(image_ids), vocab)
+    if evaluator is not None and not result.preempted:
+        ranked = run_path / f"ranked_{eval_split}.jsonl"
+        if jax.process_index() == 0:
+            scores = evaluator.write_ranked(result.state.params, ranked)
+        else:  # the same sharded searches, nothing written
+            scores = evaluate_images(evaluator.rankings(result.state.params)[0], evaluator.relevant)
+        final.update(split=eval_split, **scores)
+        if jax.process_index() == 0:
+            (run_path / f"eval_{eval_split}.json").write_text(json.dumps(_finite(final), indent=2) + "\n")
+            print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
+                                               if isinstance(v, float)), flush=True)
+    return final
+
+
+def export_retrieval_checkpoint(out_dir: epath.PathLike, params: Any, config: T5Config, table: IdentifierTable,
+                                vocab: Vocabulary) -> None:
+    """The text-to-identifier model in the retrieval checkpoint layout (process 0 writes; all gather).
+
+    The GRACE image prefix is only used to memorise; queries are text, so its projection is left out."""
+    params = multihost_utils.process_allgather(params, tiled=True)  # host numpy on every process
+    if jax.process_index() != 0:
+        return
+    if str(out_dir).startswith(("gs://", "s3://")):
+        print(f"retrieval checkpoint not exported: {out_dir} is not a local path (the layout's writers are "
+              "local-file only); export from the orbax checkpoint after copying the run", flush=True)
+        return
+    if config.num_image_tokens:
+        params = {**params, "encoder": {k: v for k, v in params["encoder"].items()
+                                        if not k.startswith("image_projection")}}
+        config = config.replace(num_image_tokens=0, image_feature_dim=0)
+    save_retrieval_checkpoint(out_dir, params, config, table, vocab.path)
+
+
+def _finite(d: dict) -> dict:
+    return {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v)) for k, v in d.items()}

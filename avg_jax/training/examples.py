@@ -1,0 +1,208 @@
+"""Training examples for generative retrieval and their mixture (AVG: query -> identifier; GRACE adds
+learning-to-memorize: image feature prefix + instruction -> identifier, and pseudo-queries).
+
+Every example has "inputs" (instruction/query token ids) and "targets" (the image's identifier ids) plus,
+when the model has an image prefix, "image_features" [d] and "has_image" (False on query rows, whose
+prefix the encoder masks out). Rates are copies per epoch: rate 2.0 repeats every example twice, 0.5
+keeps a seeded half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import gin
+import numpy as np
+
+from avg_jax.data.corpus import SPLITS, Corpus, normalize_rows, queries_by_image
+from avg_jax.data.pipeline import Example, corpus_examples
+from avg_jax.data.vocab import Vocabulary
+from avg_jax.identifiers.table import IdentifierTable
+
+MEMORIZE_MODES = ("mixed", "sequential")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainMixture:
+    """What the training stream is made of (gin: `TrainMixture.memorize_rate = 1.0` ...)."""
+
+    retrieve_rate: float = 1.0  # copies of each TRAIN (query, relevant image) example
+    memorize_rate: float = 0.0  # copies of each learning-to-memorize example (needs T5Config.num_image_tokens)
+    memorize_splits: tuple[str, ...] = SPLITS  # the model must "index" every image it will retrieve
+    memorize_mode: str = "mixed"  # 'mixed': one stream; 'sequential': memorize only for `memorize_steps` first
+    memorize_steps: int = 0
+    pseudo_query_rate: float = 0.0  # copies of the pseudo-query examples
+    pseudo_queries_per_image: int = 1
+    memorize_instruction: str = "Predict the identifier for the <image>"  # GRACE inst-m
+    retrieve_instruction: str = ""  # GRACE inst-r: "Predict the image identifier corresponding to the given query"
+
+    def __post_init__(self):
+        for name in ("retrieve_rate", "memorize_rate", "pseudo_query_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainMixture.{name} must be >= 0, got {getattr(self, name)}")
+        if self.memorize_mode not in MEMORIZE_MODES:
+            raise ValueError(f"TrainMixture.memorize_mode must be one of {MEMORIZE_MODES}, got "
+                             f"{self.memorize_mode!r}")
+        bad = [s for s in self.memorize_splits if s not in SPLITS]
+        if bad:
+            raise ValueError(f"TrainMixture.memorize_splits: unknown split(s) {bad}; expected {list(SPLITS)}")
+        if self.memorize_mode == "sequential" and self.memorize_steps <= 0:
+            raise ValueError("TrainMixture: memorize_mode 'sequential' needs memorize_steps > 0")
+        if self.pseudo_queries_per_image < 1:
+            raise ValueError(f"TrainMixture.pseudo_queries_per_image must be >= 1, got "
+                             f"{self.pseudo_queries_per_image}")
+
+    @property
+    def uses_images(self) -> bool:
+        return self.memorize_rate > 0 or self.memorize_mode == "sequential"
+
+
+def with_instruction(instruction: str, text: str) -> str:
+    """GRACE-style instruction prefix (none when empty)."""
+    return f"{instruction} {text}" if instruction else text
+
+
+def _image_fields(ex: Example, features: np.ndarray | None, has_image: bool) -> Example:
+    if features is None:
+        return ex
+    return {**ex, "image_features": features.astype(np.float32), "has_image": np.bool_(has_image)}
+
+
+def retrieve_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, split: str, instruction: str,
+                      image_dim: int | None) -> list[Example]:
+    """One example per (query of `split`, relevant image): query tokens -> identifier."""
+    rows = table.index()
+    _check_covered(corpus, table, split)
+    examples = corpus_examples(corpus, split, lambda text: vocab.encode(with_instruction(instruction, text)),
+                               targets=lambda image_id: table.identifier(rows[image_id]))
+    zeros = None if image_dim is None else np.zeros(image_dim, np.float32)
+    return [_image_fields(ex, zeros, False) for ex in examples]
+
+
+def memorize_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, splits: tuple[str, ...],
+                      instruction: str) -> list[Example]:
+    """GRACE learning-to-memorize: (image feature prefix, instruction) -> identifier, for every image of
+    `splits` (test images included: retrieval can only return what the model has memorised)."""
+    rows = table.index()
+    inputs = np.asarray(vocab.encode(instruction), np.int32)
+    features = normalize_rows(corpus.image_features)
+    out = []
+    for split in splits:
+        _check_covered(corpus, table, split)
+        for i in corpus.image_rows(split):
+            image_id = corpus.images[i].id
+            ex = {"inputs": inputs, "query_row": np.int32(-1), "image_row": np.int32(i),
+                  "targets": np.asarray(table.identifier(rows[image_id]), np.int32)}
+            out.append(_image_fields(ex, features[i], True))
+    return out
+
+
+def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, splits: tuple[str, ...],
+                          per_image: int, instruction: str, image_dim: int | None) -> list[Example]:
+    """Pseudo-queries for images without TRAIN captions (GRACE appendix A).
+
+    GRACE generates them with an image-to-query model trained on the training pairs; here the generator
+    is retrieval-based: the first TRAIN caption of each of the `per_image` nearest TRAIN images (cosine of
+    image features). Only test-image FEATURES and training captions are used, never test captions.
+    """
+    train_images = corpus.image_rows("train")
+    captioned = queries_by_image(corpus, corpus.query_rows("train"))
+    donors = np.array([i for i in train_images if corpus.images[i].id in captioned], np.int64)
+    if donors.size == 0:
+        raise ValueError("pseudo-queries need TRAIN images with TRAIN captions; the corpus has none")
+    features = normalize_rows(corpus.image_features)
+    rows = table.index()
+    zeros = None if image_dim is None else np.zeros(image_dim, np.float32)
+    out = []
+    for split in splits:
+        if split == "train":
+            continue
+        targets = corpus.image_rows(split)
+        if targets.size == 0:
+            continue
+        sims = features[targets] @ features[donors].T  # [targets, donors]
+        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :per_image]
+        for i, near in zip(targets, nearest, strict=True):
+            image_id = corpus.images[i].id
+            for d in near:
+                text = corpus.queries[captioned[corpus.images[donors[d]].id][0]].text
+                ex = {"inputs": np.asarray(vocab.encode(with_instruction(instruction, text)), np.int32),
+                      "query_row": np.int32(-1), "image_row": np.int32(i),
+                      "targets": np.asarray(table.identifier(rows[image_id]), np.int32)}
+                out.append(_image_fields(ex, zeros, False))
+    return out
+
+
+def repeat_at_rate(examples: list[Example], rate: float, seed: int) -> list[Example]:
+    """floor(rate) copies of every example plus one more with probability frac(rate) (seeded)."""
+    whole, frac = int(np.floor(rate)), rate - np.floor(rate)
+    extra = np.random.default_rng(seed).random(len(examples)) < frac
+    return [ex for ex, e in zip(examples, extra, strict=True) for _ in range(whole + int(e))]
+
+
+def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, mixture: TrainMixture,
+                  image_dim: int | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """(memorize-stage examples, main-stream examples); the first list is empty unless sequential."""
+    if mixture.uses_images and image_dim is None:
+        raise ValueError("TrainMixture uses learning-to-memorize but T5Config.num_image_tokens is 0: set "
+                         "T5Config.num_image_tokens (the image prefix length)")
+    stream = repeat_at_rate(retrieve_examples(corpus, table, vocab, "train", mixture.retrieve_instruction,
+                                              image_dim), mixture.retrieve_rate, seed)
+    memorize: list[Example] = []
+    if mixture.uses_images:
+        memorize = memorize_examples(corpus, table, vocab, mixture.memorize_splits, mixture.memorize_instruction)
+        stream += repeat_at_rate(memorize, mixture.memorize_rate, seed + 1)
+    if mixture.pseudo_query_rate > 0:
+        pseudo = pseudo_query_examples(corpus, table, vocab, mixture.memorize_splits,
+                                       mixture.pseudo_queries_per_image, mixture.retrieve_instruction, image_dim)
+        stream += repeat_at_rate(pseudo, mixture.pseudo_query_rate, seed + 2)
+    if not stream:
+        raise ValueError("TrainMixture yields no training examples (all rates are 0?)")
+    return (memorize if mixture.memorize_mode == "sequential" else []), stream
+
+
+def _check_covered(corpus: Corpus, table: IdentifierTable, split: str) -> None:
+    rows = table.index()
+    missing = [corpus.images[i].id for i in corpus.image_rows(split) if corpus.images[i].id not in rows]
+    if missing:
+        raise ValueError(f"identifier table has no identifier for {len(missing)} {split} image(s) of the corpus, "
+                         f"first {missing[:5]}")
+
+
+class SequentialIterator:
+    """`first` for `switch_after` batches, then `second`: GRACE's memorize-then-retrieve schedule.
+
+    Checkpointable like a grain iterator (`get_state`/`set_state`, JSON-able state).
+    """
+
+    def __init__(self, first: Iterator, second: Iterator, switch_after: int):
+        self.first, self.second, self.switch_after = first, second, switch_after
+        self.consumed = 0
+
+    def __iter__(self) -> SequentialIterator:
+        return self
+
+    def __next__(self) -> Any:
+        it = self.first if self.consumed < self.switch_after else self.second
+        batch = next(it)
+        self.consumed += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"consumed": self.consumed, "first": self.first.get_state(), "second": self.second.get_state()}
+
+    def set_state(self, state: dict | bytes) -> None:
+        if isinstance(state, bytes):  # as grain's orbax handler hands over non-grain iterators' states
+            state = json.loads(state)
+        self.consumed = int(state["consumed"])
+        self.first.set_state(state["first"])
+        self.second.set_state(state["second"])
+
+    def start_prefetch(self) -> None:
+        for it in (self.first, self.second):
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()

@@ -1,0 +1,89 @@
+"""AVG's training losses (paper §3.2): generative next-voken loss (eq. 7) and the discriminative listwise
+loss over beam-search candidates (eqs. 8-9), as pure functions of logits, candidates and scores.
+
+Conventions: identifiers are rows of token ids padded with PAD (0) after their end; a sequence's score is
+the sum of its tokens' log-probabilities under the full-vocabulary softmax, the same score the
+constrained beam search ranks by.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from avg_jax.data.vocab import PAD_ID
+
+NEG_INF = float("-inf")
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) per position, 0 at PAD positions: [..., T, V] x [..., T] -> [..., T] float32."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.where(targets != PAD_ID, logp, 0.0)
+
+
+def sequence_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """s = sum of token log-probabilities of each target sequence: [..., T, V] x [..., T] -> [...]."""
+    return token_log_probs(logits, targets).sum(axis=-1)
+
+
+def generative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float = 0.0
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq. 7: -sum_j log p(voken_j | query, voken_<j) per example, averaged over examples with weight > 0.
+
+    logits [batch, T, V], targets [batch, T] (PAD-padded), weights [batch] (0 for padding rows). The
+    optional z-loss `z_loss * log(Z)^2` per target token keeps the softmax normaliser near 1 (PaLM/t5x).
+    """
+    mask = targets != PAD_ID  # [batch, T]
+    nll = -token_log_probs(logits, targets).sum(axis=-1)  # [batch]
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [batch, T]
+    z = z_loss * jnp.sum(jnp.where(mask, lse**2, 0.0), axis=-1)  # [batch]
+    denom = jnp.maximum(weights.sum(), 1e-9)
+    correct = (jnp.argmax(logits, axis=-1) == targets) | ~mask
+    metrics = {
+        "gen_loss": jnp.sum(weights * nll) / denom,
+        "z_loss": jnp.sum(weights * z) / denom,
+        "sequence_accuracy": jnp.sum(weights * jnp.all(correct, axis=-1)) / denom,
+    }
+    return jnp.sum(weights * (nll + z)) / denom, metrics
+
+
+def match_positive(candidates: jax.Array, valid: jax.Array, positive: jax.Array) -> jax.Array:
+    """Which valid candidates equal the positive identifier: [b, k, L] x [b, k] x [b, L] -> [b, k] bool."""
+    return jnp.all(candidates == positive[:, None, :], axis=-1) & valid
+
+
+def inject_positive(candidates: jax.Array, valid: jax.Array, positive: jax.Array, rng: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Make sure the positive identifier is among each query's candidates (paper §3.2).
+
+    Where the beam missed it, one non-positive candidate is replaced by it: an invalid slot (a beam wider
+    than the trie) if there is one, else a slot drawn uniformly at random from `rng`.
+    Returns (candidates [b, k, L], positive_index [b], valid [b, k], positive_was_found [b]).
+    """
+    hit = match_positive(candidates, valid, positive)  # [b, k]
+    found = jnp.any(hit, axis=-1)  # [b]
+    draw = jax.random.uniform(rng, valid.shape) + jnp.where(valid, 0.0, 2.0)  # invalid slots first
+    slot = jnp.argmax(draw, axis=-1)  # [b]
+    positive_index = jnp.where(found, jnp.argmax(hit, axis=-1), slot)
+    replace = (jnp.arange(valid.shape[1]) == slot[:, None]) & ~found[:, None]  # [b, k]
+    candidates = jnp.where(replace[:, :, None], positive[:, None, :], candidates)
+    return candidates, positive_index, valid | replace, found
+
+
+def duplicate_free(candidates: jax.Array, valid: jax.Array) -> jax.Array:
+    """Valid candidates that do not repeat an earlier valid candidate's tokens: [b, k, L] -> [b, k] bool."""
+    k = candidates.shape[1]
+    same = jnp.all(candidates[:, :, None, :] == candidates[:, None, :, :], axis=-1)  # [b, k(j), k(i)]
+    earlier = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [j, i]: i < j
+    repeated = jnp.any(same & earlier[None] & valid[:, None, :], axis=-1)
+    return valid & ~repeated
+
+
+def listwise_loss(scores: jax.Array, positive_index: jax.Array, keep: jax.Array) -> jax.Array:
+    """Eq. 9: -log softmax(s)[positive] over the kept candidates, per example: [b, k] -> [b]."""
+    masked = jnp.where(keep, scores.astype(jnp.float32), NEG_INF)
+    positive = jnp.take_along_axis(masked, positive_index[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(masked, axis=-1) - positive

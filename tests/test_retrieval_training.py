@@ -1,0 +1,266 @@
+"""The retrieval task on a tiny T5: the batched discriminative loss equals a per-candidate brute force,
+gradients flow only through the teacher-forced scores, and `avg-jax train` runs end to end (resume,
+evaluation outputs, GRACE memorize stages)."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from avg_jax import cli
+from avg_jax.data.corpus import Corpus
+from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
+from avg_jax.data.vocab import Vocabulary, train_sentencepiece
+from avg_jax.decoding.beam_search import BeamSearchOptions
+from avg_jax.decoding.retrieve import Retriever
+from avg_jax.decoding.t5_decode import identifier_window
+from avg_jax.decoding.trie import build_trie
+from avg_jax.evaluation.commands import read_ranked_jsonl
+from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
+from avg_jax.t5.configs import named_t5_config
+from avg_jax.t5.model import T5
+from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
+from avg_jax.training.retrieval import TRAIN_TRIE, RetrievalLossConfig, RetrievalTask, shift_right
+
+CODEBOOK, LEVELS = 12, 2
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_corpus, tmp_path_factory):
+    """The tiny corpus on disk with a SentencePiece model and a random 2-voken (+ suffix) identifier table."""
+    root = tmp_path_factory.mktemp("retrieval")
+    corpus_dir = tiny_corpus.save(root / "corpus")
+    spm = train_sentencepiece([tiny_corpus.queries[j].text for j in tiny_corpus.query_rows("train")],
+                              root / "table" / "spm", vocab_size=120)
+    text_vocab = Vocabulary(spm)
+    codes = np.random.default_rng(0).integers(0, CODEBOOK, (tiny_corpus.num_images, LEVELS))
+    table = make_identifier_table([im.id for im in tiny_corpus.images], text_vocab.text_size + codes,
+                                  np.full(tiny_corpus.num_images, LEVELS), scheme="rq", num_scheme_tokens=CODEBOOK,
+                                  text_vocab_size=text_vocab.text_size, variable_length=False,
+                                  metadata={"sentencepiece_model": str(spm), "num_extra_ids": 0,
+                                            "codebook_file": "codebook.npy"})
+    table_dir = table.save(root / "table")
+    np.save(table_dir / "codebook.npy", np.random.default_rng(1).standard_normal((1, CODEBOOK, 32), np.float32))
+    vocab = text_vocab.with_new_tokens(table.num_new_tokens)
+    return {"corpus_dir": corpus_dir, "table_dir": table_dir, "corpus": tiny_corpus, "table": table,
+            "vocab": vocab}
+
+
+def _task_and_batch(setup, beam=4, batch_size=3):
+    corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
+    trie = build_trie(table.subset([corpus.images[i].id for i in corpus.image_rows("train")]))
+    config = named_t5_config("tiny", vocab_size=vocab.size)
+    task = RetrievalTask(config, RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam),
+                         identifier_window(trie, vocab.size, vocab.text_size), target_length=table.max_len,
+                         input_length=24)
+    rows = table.index()
+    examples = corpus_examples(corpus, "train", vocab.encode, lambda i: table.identifier(rows[i]))
+    batch = next(make_batch_iterator(examples, batch_size, 0, {"inputs": 24, "targets": table.max_len},
+                                     truncate=True))
+    params = nn.unbox(task.init_params(jax.random.key(3)))
+    return task, {k: jnp.asarray(v) for k, v in batch.items()}, params, {TRAIN_TRIE: trie.tables}
+
+
+def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    return float(sum(logp[t, tok] for t, tok in enumerate(tokens) if tok != 0))
+
+
+def test_discriminative_loss_brute_force_and_gradient_path(setup):
+    """(1) The batched [batch * b, T] pass with injection and duplicate masking equals a per-candidate brute
+    force; (2) the gradient equals that of the same loss with the beam-search candidates fed in as constants,
+    i.e. it flows only through the teacher-forced scores, never through the search."""
+    task, batch, params, constants = _task_and_batch(setup)
+    rng, step = jax.random.key(11), jnp.int32(5)
+    (total, metrics), grad = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng, step, constants),
+                                                        has_aux=True))(params)
+    cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
+
+    class FixedCandidates(RetrievalTask):
+        def candidates(self, params, input_ids, tables):
+            return cands, valid
+
+    fixed = FixedCandidates(task.config, task.loss_config, task.window, task.target_length, task.input_length)
+    grad_fixed = jax.jit(jax.grad(lambda p: fixed.loss(p, batch, rng, step, constants)[0]))(params)
+    for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_fixed), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-6, atol=1e-9)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) > 0
+
+    cands, valid = np.asarray(cands), np.asarray(valid)
+    draw = np.asarray(jax.random.uniform(jax.random.fold_in(rng, 2), valid.shape))
+    model = T5(task.config)
+    forward = jax.jit(lambda p, x, y: model.apply({"params": p}, x, shift_right(y)))
+    gen, dis, found_any = [], [], []
+    for q in range(cands.shape[0]):
+        positive = np.asarray(batch["targets"][q])
+        slots = list(cands[q])
+        ok = list(valid[q])
+        found = [j for j in range(len(slots)) if ok[j] and np.array_equal(slots[j], positive)]
+        found_any.append(bool(found))
+        if found:
+            p = found[0]
+        else:
+            pool = [j for j in range(len(slots)) if not ok[j]] or list(range(len(slots)))
+            p = max(pool, key=lambda j: draw[q, j])
+            slots[p], ok[p] = positive, True
+        scores, keep, seen = [], [], set()
+        for j, cand in enumerate(slots):  # one teacher-forced forward pass per candidate
+            logits = forward(params, batch["inputs"][q:q + 1], jnp.asarray(cand)[None])
+            scores.append(_np_score(np.asarray(logits[0]), cand))
+            keep.append(ok[j] and tuple(cand) not in seen)
+            if ok[j]:
+                seen.add(tuple(cand))
+        kept = np.array([s for s, k in zip(scores, keep, strict=True) if k])
+        dis.append(np.log(np.exp(kept - kept.max()).sum()) + kept.max() - scores[p])
+        gen.append(-scores[p])
+    np.testing.assert_allclose(float(metrics["gen_loss"]), np.mean(gen), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["dis_loss"]), np.mean(dis), rtol=1e-4)
+    np.testing.assert_allclose(float(total), np.mean(gen) + 0.7 * np.mean(dis), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["positive_in_beam"]), np.mean(found_any))
+
+
+def test_lambda_schedule():
+    cfg = RetrievalLossConfig(discriminative_weight=0.5, discriminative_start_step=10, discriminative_warmup_steps=4)
+    got = [float(cfg.weight_at(jnp.int32(s))) for s in (0, 9, 10, 11, 13, 20)]
+    np.testing.assert_allclose(got, [0, 0, 0.125, 0.25, 0.5, 0.5])
+
+
+def test_sequential_iterator_state_round_trip(setup):
+    corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
+    mixture = TrainMixture(memorize_mode="sequential", memorize_steps=3, memorize_rate=0.0)
+    memorize, stream = build_mixture(corpus, table, vocab, mixture, image_dim=64, seed=0)
+    assert len(memorize) == corpus.num_images and all(ex["has_image"] for ex in memorize)
+    assert len(stream) == len(corpus.query_rows("train")) and not any(ex["has_image"] for ex in stream)
+    lengths = {"inputs": 24, "targets": table.max_len}
+
+    def make():
+        return SequentialIterator(make_batch_iterator(memorize, 4, 1, lengths, truncate=True),
+                                  make_batch_iterator(stream, 4, 0, lengths, truncate=True), 3)
+
+    it = make()
+    for _ in range(2):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]  # one memorize batch, then two retrieval batches
+    assert expected[0]["has_image"].all() and not expected[1]["has_image"].any()
+    again = make()
+    again.set_state(json.dumps(state).encode())  # as grain's orbax handler passes it back
+    for want in expected:
+        got = next(again)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def _train(setup, run_dir, *params: str) -> int:
+    gin_params = ["T5Config.vocab_size = 256", "T5Config.d_model = 32", "T5Config.num_heads = 2",
+                  "T5Config.d_kv = 16", "T5Config.d_ff = 64", "T5Config.num_encoder_layers = 1",
+                  "T5Config.num_decoder_layers = 1", "T5Config.dropout_rate = 0.0",
+                  "train_retrieval.train_batch_size = 8", "train_retrieval.eval_max_queries = 12",
+                  "train_retrieval.eval_batch_size = 64", "train_loop.progress_bar = False",
+                  "train_loop.tensorboard = False", "train_loop.log_every = 1", *params]
+    argv = ["train", "--corpus", str(setup["corpus_dir"]), "--identifiers", str(setup["table_dir"]),
+            "--run_dir", str(run_dir)]
+    for p in gin_params:
+        argv += ["--gin_param", p]
+    try:
+        return cli.main(argv)
+    finally:
+        gin.clear_config()
+
+
+def test_train_cli_end_to_end_with_discriminative_stage_and_resume(setup, tmp_path, capsys):
+    params = ("train_loop.checkpoint_every = 3", "train_loop.eval_every = 3",
+              "RetrievalLossConfig.discriminative_weight = 0.5", "RetrievalLossConfig.discriminative_start_step = 3",
+              "RetrievalLossConfig.beam_size = 4")
+    assert _train(setup, tmp_path, "train_loop.num_steps = 5", *params) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(train_rows) == [1, 2, 3, 4, 5]
+    assert train_rows[3]["dis_weight"] == 0 and train_rows[3]["dis_loss"] == 0  # λ(step 2) = 0
+    assert train_rows[4]["dis_weight"] == 0.5 and train_rows[4]["dis_loss"] > 0
+    assert any("eval/recall@10" in r for r in rows)
+    final = json.loads((tmp_path / "eval_test.json").read_text())
+    assert final["num_queries"] == len(setup["corpus"].query_rows("test")) and 0 <= final["recall@10"] <= 1
+    assert [r["eval/num_queries"] for r in rows if "eval/num_queries" in r] == [12, 12]  # steps 3 and 5
+    corpus = Corpus.load(setup["corpus_dir"])
+    ranked = read_ranked_jsonl(tmp_path / "ranked_test.jsonl", corpus, "test")
+    test_images = {corpus.images[i].id for i in corpus.image_rows("test")}
+    assert all(len(r) == 10 and set(r) <= test_images for r in ranked.image_ids)
+    retriever = Retriever.load(tmp_path / "retrieval", options=BeamSearchOptions(beam_size=10))  # avg-jax retrieve
+    lines = [json.loads(line) for line in (tmp_path / "ranked_test.jsonl").read_text().splitlines()[:4]]
+    for line, got in zip(lines, retriever.retrieve([line["text"] for line in lines], k=10), strict=True):
+        assert got.image_ids == line["image_ids"]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["t5_config"]["vocab_size"] == setup["vocab"].size
+    assert run["target_length"] == setup["table"].max_len == LEVELS + 1  # random codes collide: + suffix
+    capsys.readouterr()
+    assert _train(setup, tmp_path, "train_loop.num_steps = 7", *params) == 0
+    assert "resumed from checkpoint step 5" in capsys.readouterr().out
+
+
+def test_train_cli_grace_memorize_then_retrieve_with_pseudo_queries(setup, tmp_path):
+    assert _train(setup, tmp_path, "train_loop.num_steps = 4", "train_loop.checkpoint_every = 4",
+                  "T5Config.num_image_tokens = 2", "TrainMixture.memorize_mode = 'sequential'",
+                  "TrainMixture.memorize_steps = 2", "TrainMixture.memorize_rate = 0.5",
+                  "TrainMixture.pseudo_query_rate = 1.0", "train_retrieval.eval_split = None") == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    corpus = setup["corpus"]
+    non_train = corpus.num_images - len(corpus.image_rows("train"))
+    assert run["memorize_stage_examples"] == corpus.num_images
+    assert run["train_examples"] > len(corpus.query_rows("train")) + non_train  # + memorize half + pseudo
+    assert run["t5_config"]["image_feature_dim"] == corpus.image_features.shape[1]
+
+
+def test_train_cli_rejects_memorize_without_image_prefix(setup, tmp_path, capsys):
+    assert _train(setup, tmp_path, "train_loop.num_steps = 1", "TrainMixture.memorize_rate = 1.0") == 2
+    assert "T5Config.num_image_tokens" in capsys.readouterr().err
+
+
+def test_identifier_table_vocabulary_mismatch_is_reported(setup, tmp_path):
+    from avg_jax.training.commands import load_vocabulary
+
+    table = IdentifierTable.load(setup["table_dir"])
+    table.text_vocab_size += 1
+    with pytest.raises(ValueError, match="does not match the SentencePiece model"):
+        load_vocabulary(table, setup["table_dir"])
+
+
+def test_voken_embedding_init_from_codebook_and_pretrained_t5(setup, tmp_path):
+    """'codebook': voken rows are the tokenizer's codebook vectors (d_code = d_model: same directions), suffix
+    rows zero, text rows from the given HuggingFace checkpoint; the run starts from exactly these weights."""
+    from avg_jax.t5.hf_io import save_hf_t5
+    from avg_jax.t5.model import init_params
+    from avg_jax.training.commands import initial_t5_params
+
+    vocab, table = setup["vocab"], setup["table"]
+    text_config = named_t5_config("tiny", vocab_size=vocab.text_size, d_model=32)
+    text_params = init_params(text_config, jax.random.key(7))
+    save_hf_t5(text_params, text_config, tmp_path / "hf")
+    params, config = initial_t5_params(named_t5_config("tiny", vocab_size=vocab.size, d_model=32), vocab, table,
+                                       setup["table_dir"], voken_embedding_init="codebook",
+                                       pretrained_t5=str(tmp_path / "hf"))
+    emb = np.asarray(params["token_embedder"]["embedding"])  # [vocab.size, 32]
+    np.testing.assert_allclose(emb[: vocab.text_size], np.asarray(text_params["token_embedder"]["embedding"]),
+                               rtol=1e-6)
+    codebook = np.load(setup["table_dir"] / "codebook.npy")[0]
+    vokens = emb[vocab.text_size: vocab.text_size + CODEBOOK]
+    cos = np.sum(vokens * codebook, 1) / np.linalg.norm(vokens, axis=1) / np.linalg.norm(codebook, axis=1)
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(emb[vocab.text_size + CODEBOOK:], 0.0)  # suffix tokens, vocabulary padding
+    assert config.vocab_size == vocab.size
+    assert _train(setup, tmp_path / "run", "train_loop.num_steps = 1", "train_retrieval.eval_split = None",
+                  "T5Config.d_model = 32", "initial_t5_params.voken_embedding_init = 'codebook'",
+                  f"initial_t5_params.pretrained_t5 = '{tmp_path / 'hf'}'", "make_optimizer.name = 'sgd'",
+                  "learning_rate_schedule.peak_value = 0.0") == 0
+    with ocp.CheckpointManager(tmp_path / "run" / "checkpoints") as manager:  # lr 0: still the initial weights
+        state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    np.testing.assert_array_equal(np.asarray(state["params"]["token_embedder"]["embedding"]), emb)
