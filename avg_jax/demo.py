@@ -31,23 +31,20 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from avg_jax import cli, config
 from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.data.synthetic import make_synthetic_corpus
-from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.retrieve import Retriever, save_retrieval_checkpoint
+from avg_jax.decoding.retrieve import Retriever
 from avg_jax.decoding.t5_decode import identifier_window, make_t5_searcher
 from avg_jax.decoding.trie import Trie, build_trie
 from avg_jax.evaluation import dense, metrics
 from avg_jax.evaluation.commands import evaluate_ranked, read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable
-from avg_jax.t5.configs import T5Config
 from avg_jax.tokenizer.commands import tokenize_corpus
-from avg_jax.training.commands import RUN_FILE, load_vocabulary, train_retrieval
+from avg_jax.training.commands import RETRIEVAL_DIR, RUN_FILE, train_retrieval
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
 from avg_jax.training.retrieval import RetrievalLossConfig
 from avg_jax.training.trainer import CHECKPOINT_DIR
@@ -57,7 +54,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_DIR = "configs"
 PLOTS = {"training": "training_curves.png", "beam": "recall_vs_beam.png", "efficiency": "qps_vs_images.png"}
 SPLIT = "test"
-RETRIEVAL_CHECKPOINT = "retrieval_checkpoint"  # `avg-jax retrieve --checkpoint` over the test images
+RETRIEVAL_CHECKPOINT = f"t5_run/{RETRIEVAL_DIR}"  # the trainer's export: `avg-jax retrieve` over the test images
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -156,10 +153,8 @@ def run_demo(
         stages.done()
 
         stages.start("beam_sweep")
-        model = TrainedModel.load(run_dir, ids_dir)
-        save_retrieval_checkpoint(out / RETRIEVAL_CHECKPOINT, model.params, model.config,
-                                  table.subset(test_ids), model.vocab.path)
-        sweep = beam_sweep(model, corpus, table, beam_sizes, beam_sweep_queries)
+        model, instruction = load_retriever(run_dir)
+        sweep = beam_sweep(model, instruction, corpus, beam_sizes, beam_sweep_queries)
         stages.done()
 
         stages.start("examples")
@@ -184,7 +179,8 @@ def run_demo(
                             "collision_policy": tokenizer_stats["collision_policy"],
                             "collision_rate_before_policy":
                                 tokenizer_stats["collisions_before_policy"]["collision_rate"]},
-            "t5": {"config": model.config.to_dict(), "num_params": model.num_params, "steps": int(final["step"]),
+            "t5": {"config": model.config.to_dict(), "steps": int(final["step"]),
+                   "num_params": int(sum(x.size for x in jax.tree.leaves(model.params))),
                    "loss": dataclasses.asdict(RetrievalLossConfig())},
             "avg": avg_metrics, "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
             "examples": examples, "efficiency": efficiency,
@@ -220,54 +216,24 @@ def chance_recall(corpus: Corpus, split: str, ks: Sequence[int] = metrics.DEFAUL
     return out
 
 
-@dataclasses.dataclass
-class TrainedModel:
-    """The trained T5 of a `train_retrieval` run directory and how the trainer fed it queries."""
-
-    config: T5Config
-    params: Any
-    vocab: Vocabulary
-    instruction: str
-
-    @property
-    def num_params(self) -> int:
-        return int(sum(x.size for x in jax.tree.leaves(self.params)))
-
-    @classmethod
-    def load(cls, run_dir: Path, ids_dir: Path) -> TrainedModel:
-        """Parameters of the run's newest checkpoint (orbax, nothing executed) and its recorded config."""
-        run = json.loads((run_dir / RUN_FILE).read_text())
-        ckpt_dir = run_dir / CHECKPOINT_DIR
-        steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        with ocp.StandardCheckpointer() as ckpt:
-            state = ckpt.restore((ckpt_dir / str(steps[-1]) / "state").resolve())
-        vocab = load_vocabulary(IdentifierTable.load(ids_dir), ids_dir)
-        return cls(T5Config.from_dict(run["t5_config"], str(run_dir / RUN_FILE)), state["params"], vocab,
-                   run.get("retrieve_instruction", ""))
-
-    def queries(self, texts: Sequence[str]) -> list[str]:
-        """Query texts as the trainer encoded them (with its retrieve instruction, if any)."""
-        return [f"{self.instruction} {t}" if self.instruction else t for t in texts]
-
-    def retriever(self, table: IdentifierTable, beam_size: int, batch_size: int = 64) -> Retriever:
-        """The decoding stage's jitted constrained search over `table`'s image set."""
-        return Retriever(self.params, self.config, table, self.vocab, BeamSearchOptions(beam_size=beam_size),
-                         batch_size=batch_size)
+def load_retriever(run_dir: Path) -> tuple[Retriever, str]:
+    """The trainer's exported retrieval checkpoint (the test images' trie) and the query instruction it trained
+    with; the retriever's base beam is 1 so `retrieve(texts, k=b)` searches with beam b."""
+    run = json.loads((run_dir / RUN_FILE).read_text())
+    retriever = Retriever.load(run_dir / RETRIEVAL_DIR, options=BeamSearchOptions(beam_size=1), batch_size=64)
+    return retriever, run.get("retrieve_instruction", "")
 
 
-def beam_sweep(model: TrainedModel, corpus: Corpus, table: IdentifierTable, beam_sizes: Sequence[int],
+def beam_sweep(retriever: Retriever, instruction: str, corpus: Corpus, beam_sizes: Sequence[int],
                max_queries: int | None) -> dict[str, Any]:
     """Image-level metrics of the test queries for each beam size b (the top-b images; first `max_queries`)."""
     rows = corpus.query_rows(SPLIT)[:max_queries]
-    test_table = table.subset([corpus.images[i].id for i in corpus.image_rows(SPLIT)])
-    texts = model.queries([corpus.queries[j].text for j in rows])
+    texts = [f"{instruction} {corpus.queries[j].text}" if instruction else corpus.queries[j].text for j in rows]
     relevant = [corpus.queries[j].image_ids for j in rows]
     per_beam = {}
     for beam in tqdm.tqdm(beam_sizes, desc="beam sweep", leave=False):
         t0 = time.perf_counter()
-        ranked = [r.image_ids for r in model.retriever(test_table, beam).retrieve(texts, k=beam)]
+        ranked = [r.image_ids for r in retriever.retrieve(texts, k=beam)]
         per_beam[str(beam)] = metrics.evaluate_images(ranked, relevant)
         per_beam[str(beam)]["seconds"] = time.perf_counter() - t0
     return {"num_queries": int(rows.size), "beam_sizes": [int(b) for b in beam_sizes], "per_beam": per_beam}
@@ -321,9 +287,9 @@ def random_identifier_trie(n: int, levels: int, codebook_size: int, text_vocab_s
     return build_trie(tokens=tokens, lengths=np.full(n, levels, np.int32), fixed_length=True)
 
 
-def measure_efficiency(model: TrainedModel, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
+def measure_efficiency(model: Retriever, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
                        batch: int, beam: int, repeats: int, seed: int, query_tokens: int = 16) -> dict[str, Any]:
-    """Queries/s of the trained T5's constrained decode (incl. its encoder) and of dense exact search
+    """Queries/s of the trained T5's (`model.params`) constrained decode (incl. its encoder) and of dense exact search
     (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch` of
     `query_tokens`-token queries."""
     levels = int(table.metadata.get("num_levels", table.max_len))
