@@ -20,8 +20,7 @@ $(VENV)/.installed: $(BIN)/activate setup.py
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/avg-jax data make-synthetic --out $(DEMO_OUT)/corpus
-	$(BIN)/avg-jax data inspect $(DEMO_OUT)/corpus
+	$(BIN)/avg-jax demo --out $(DEMO_OUT)
 
 test: install
 	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "avg_jax.launch",
     "avg_jax.training.commands",
     "avg_jax.sweep",
+    "avg_jax.demo",
 )
 
 
