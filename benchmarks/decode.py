@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
     def median(fn):
         return float(np.median([fn(r) for r in rounds]))
 
-    flops_vocab = decode_flops(config, args.query_length, beam, steps, config.vocab_size + args.codebook)
+    flops_vocab = decode_flops(config, args.query_length, beam, steps, config.vocab_size)
     flops_window = decode_flops(config, args.query_length, beam, steps, args.codebook)
     report: dict = {
         "device": str(jax.devices()[0].device_kind),

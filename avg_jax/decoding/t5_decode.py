@@ -189,12 +189,13 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
         hidden, cache = decoder_step(weights, config, state.cache, state.cur_token, state.cur_index, cross,
                                      cross_bias)
         x = hidden * jnp.asarray(scale, hidden.dtype)  # [rows, d]
-        logits = jnp.einsum("nd,vd->nv", x, head_window, preferred_element_type=jnp.float32)
+        if norm == "vocab" and not full_window and not head_chunk_size:  # one matmul: slice + normaliser
+            logits = jnp.einsum("nd,vd->nv", x, head, preferred_element_type=jnp.float32)  # [rows, vocab]
+            return StepLogits(logits[:, start:start + size], jax.nn.logsumexp(logits, axis=-1)), cache
+        logits = jnp.einsum("nd,vd->nv", x, head_window, preferred_element_type=jnp.float32)  # [rows, size]
         normalizer = None
         if norm == "vocab" and not full_window:
-            normalizer = (chunked_logsumexp(x, head, head_chunk_size) if head_chunk_size else
-                          jax.nn.logsumexp(jnp.einsum("nd,vd->nv", x, head, preferred_element_type=jnp.float32),
-                                           axis=-1))
+            normalizer = chunked_logsumexp(x, head, head_chunk_size)
         return StepLogits(logits, normalizer), cache
 
     first_rows = batch if options.share_first_step else batch * beam
