@@ -162,12 +162,13 @@ def decoder_step(weights: dict, config: T5Config, cache: list[dict], tokens: jax
 @gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length"])
 def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables: trie_lib.TrieTables | None, *,
                    options: BeamSearchOptions, window: tuple[int, int] | None = None,
-                   max_length: int | None = None, head_chunk_size: int = 0) -> BeamSearchResult:
+                   max_length: int | None = None, head_chunk_size: int = 2048) -> BeamSearchResult:
     """Constrained beam search of T5 for `input_ids [batch, length]` (pure; jit with static config/options).
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`);
     None = the whole vocabulary. `tables=None` decodes unconstrained for `max_length` steps.
-    `head_chunk_size` > 0 computes the full-vocabulary log-normaliser that many columns at a time.
+    `head_chunk_size` > 0 computes the full-vocabulary log-normaliser that many columns at a time (on CPU
+    about 1.4x faster than materialising `[rows, vocab]` logits for T5-small); 0 = one matmul.
     """
     batch, beam = input_ids.shape[0], options.beam_size
     max_length = tables.max_length if tables is not None else max_length
