@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/avg-jax demo --out $(DEMO_OUT)
 
 test: install
-	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS) tests
 
 lint: install
 	$(BIN)/ruff check avg_jax tests benchmarks

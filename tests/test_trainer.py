@@ -166,7 +166,7 @@ def test_gradient_accumulation_bf16_and_summaries(tmp_path):
     _train(tmp_path / "full", dropout=0.0)
     assert [p.stat().st_size > 0 for p in (tmp_path / "full" / "tb").glob("events.out.tfevents.*")] == [True]
     assert "train_loop.num_steps = 4" in (tmp_path / "full" / "operative_config.gin").read_text()
-    _bind(num_steps=4, log_every=1, accum_steps=4)
+    _bind(num_steps=4, log_every=1, accum_steps=2)
     _train(tmp_path / "accum", dropout=0.0)
     full, accum = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
     np.testing.assert_allclose([accum[s] for s in range(1, 5)], [full[s] for s in range(1, 5)], rtol=2e-5)
