@@ -46,8 +46,9 @@ EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batc
                     "train_retrieval.eval_max_queries")
 DATASETS = ("flickr30k", "coco")
 
-# GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table): beams of at least R@10's 10 results.
-GRACE_BEAMS = (10, 20, 30, 40, 50)
+# GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table; the beams are not listed): AVG Table 7's
+# beams. Below 10 the beam returns fewer than R@10's 10 identifiers, so R@10 is "-" there (R@5 below 5).
+GRACE_BEAMS = (1, 5, 10, 20, 30, 40, 50)
 
 Paper = tuple[float | None, float | None, float | None]  # R@1, R@5, R@10 in %, None where the paper has "-"
 
@@ -238,7 +239,9 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     table = IdentifierTable.load(plan.identifiers_dir)
     split_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
     outputs = evaluation.read_ranked_jsonl(ranked, corpus, split)
-    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups())
+    # A beam b returns b identifiers: R@K for K > b is inapplicable (the paper's "-") and left out.
+    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
+                                        num_results=result["beam_size"])
     plan.row_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ranked, plan.row_dir / ranked.name)
     evaluation.write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
@@ -332,6 +335,9 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
         if show_paper:
             cells += [_paper(v) for v in (r["paper"] or {}).values()] or ["-"] * 3
         lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    if any(r["status"] == "done" and f"recall@{max(PAPER_KS)}" not in r["metrics"] for r in rows):
+        notes.append("-: R@K with K above the beam size, and MRR@10 below beam 10, are inapplicable (the beam "
+                     "returns only that many identifiers), as in the paper.")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines).rstrip() + "\n", {"table": table.name, "title": table.title, "rows": rows,
                                                "paper_shown": show_paper}
@@ -405,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
             (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
             print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
             continue
-        print(f"{head}: " + " ".join(f"R@{k}={100 * scores[f'recall@{k}']:.1f}" for k in PAPER_KS), flush=True)
+        print(f"{head}: " + " ".join(f"R@{k}={_pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
     if args.dry_run:
         return 0
     path = write_table(table, args.out)

@@ -138,12 +138,13 @@ def _identifiers(obj: dict, where: str) -> list[tuple[int, ...]] | None:
 
 def evaluate_ranked(corpus: Corpus, outputs: RankedOutputs,
                     groups: dict[tuple[int, ...], list[str]] | None = None,
-                    ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, float]:
-    """Image-level metrics of the ranked image ids; with identifiers and groups also identifier-level ones."""
+                    ks: Sequence[int] = metrics.DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
+    """Image-level metrics of the ranked image ids; with identifiers and groups also identifier-level ones
+    (`num_results`: the beam that produced them; cutoffs beyond it are left out, see evaluation.metrics)."""
     relevant = [corpus.queries[j].image_ids for j in outputs.query_rows]
-    out = metrics.evaluate_images(outputs.image_ids, relevant, ks)
+    out = metrics.evaluate_images(outputs.image_ids, relevant, ks, num_results)
     if groups is not None and outputs.identifiers is not None:
-        out.update(metrics.identifier_level_metrics(outputs.identifiers, relevant, groups, ks))
+        out.update(metrics.identifier_level_metrics(outputs.identifiers, relevant, groups, ks, num_results))
     return out
 
 

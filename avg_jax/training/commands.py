@@ -33,7 +33,6 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.retrieve import save_retrieval_checkpoint
 from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
-from avg_jax.evaluation.metrics import evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.launch import initialize_distributed
 from avg_jax.t5.configs import T5Config
@@ -233,8 +232,8 @@ def train_retrieval(
         if jax.process_index() == 0:
             scores = evaluator.write_ranked(result.state.params, ranked)
         else:  # the same sharded searches, nothing written
-            scores = evaluate_images(evaluator.rankings(result.state.params)[0], evaluator.relevant)
-        final.update(split=eval_split, **scores)
+            scores = evaluator.score(evaluator.rankings(result.state.params)[0])
+        final.update(split=eval_split, beam_size=eval_beam_size, **scores)
         if jax.process_index() == 0:
             (run_path / f"eval_{eval_split}.json").write_text(json.dumps(_finite(final), indent=2) + "\n")
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()

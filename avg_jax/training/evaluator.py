@@ -1,5 +1,6 @@
 """Periodic retrieval evaluation during training: constrained beam search over the EVAL image set's trie,
-identifiers expanded to images, image-level R@1/5/10 (avg_jax.evaluation.metrics)."""
+identifiers expanded to images, image-level R@1/5/10 (avg_jax.evaluation.metrics). A beam b < 10 returns b
+identifiers: R@K for K > b (and MRR@10) are inapplicable and left out, as the paper's Table 7 has "-"."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.t5_decode import identifier_window, t5_beam_search
 from avg_jax.decoding.trie import Trie, build_trie
-from avg_jax.evaluation.metrics import DEFAULT_KS, evaluate_images
+from avg_jax.evaluation.metrics import DEFAULT_KS, applicable_ks, evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.t5.configs import T5Config
 from avg_jax.training.examples import with_instruction
@@ -45,9 +46,8 @@ class RetrievalEvaluator:
         query_rows = corpus.query_rows(split)
         if not image_ids or query_rows.size == 0:
             raise ValueError(f"evaluation split {split!r} has {len(image_ids)} images and {query_rows.size} queries")
-        if beam_size < max(DEFAULT_KS):
-            raise ValueError(f"evaluation beam_size {beam_size} < {max(DEFAULT_KS)}: R@{max(DEFAULT_KS)} needs "
-                             "that many results")
+        self.beam_size = beam_size
+        self.ks = applicable_ks(DEFAULT_KS, beam_size)  # raises on beam_size < 1
         self.split, self.corpus, self.query_rows, self.num_images = split, corpus, query_rows, len(image_ids)
         self.trie: Trie = build_trie(table.subset(image_ids))
         texts = [with_instruction(instruction, corpus.queries[j].text) for j in query_rows]
@@ -80,10 +80,15 @@ class RetrievalEvaluator:
                                     for x in g if x >= 0])
         return images, identifiers
 
+    def score(self, images: Sequence[Sequence[str]]) -> dict[str, float]:
+        """Image-level metrics of the rankings of the first len(images) queries, at the beam's cutoffs."""
+        return evaluate_images(images, self.relevant[: len(images)], num_results=self.beam_size)
+
     def __call__(self, params, step: int) -> dict[str, float]:
         images, _ = self.rankings(params, self.max_queries)
-        metrics = evaluate_images(images, self.relevant[: self.max_queries])
-        metrics["chance_recall@10"] = min(10, self.num_images) / self.num_images  # a random ranking
+        metrics = self.score(images)
+        k = max(self.ks)
+        metrics[f"chance_recall@{k}"] = min(k, self.num_images) / self.num_images  # a random ranking
         return metrics
 
     def write_ranked(self, params, path: epath.PathLike) -> dict[str, float]:
@@ -93,4 +98,4 @@ class RetrievalEvaluator:
             json.dumps({"query_row": int(j), "text": self.corpus.queries[j].text, "image_ids": im,
                         "identifiers": [list(x) for x in ids]}) + "\n"
             for j, im, ids in zip(self.query_rows, images, identifiers, strict=True)))
-        return evaluate_images(images, self.relevant)
+        return self.score(images)
