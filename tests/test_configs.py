@@ -3,6 +3,7 @@ and `avg-jax sweep` lays metrics out like the paper's tables."""
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import gin
@@ -18,7 +19,7 @@ NEEDS_TRAINER = pytest.mark.skipif(not HAS_TRAINER, reason="avg_jax.training.com
                                    "trainer branch) is not on this branch yet: train-stage configurables unknown")
 # Modules whose configurables the building blocks bind without importing them themselves.
 BASE_MODULES = ("avg_jax.tokenizer.commands", "avg_jax.t5.configs", "avg_jax.launch", "avg_jax.partitioning",
-                "avg_jax.data.synthetic", "avg_jax.training.optimizer")
+                "avg_jax.data.synthetic", "avg_jax.training.optimizer", "avg_jax.demo")
 
 
 def _uses_trainer(path: str, seen: set | None = None) -> bool:
@@ -42,6 +43,29 @@ def test_every_gin_file_parses(path):
     if not HAS_TRAINER and _uses_trainer(path):
         pytest.skip("imports avg_jax.training.commands/examples, not on this branch yet")
     config.parse_gin([path])  # unknown configurables, parameters, macros or includes raise
+    gin.clear_config()
+
+
+def test_parsing_an_experiment_logs_no_error_and_keeps_cwd_includes(tmp_path, monkeypatch, caplog):
+    """Includes found under gin_configs/ (not the cwd) log nothing, even from a working directory holding a
+    `data/` folder on sys.path (gin's package-resource reader crashed there), and cwd files still win."""
+    for module in BASE_MODULES:
+        __import__(module)
+    (tmp_path / "data" / "flickr30k").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "t5_tiny.gin").write_text("T5Config.d_model = 24\n")  # shadows gin_configs/'s
+    (tmp_path / "mine.gin").write_text("include 'models/t5_tiny.gin'\ninclude 'mesh/cpu.gin'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.DEBUG):
+        config.parse_gin(["experiments/avg/flickr30k_table3_full.gin"] if HAS_TRAINER else ["mesh/cpu.gin"])
+        config.parse_gin(["mine.gin"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert gin.get_bindings("T5Config")["d_model"] == 24
+    (tmp_path / "bad.gin").write_text("include 'models/t5_nonexistent.gin'\n")
+    with pytest.raises(IOError, match=r"models/t5_nonexistent\.gin"):
+        config.parse_gin(["bad.gin"])
+    assert len(gin.config._LOCATION_PREFIXES) == len(set(gin.config._LOCATION_PREFIXES))  # no growth per call
     gin.clear_config()
 
 
