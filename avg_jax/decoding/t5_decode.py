@@ -160,14 +160,17 @@ def decoder_step(weights: dict, config: T5Config, cache: list[dict], tokens: jax
     return _rms_norm(x, weights["final_norm"], eps), new_cache
 
 
-@gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length"])
+@gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length",
+                            "eos_id"])
 def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables: trie_lib.TrieTables | None, *,
                    options: BeamSearchOptions, window: tuple[int, int] | None = None,
-                   max_length: int | None = None, head_chunk_size: int = 2048) -> BeamSearchResult:
+                   max_length: int | None = None, eos_id: int | None = None,
+                   head_chunk_size: int = 2048) -> BeamSearchResult:
     """Constrained beam search of T5 for `input_ids [batch, length]` (pure; jit with static config/options).
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`);
-    None = the whole vocabulary. `tables=None` decodes unconstrained for `max_length` steps.
+    None = the whole vocabulary. `tables=None` decodes unconstrained for up to `max_length` steps (free
+    generation; `eos_id` ends a beam, see `beam_search`).
     `head_chunk_size` > 0 computes the full-vocabulary log-normaliser that many columns at a time (on CPU
     about 1.4x faster than materialising `[rows, vocab]` logits for T5-small); 0 = one matmul.
     """
@@ -202,7 +205,8 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
 
     first_rows = batch if options.share_first_step else batch * beam
     return beam_search(tokens_to_logits, tables, init_self_cache(config, first_rows, max_length),
-                       batch_size=batch, options=options, column_offset=start, max_length=max_length)
+                       batch_size=batch, options=options, column_offset=start, max_length=max_length,
+                       eos_id=eos_id)
 
 
 def make_t5_searcher(config: T5Config, options: BeamSearchOptions, window: tuple[int, int] | None = None,
