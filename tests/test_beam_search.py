@@ -225,7 +225,7 @@ def free_sequences(alphabet, length):
     return out
 
 
-def free_ranking(result, q, length):
+def free_ranking(result, q):
     """Our unconstrained beams of query q as (sequence cut after its EOS, score), -inf slots dropped."""
     ours = []
     for row, score in zip(result.tokens[q], result.scores[q], strict=True):
@@ -249,7 +249,7 @@ def test_unconstrained_with_eos_is_exhaustive_free_generation(norm):
     for q in range(4):
         scored = [(s, teacher_forced(model, q, s, None, norm=norm, window=window)) for s in every]
         expected = sorted(scored, key=lambda c: -c[1])
-        ours = free_ranking(result, q, length)
+        ours = free_ranking(result, q)
         assert sorted(s for s, _ in ours) == sorted(every)  # each exactly once
         np.testing.assert_allclose([sc for _, sc in ours], [sc for _, sc in expected], atol=1e-4, rtol=0)
         assert dict(ours) == pytest.approx(dict(expected), abs=1e-4)
@@ -268,7 +268,7 @@ def test_unconstrained_with_eos_matches_a_reference_beam_search(beam):
         eos_id=EOS_ID))(cache=model.initial_cache()))
     ref = reference_trie(free_sequences(range(VOCAB), length))
     for q in range(4):
-        assert_same_ranking(free_ranking(result, q, length), reference_beam_search(model, q, ref, beam, length))
+        assert_same_ranking(free_ranking(result, q), reference_beam_search(model, q, ref, beam, length))
 
 
 def test_bad_options_raise():
