@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="ranked-output JSONL; repeat as NAME=FILE to compare systems")
     p.add_argument("--identifiers", help="identifier table directory, for identifier-level recall")
     p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--beam_size", type=int, default=None,
+                   help="the beam that produced the rankings: R@K above it (and MRR@10 below 10) is inapplicable "
+                        "and left out, as the paper's '-'")
     p.add_argument("--out", required=True, help="output directory for metrics.json")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval)
@@ -179,7 +182,7 @@ def run_eval(args: argparse.Namespace) -> int:
         outputs = read_ranked_jsonl(file, corpus, args.split)
         if groups is not None and outputs.identifiers is None:
             raise ValueError(f"{file}: --identifiers was given but the file has no 'identifiers' field")
-        systems[name] = evaluate_ranked(corpus, outputs, groups)
+        systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size)
     path = write_metrics(args.out, corpus, args.corpus, args.split, systems)
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, systems, path)
