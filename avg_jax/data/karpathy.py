@@ -15,7 +15,6 @@ filename without extension (the Flickr photo id for Flickr30K).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from avg_jax.data.sources import (
     no_features,
     select_features,
 )
+from avg_jax.json_io import read_json
 
 TEXT_FIELDS = ("raw", "tokens")
 
@@ -54,12 +54,7 @@ def load_karpathy_json(
         raise ValueError(f"text_field must be one of {TEXT_FIELDS}, got {text_field!r}")
     splits = {**KARPATHY_SPLITS, "restval": restval_split}
     path = Path(json_path)
-    if not path.exists():
-        raise FileNotFoundError(f"Karpathy JSON not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, "Karpathy JSON", CorpusError, expect=None)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CorpusError(f"{path}: expected an object with an 'images' list (Karpathy format)")
     records = data["images"]

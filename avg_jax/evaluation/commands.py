@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from avg_jax import cli, config
-from avg_jax.data.corpus import SPLITS, Corpus
+from avg_jax.data.corpus import SPLITS, Corpus, read_jsonl
 from avg_jax.evaluation import dense, metrics
 
 METRICS_FILE = "metrics.json"
@@ -75,30 +75,23 @@ def read_ranked_jsonl(path: str | Path, corpus: Corpus, split: str) -> RankedOut
         by_text.setdefault(corpus.queries[j].text, []).append(int(j))
     image_ids = {im.id for im in corpus.images if im.split == split}
     rows, ranked, identifiers, seen = [], [], [], {}
-    with path.open() as f:
-        for n, line in enumerate(f, start=1):
-            where = f"{path} line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            row = _query_row(obj, where, corpus, in_split, by_text, split)
-            if row in seen:
-                raise ValueError(f"{where}: query row {row} already ranked on line {seen[row]}")
-            seen[row] = n
-            ids = obj.get("image_ids")
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ValueError(f"{where}: field 'image_ids' must be a list of image id strings, got {ids!r}")
-            unknown = [i for i in ids if i not in image_ids]
-            if unknown:
-                raise ValueError(f"{where}: field 'image_ids' names images not in split {split!r}: {unknown[:5]}")
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"{where}: field 'image_ids' repeats an image id")
-            rows.append(row)
-            ranked.append(ids)
-            identifiers.append(_identifiers(obj, where))
+    for n, obj in read_jsonl(path):
+        where = f"{path} line {n}"
+        row = _query_row(obj, where, corpus, in_split, by_text, split)
+        if row in seen:
+            raise ValueError(f"{where}: query row {row} already ranked on line {seen[row]}")
+        seen[row] = n
+        ids = obj.get("image_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{where}: field 'image_ids' must be a list of image id strings, got {ids!r}")
+        unknown = [i for i in ids if i not in image_ids]
+        if unknown:
+            raise ValueError(f"{where}: field 'image_ids' names images not in split {split!r}: {unknown[:5]}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: field 'image_ids' repeats an image id")
+        rows.append(row)
+        ranked.append(ids)
+        identifiers.append(_identifiers(obj, where))
     missing = sorted(in_split - set(rows))
     if missing:
         raise ValueError(f"{path}: {len(missing)} of the {len(in_split)} {split!r} queries have no ranking, "
