@@ -19,7 +19,7 @@ from typing import Any
 import gin
 
 from avg_jax.data.corpus import SPLITS, Corpus, CorpusError, ImageRecord, read_jsonl
-from avg_jax.data.sources import BadRecords, CaptionedImages, load_feature_rows
+from avg_jax.data.sources import BadRecords, CaptionedImages, load_caption_rows, load_feature_rows
 
 
 @gin.configurable(denylist=["records_path", "image_root", "image_features", "text_features", "skip_bad_records"])
@@ -42,13 +42,8 @@ def load_jsonl_folder(
     lines = list(read_jsonl(path))  # malformed JSON lines are fatal: their captions cannot be counted
     counts = [_caption_count(obj) for _, obj in lines]
     image_rows = load_feature_rows(image_features, len(lines), str(path))
-    text_rows = None
-    if text_features is not None:
-        unknown = [n for (n, _), c in zip(lines, counts, strict=True) if c is None]
-        if unknown:
-            raise CorpusError(f"{path} line {unknown[0]}: captions are not a string or list of strings, so rows "
-                              f"of {text_features} cannot be matched to captions")
-        text_rows = load_feature_rows(text_features, sum(counts), f"{path} captions")
+    text_rows = load_caption_rows(text_features, counts, f"{path} captions",
+                                  lambda i: f"{path} line {lines[i][0]}: captions are not a string or list of strings")
 
     kept = CaptionedImages(BadRecords(f"jsonl {path.name}", skip_bad_records), image_rows, text_rows)
     seen: dict[str, int] = {}  # image id -> line of its first record

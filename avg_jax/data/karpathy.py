@@ -25,6 +25,7 @@ from avg_jax.data.sources import (
     KARPATHY_SPLITS,
     BadRecords,
     CaptionedImages,
+    load_caption_rows,
     load_feature_rows,
 )
 from avg_jax.json_io import read_json
@@ -58,13 +59,8 @@ def load_karpathy_json(
     records = data["images"]
     sentence_counts = [_sentence_count(r) for r in records]
     image_rows = load_feature_rows(image_features, len(records), f"{path} 'images'")
-    text_rows = None
-    if text_features is not None:
-        unknown = [i for i, n in enumerate(sentence_counts) if n is None]
-        if unknown:  # the row of every later sentence would be unknown: never guess
-            raise CorpusError(f"{path} images[{unknown[0]}]: field 'sentences' is not a list, so rows of "
-                              f"{text_features} cannot be matched to sentences")
-        text_rows = load_feature_rows(text_features, sum(sentence_counts), f"{path} sentences")
+    text_rows = load_caption_rows(text_features, sentence_counts, f"{path} sentences",
+                                  lambda i: f"{path} images[{i}]: field 'sentences' is not a list")
 
     kept = CaptionedImages(BadRecords(f"karpathy {path.name}", skip_bad_records), image_rows, text_rows)
     seen: dict[str, int] = {}  # image id -> index of its first record

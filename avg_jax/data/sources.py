@@ -78,6 +78,21 @@ def load_feature_rows(path: str | Path | None, num_rows: int, records: str) -> F
     return FeatureRows(path, x, set(np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()))
 
 
+def load_caption_rows(path: str | Path | None, counts: list[int | None], records: str,
+                      uncounted: Callable[[int], str]) -> FeatureRows | None:
+    """Load a .npy with one row per caption of `counts` (captions per record, None when unreadable).
+
+    A record whose caption count is None leaves the row of every later caption unknown: that is an error
+    (`uncounted(i)` names record i and why), never a guess.
+    """
+    if path is None:
+        return None
+    unknown = [i for i, n in enumerate(counts) if n is None]
+    if unknown:
+        raise CorpusError(f"{uncounted(unknown[0])}, so rows of {path} cannot be matched to {records}")
+    return load_feature_rows(path, sum(n or 0 for n in counts), records)
+
+
 def select_features(rows: FeatureRows | None, keep: list[int], normalize: bool) -> np.ndarray | None:
     """Kept rows as float32 (L2-normalised when asked); None when there is no feature file."""
     if rows is None:
