@@ -226,7 +226,8 @@ def load_retriever(run_dir: Path) -> tuple[Retriever, str]:
 
 def beam_sweep(retriever: Retriever, instruction: str, corpus: Corpus, beam_sizes: Sequence[int],
                max_queries: int | None) -> dict[str, Any]:
-    """Image-level metrics of the test queries for each beam size b (the top-b images; first `max_queries`)."""
+    """Image-level metrics of the test queries for each beam size b (the top-b images; first `max_queries`);
+    R@K for K > b and MRR@10 for b < 10 are inapplicable and absent (evaluation.metrics)."""
     rows = corpus.query_rows(SPLIT)[:max_queries]
     texts = [f"{instruction} {corpus.queries[j].text}" if instruction else corpus.queries[j].text for j in rows]
     relevant = [corpus.queries[j].image_ids for j in rows]
@@ -234,7 +235,7 @@ def beam_sweep(retriever: Retriever, instruction: str, corpus: Corpus, beam_size
     for beam in tqdm.tqdm(beam_sizes, desc="beam sweep", leave=False):
         t0 = time.perf_counter()
         ranked = [r.image_ids for r in retriever.retrieve(texts, k=beam)]
-        per_beam[str(beam)] = metrics.evaluate_images(ranked, relevant)
+        per_beam[str(beam)] = metrics.evaluate_images(ranked, relevant, num_results=beam)
         per_beam[str(beam)]["seconds"] = time.perf_counter() - t0
     return {"num_queries": int(rows.size), "beam_sizes": [int(b) for b in beam_sizes], "per_beam": per_beam}
 
@@ -371,7 +372,7 @@ def plot_beam_sweep(sweep: dict[str, Any], dense_metrics: dict[str, float], chan
     beams = sweep["beam_sizes"]
     for i, k in enumerate(metrics.DEFAULT_KS):
         colour = f"C{i}"
-        ax.plot(beams, [sweep["per_beam"][str(b)][f"recall@{k}"] for b in beams], "o-", color=colour,
+        ax.plot(beams, [sweep["per_beam"][str(b)].get(f"recall@{k}", math.nan) for b in beams], "o-", color=colour,
                 label=f"AVG R@{k}")
         ax.axhline(dense_metrics[f"recall@{k}"], color=colour, ls="--", lw=1, label=f"dense R@{k}")
     ax.axhline(chance["recall@10"], color="grey", ls=":", lw=1, label="chance R@10")
@@ -410,7 +411,7 @@ def plot_efficiency(eff: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _pct(x: float) -> str:
+def _pct(x: float | None) -> str:
     return f"{100 * x:.1f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
 
 
@@ -460,8 +461,8 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
               "| beam | " + " | ".join(f"R@{k}" for k in ks) + " | MRR@10 | seconds |", "|---" * (len(ks) + 3) + "|"]
     for b in sweep["beam_sizes"]:
         m = sweep["per_beam"][str(b)]
-        lines.append(f"| {b} | " + " | ".join(_pct(m[f'recall@{k}']) for k in ks) +
-                     f" | {_pct(m['mrr@10'])} | {m['seconds']:.1f} |")
+        lines.append(f"| {b} | " + " | ".join(_pct(m.get(f'recall@{k}')) for k in ks) +
+                     f" | {_pct(m.get('mrr@10'))} | {m['seconds']:.1f} |")
     lines += ["", "## Example queries", ""]
     for ex in r["examples"]:
         lines += [f"**\"{ex['query']}\"** (relevant: {', '.join(ex['relevant'])})", "",

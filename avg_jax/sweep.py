@@ -43,11 +43,12 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
                            "grace_semantic_identifiers", "grace_structured_identifiers")
 # Parameters read only by the final evaluation: rows differing only in these share one trained run.
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
-                    "train_retrieval.eval_max_queries")
+                    "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained")
 DATASETS = ("flickr30k", "coco")
 
-# GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table): beams of at least R@10's 10 results.
-GRACE_BEAMS = (10, 20, 30, 40, 50)
+# GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table; the beams are not listed): AVG Table 7's
+# beams. Below 10 the beam returns fewer than R@10's 10 identifiers, so R@10 is "-" there (R@5 below 5).
+GRACE_BEAMS = (1, 5, 10, 20, 30, 40, 50)
 
 Paper = tuple[float | None, float | None, float | None]  # R@1, R@5, R@10 in %, None where the paper has "-"
 
@@ -84,6 +85,8 @@ _GRACE_COCO = {"numeric": (0.03, 0.14, 0.28), "string": (0.12, 0.37, 0.88), "sem
                "structured": (16.7, 39.2, 50.3), "atomic": (41.5, 69.1, 79.1)}
 _GRACE_NO_MEMORIZE = {"numeric": (18.2, 24.3, 24.9), "string": (26.1, 33.3, 34.6),
                       "semantic": (19.3, 31.2, 34.3), "structured": (36.5, 61.1, 68.2)}
+_GRACE_NO_CONSTRAINED = {"numeric": (7.72, 16.7, 21.1), "string": (10.9, 22.3, 28.0),
+                         "semantic": (0.6, 2.3, 3.0), "structured": (10.2, 22.3, 29.3)}
 
 
 def _grace_rows(dataset: str, numbers: dict[str, Paper], schemes: Sequence[str]) -> tuple[SweepRow, ...]:
@@ -151,7 +154,9 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                tuple(r for s in ("numeric", "string", "semantic", "structured") for r in (
                    _row(f"{_GRACE_NAMES[s]}", f"experiments/grace/flickr30k_{s}.gin", _GRACE_F30K[s]),
                    _row(f"{_GRACE_NAMES[s]} w/o learning to memorize",
-                        f"experiments/grace/flickr30k_{s}_no_memorize.gin", _GRACE_NO_MEMORIZE[s])))),
+                        f"experiments/grace/flickr30k_{s}_no_memorize.gin", _GRACE_NO_MEMORIZE[s]),
+                   _row(f"{_GRACE_NAMES[s]} w/o constrained generation",
+                        f"experiments/grace/flickr30k_{s}_no_constrained.gin", _GRACE_NO_CONSTRAINED[s])))),
 )}
 
 
@@ -221,6 +226,7 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     from avg_jax.identifiers.table import IdentifierTable
     from avg_jax.tokenizer.commands import tokenize_corpus
     from avg_jax.training.commands import train_retrieval  # the trainer; imported here so tables load without it
+    from avg_jax.training.evaluator import GENERATION_METRICS
 
     if not Path(plan.corpus_dir).exists():
         raise FileNotFoundError(f"corpus directory {plan.corpus_dir} (CORPUS_DIR of {list(plan.gin_files)}) does "
@@ -241,7 +247,10 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     table = IdentifierTable.load(plan.identifiers_dir)
     split_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
     outputs = evaluation.read_ranked_jsonl(ranked, corpus, split)
-    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups())
+    # A beam b returns b identifiers: R@K for K > b is inapplicable (the paper's "-") and left out.
+    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
+                                        num_results=result["beam_size"])
+    scores.update({k: result[k] for k in GENERATION_METRICS if k in result})  # free generation's failures
     plan.row_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ranked, plan.row_dir / ranked.name)
     evaluation.write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
@@ -312,6 +321,11 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
         raise ValueError(f"{root}: rows were run on different corpora {sorted(corpora)}; one table, one corpus")
     show_paper = datasets == {table.dataset}
     header = [table.row_header, "R@1", "R@5", "R@10", "MRR@10", "id R@10", "collisions"]
+    # Free generation (w/o constrained generation) rows: % of generations that are no image's identifier.
+    show_invalid = any("invalid_rate" in r.get("metrics", {}) for r in rows)
+    if show_invalid:
+        header.append("invalid")
+    num_ours = len(header) - 1
     if show_paper:
         header += ["paper R@1", "paper R@5", "paper R@10"]
     lines = [f"## {table.title}", ""]
@@ -328,13 +342,17 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
             m = r["metrics"]
             cells = [_pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
                 _pct(m.get("mrr@10")), _pct(m.get("identifier_recall@10")), _pct(m.get("collision_rate"), 2)]
+            cells += [_pct(m.get("invalid_rate"))] if show_invalid else []
         else:
-            cells = [r["status"]] + [""] * 5
+            cells = [r["status"]] + [""] * (num_ours - 1)
             if r["status"] == "failed":
                 notes.append(f"{r['label']}: {r['error']}")
         if show_paper:
             cells += [_paper(v) for v in (r["paper"] or {}).values()] or ["-"] * 3
         lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+    if any(r["status"] == "done" and f"recall@{max(PAPER_KS)}" not in r["metrics"] for r in rows):
+        notes.append("-: R@K with K above the beam size, and MRR@10 below beam 10, are inapplicable (the beam "
+                     "returns only that many identifiers), as in the paper.")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines).rstrip() + "\n", {"table": table.name, "title": table.title, "rows": rows,
                                                "paper_shown": show_paper}
@@ -408,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
             (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
             print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
             continue
-        print(f"{head}: " + " ".join(f"R@{k}={100 * scores[f'recall@{k}']:.1f}" for k in PAPER_KS), flush=True)
+        print(f"{head}: " + " ".join(f"R@{k}={_pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
     if args.dry_run:
         return 0
     path = write_table(table, args.out)

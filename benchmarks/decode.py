@@ -7,11 +7,16 @@ either side: HF runs `max_new_tokens=M`, `length_penalty=0`, so its scores are r
 
 Measurements are interleaved in rounds (every configuration once per round) and reported as medians over
 rounds, since the machine is shared. Prints ONE JSON object (keys per ../shared/BENCHMARKS.md).
+
+Every mode also runs with bfloat16 activations ('*_bf16': float32 parameters, accumulation and scores):
+its ratios are the '*_bf16' keys, its FLOP utilisation is against a bfloat16 `jnp.dot` (float32 result),
+and `bf16_top1_agreement` / `hf_agreement_bf16` say how far its rankings move from float32's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -65,10 +70,10 @@ def decode_flops(config: T5Config, query_length: int, beam: int, steps: int, hea
     return float(encoder + cross_kv + rows * per_row_step)
 
 
-def dot_timer(size: int = 2048):
-    """A timed large float32 jnp.dot (the machine's practical peak): returns a function -> FLOP/s."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def dot_timer(size: int = 2048, dtype: str = "float32"):
+    """A timed large jnp.dot of `dtype` inputs, float32 result (the machine's practical peak) -> FLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
 
     def measure() -> float:
@@ -147,13 +152,17 @@ def main(argv=None) -> dict:
             tokens=tokens, lengths=np.full(len(tokens), args.codes, np.int32), fixed_length=True))
     trie = tries[sizes[0]]
 
-    def searcher(options, tables, window=window, **kw):
-        search = make_t5_searcher(config, options, window=window, **kw)
+    config_bf16 = dataclasses.replace(config, dtype="bfloat16")
+
+    def searcher(options, tables, window=window, model_config=config, **kw):
+        search = make_t5_searcher(model_config, options, window=window, **kw)
         return lambda: jax.block_until_ready(search(params, tables, queries))
 
     vocab = BeamSearchOptions(beam, "vocab")
     runs = {  # every configuration on the same batch of queries, interleaved in each round
         "vocab": searcher(vocab, trie.tables),
+        "vocab_bf16": searcher(vocab, trie.tables, model_config=config_bf16),
+        "window_bf16": searcher(BeamSearchOptions(beam, "window"), trie.tables, model_config=config_bf16),
         "vocab_unchunked": searcher(vocab, trie.tables, head_chunk_size=0),
         "window": searcher(BeamSearchOptions(beam, "window"), trie.tables),
         "vocab_unshared_first_step": searcher(BeamSearchOptions(beam, "vocab", share_first_step=False),
@@ -162,7 +171,7 @@ def main(argv=None) -> dict:
         **{f"scale_{n}": searcher(vocab, tries[n].tables) for n in sizes[1:]},
     }
     compile_s = {name: timed(run)[0] for name, run in runs.items()}
-    results = {name: runs[name]() for name in ("vocab", "window")}
+    results = {name: runs[name]() for name in ("vocab", "window", "vocab_bf16", "window_bf16")}
     query_counts = dict.fromkeys(runs, args.batch)
 
     hf_outputs = None
@@ -179,10 +188,10 @@ def main(argv=None) -> dict:
         query_counts.update(hf_cache=args.batch, hf_nocache=len(nocache))
         hf_outputs = runs["hf_cache"]()  # also the warm-up
 
-    measure_dot = dot_timer()
+    measure_dot, measure_dot_bf16 = dot_timer(), dot_timer(dtype="bfloat16")
     rounds = []
     for _ in range(args.rounds):
-        qps = {"dot_gflops": measure_dot() / 1e9}
+        qps = {"dot_gflops": measure_dot() / 1e9, "dot_gflops_bf16": measure_dot_bf16() / 1e9}
         for name, run in runs.items():
             qps[name] = query_counts[name] / timed(run)[0]
         rounds.append(qps)
@@ -204,23 +213,32 @@ def main(argv=None) -> dict:
         "decode_gflop_per_query": {"vocab": flops_vocab / 1e9, "window": flops_window / 1e9},
         "flop_utilization": median(lambda r: flops_vocab * r["vocab"] / (r["dot_gflops"] * 1e9)),
         "flop_utilization_voken_head": median(lambda r: flops_window * r["window"] / (r["dot_gflops"] * 1e9)),
+        "flop_utilization_bf16": median(lambda r: flops_vocab * r["vocab_bf16"] / (r["dot_gflops_bf16"] * 1e9)),
+        "flop_utilization_voken_head_bf16": median(
+            lambda r: flops_window * r["window_bf16"] / (r["dot_gflops_bf16"] * 1e9)),
         "constraint_overhead": median(lambda r: r["unconstrained"] / r["vocab"] - 1.0),
         "first_step_sharing_speedup": median(lambda r: r["vocab"] / r["vocab_unshared_first_step"]),
         "chunked_head_speedup": median(lambda r: r["vocab"] / r["vocab_unchunked"]),
     }
     # Voken-only head: how far its ranking moves from the full-softmax one (recall needs a trained model).
-    report["voken_head_top1_agreement"] = float(np.mean(np.asarray(results["window"].groups)[:, 0]
-                                                        == np.asarray(results["vocab"].groups)[:, 0]))
+    def top1_agreement(a: str, b: str) -> float:
+        return float(np.mean(np.asarray(results[a].groups)[:, 0] == np.asarray(results[b].groups)[:, 0]))
+
+    report["voken_head_top1_agreement"] = top1_agreement("window", "vocab")
+    report["bf16_top1_agreement"] = top1_agreement("vocab_bf16", "vocab")
+    report["bf16_voken_head_top1_agreement"] = top1_agreement("window_bf16", "window")
     if hf_outputs is not None:
-        for key, ours in (("speedup_vs_hf", "vocab"), ("speedup_vs_hf_voken_head", "window")):
+        for key, ours in (("speedup_vs_hf", "vocab"), ("speedup_vs_hf_voken_head", "window"),
+                          ("speedup_vs_hf_bf16", "vocab_bf16"), ("speedup_vs_hf_voken_head_bf16", "window_bf16")):
             report[key] = median(lambda r, ours=ours: r[ours] / r["hf_cache"])
             report[key.replace("hf", "hf_nocache", 1)] = median(lambda r, ours=ours: r[ours] / r["hf_nocache"])
         # Parity on the compared queries: same ranked identifiers, scores within 1e-4.
         hf_tokens = hf_outputs[0].sequences.numpy()[:, 1:].reshape(args.batch, beam, steps)
         hf_scores = hf_outputs[0].sequences_scores.numpy().reshape(args.batch, beam)
-        ours_tokens, ours_scores = np.asarray(results["vocab"].tokens), np.asarray(results["vocab"].scores)
-        report["hf_agreement"] = float(np.mean((hf_tokens == ours_tokens).all(axis=(1, 2))))
-        report["hf_max_score_diff"] = float(np.abs(hf_scores - ours_scores).max())
+        for suffix, ours in (("", "vocab"), ("_bf16", "vocab_bf16")):
+            ours_tokens, ours_scores = np.asarray(results[ours].tokens), np.asarray(results[ours].scores)
+            report[f"hf_agreement{suffix}"] = float(np.mean((hf_tokens == ours_tokens).all(axis=(1, 2))))
+            report[f"hf_max_score_diff{suffix}"] = float(np.abs(hf_scores - ours_scores).max())
 
     scale_key = {sizes[0]: "vocab", **{n: f"scale_{n}" for n in sizes[1:]}}
     report["scale"] = {n: {"qps": report["qps"][scale_key[n]], "build_s": build_s[n],

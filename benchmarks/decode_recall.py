@@ -1,8 +1,9 @@
-"""Recall and speed of the beam-search score normalisations on a trained retrieval checkpoint.
+"""Recall and speed of the beam-search score normalisations and compute dtypes on a trained retrieval checkpoint.
 
 'vocab' (full-vocabulary softmax, HF-compatible), 'window' (softmax over the voken rows: the cheaper head)
-and 'allowed' (renormalised over the trie's allowed tokens) on the same queries, same model, same image
-set. Usage: `python benchmarks/decode_recall.py --checkpoint RUN/retrieval --corpus CORPUS_DIR`
+and 'allowed' (renormalised over the trie's allowed tokens) in float32, and 'vocab' / 'window' with bfloat16
+activations ('<mode>_bfloat16'), on the same queries, same model, same image set.
+Usage: `python benchmarks/decode_recall.py --checkpoint RUN/retrieval --corpus CORPUS_DIR`
 (e.g. the directories `avg-jax demo --out OUT` writes: OUT/t5_run/retrieval and OUT/corpus). Prints ONE
 JSON object: image-level metrics and q/s per mode, and each mode's R@K minus the 'vocab' mode's.
 """
@@ -33,15 +34,16 @@ def main(argv=None) -> dict:
     queries = [corpus.queries[j] for j in corpus.query_rows(args.split)]
     texts, relevant = [q.text for q in queries], [set(q.image_ids) for q in queries]
     report: dict = {"num_queries": len(texts), "beam": args.beam, "k": args.k, "modes": {}}
-    for norm in SCORE_NORMALIZATIONS:
-        retriever = Retriever.load(args.checkpoint, options=BeamSearchOptions(args.beam, norm),
+    modes = [(norm, "float32") for norm in SCORE_NORMALIZATIONS] + [(norm, "bfloat16") for norm in ("vocab", "window")]
+    for norm, dtype in modes:
+        retriever = Retriever.load(args.checkpoint, dtype=dtype, options=BeamSearchOptions(args.beam, norm),
                                    batch_size=args.batch)
         retriever.retrieve(texts[:args.batch], k=args.k)  # compile
         t = time.perf_counter()
         results = retriever.retrieve(texts, k=args.k)
         seconds = time.perf_counter() - t
         metrics = evaluate_images([r.image_ids for r in results], relevant)
-        report["modes"][norm] = {**metrics, "qps": len(texts) / seconds}
+        report["modes"][norm if dtype == "float32" else f"{norm}_{dtype}"] = {**metrics, "qps": len(texts) / seconds}
     base = report["modes"]["vocab"]
     report["recall_delta_vs_vocab"] = {
         norm: {key: m[key] - base[key] for key in m if key.startswith("recall@")}

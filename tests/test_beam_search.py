@@ -5,6 +5,7 @@ and a scalar position (must not be reordered), h' = tanh(h A + E[token]), logits
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trie_cases import identifier_sets, pad_identifiers, reference_children, reference_trie
 
-from avg_jax.data.vocab import PAD_ID
+from avg_jax.data.vocab import EOS_ID, PAD_ID
 from avg_jax.decoding import trie as trie_lib
 from avg_jax.decoding.beam_search import BeamSearchOptions, StepLogits, beam_search
 
@@ -210,11 +211,76 @@ def test_unconstrained_search_matches_reference():
         assert_same_ranking(ours, expected)
 
 
+def free_sequences(alphabet, length):
+    """Every sequence free generation can end with: EOS-terminated within `length` tokens (no EOS before), or
+    `length` tokens without EOS (PAD is an ordinary token here)."""
+    body = [t for t in alphabet if t != EOS_ID]
+    out = []
+    for n in range(length + 1):
+        for prefix in itertools.product(body, repeat=n):
+            if n < length:
+                out.append((*prefix, EOS_ID))
+            elif n == length:
+                out.append(prefix)
+    return out
+
+
+def free_ranking(result, q):
+    """Our unconstrained beams of query q as (sequence cut after its EOS, score), -inf slots dropped."""
+    ours = []
+    for row, score in zip(result.tokens[q], result.scores[q], strict=True):
+        row = [int(x) for x in row]
+        if np.isfinite(score):
+            ours.append((tuple(row[:row.index(EOS_ID) + 1] if EOS_ID in row else row), float(score)))
+    return ours
+
+
+@pytest.mark.parametrize("norm", ["vocab", "window"])
+def test_unconstrained_with_eos_is_exhaustive_free_generation(norm):
+    """Free generation over a 5-token window (PAD, EOS, 3 more) for up to 3 steps: with a beam as wide as the
+    number of possible outputs, every one of them comes back, scored by float64 teacher forcing and sorted."""
+    model, length, window = MODELS[1], 3, (0, 5)
+    every = free_sequences(range(*window), length)  # 1 + 4 + 16 + 64 = 85
+    options = BeamSearchOptions(beam_size=len(every), score_normalization=norm)
+    step = functools.partial(model.tokens_to_logits, window=window)
+    result = jax.device_get(jax.jit(functools.partial(
+        beam_search, step, None, batch_size=4, options=options, max_length=length, eos_id=EOS_ID))(
+        cache=model.initial_cache()))
+    for q in range(4):
+        scored = [(s, teacher_forced(model, q, s, None, norm=norm, window=window)) for s in every]
+        expected = sorted(scored, key=lambda c: -c[1])
+        ours = free_ranking(result, q)
+        assert sorted(s for s, _ in ours) == sorted(every)  # each exactly once
+        np.testing.assert_allclose([sc for _, sc in ours], [sc for _, sc in expected], atol=1e-4, rtol=0)
+        assert dict(ours) == pytest.approx(dict(expected), abs=1e-4)
+        for row, (seq, _) in zip(result.tokens[q], ours, strict=True):  # PAD after the EOS
+            assert list(row[len(seq):]) == [PAD_ID] * (length - len(seq))
+
+
+@pytest.mark.parametrize("beam", [1, 3, 7])
+def test_unconstrained_with_eos_matches_a_reference_beam_search(beam):
+    """A narrow beam equals the plain reference beam search over the trie of all free outputs (finished
+    hypotheses carried over), on the full 16-token vocabulary for 4 steps."""
+    model, length = MODELS[2], 4
+    options = BeamSearchOptions(beam_size=beam)
+    result = jax.device_get(jax.jit(functools.partial(
+        beam_search, model.tokens_to_logits, None, batch_size=4, options=options, max_length=length,
+        eos_id=EOS_ID))(cache=model.initial_cache()))
+    ref = reference_trie(free_sequences(range(VOCAB), length))
+    for q in range(4):
+        assert_same_ranking(free_ranking(result, q), reference_beam_search(model, q, ref, beam, length))
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="score_normalization"):
         BeamSearchOptions(score_normalization="softmax")
     with pytest.raises(ValueError, match="beam_size"):
         BeamSearchOptions(beam_size=0)
+    with pytest.raises(ValueError, match="eos_id is for unconstrained search"):
+        tokens, lengths = pad_identifiers(FIXED)
+        tables = trie_lib.build_trie(tokens=tokens, lengths=lengths, **CAPACITY).tables
+        beam_search(MODELS[0].tokens_to_logits, tables, MODELS[0].initial_cache(), batch_size=4,
+                    options=BeamSearchOptions(), eos_id=EOS_ID)
     with pytest.raises(ValueError, match="needs max_length"):
         beam_search(MODELS[0].tokens_to_logits, None, MODELS[0].initial_cache(), batch_size=4,
                     options=BeamSearchOptions())

@@ -3,6 +3,7 @@ and `avg-jax sweep` lays metrics out like the paper's tables."""
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import gin
@@ -18,7 +19,7 @@ NEEDS_TRAINER = pytest.mark.skipif(not HAS_TRAINER, reason="avg_jax.training.com
                                    "trainer branch) is not on this branch yet: train-stage configurables unknown")
 # Modules whose configurables the building blocks bind without importing them themselves.
 BASE_MODULES = ("avg_jax.tokenizer.commands", "avg_jax.t5.configs", "avg_jax.launch", "avg_jax.partitioning",
-                "avg_jax.data.synthetic", "avg_jax.training.optimizer")
+                "avg_jax.data.synthetic", "avg_jax.training.optimizer", "avg_jax.demo")
 
 
 def _uses_trainer(path: str, seen: set | None = None) -> bool:
@@ -42,6 +43,29 @@ def test_every_gin_file_parses(path):
     if not HAS_TRAINER and _uses_trainer(path):
         pytest.skip("imports avg_jax.training.commands/examples, not on this branch yet")
     config.parse_gin([path])  # unknown configurables, parameters, macros or includes raise
+    gin.clear_config()
+
+
+def test_parsing_an_experiment_logs_no_error_and_keeps_cwd_includes(tmp_path, monkeypatch, caplog):
+    """Includes found under gin_configs/ (not the cwd) log nothing, even from a working directory holding a
+    `data/` folder on sys.path (gin's package-resource reader crashed there), and cwd files still win."""
+    for module in BASE_MODULES:
+        __import__(module)
+    (tmp_path / "data" / "flickr30k").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "t5_tiny.gin").write_text("T5Config.d_model = 24\n")  # shadows gin_configs/'s
+    (tmp_path / "mine.gin").write_text("include 'models/t5_tiny.gin'\ninclude 'mesh/cpu.gin'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.DEBUG):
+        config.parse_gin(["experiments/avg/flickr30k_table3_full.gin"] if HAS_TRAINER else ["mesh/cpu.gin"])
+        config.parse_gin(["mine.gin"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert gin.get_bindings("T5Config")["d_model"] == 24
+    (tmp_path / "bad.gin").write_text("include 'models/t5_nonexistent.gin'\n")
+    with pytest.raises(IOError, match=r"models/t5_nonexistent\.gin"):
+        config.parse_gin(["bad.gin"])
+    assert len(gin.config._LOCATION_PREFIXES) == len(set(gin.config._LOCATION_PREFIXES))  # no growth per call
     gin.clear_config()
 
 
@@ -89,6 +113,9 @@ def test_experiments_bind_the_papers_settings():
                                                   "T5Config.num_image_tokens": 1, "%CORPUS_DIR": "data/coco"},
         "experiments/grace/flickr30k_string_no_memorize.gin": {"T5Config.num_image_tokens": 0,
                                                                "TrainMixture.memorize_rate": 0.0},
+        "experiments/grace/flickr30k_semantic_no_constrained.gin": {"train_retrieval.eval_constrained": False,
+                                                                    "tokenize_corpus.scheme": "grace_semantic",
+                                                                    "TrainMixture.memorize_mode": "sequential"},
     }
     for path, bindings in expected.items():
         config.parse_gin([path])
@@ -164,6 +191,26 @@ def test_aggregate_hides_paper_numbers_on_other_corpora_and_rejects_mixed_ones(t
         sweep.aggregate(table, tmp_path)
 
 
+def test_aggregate_adds_the_invalid_rate_of_free_generation(tmp_path):
+    table = sweep.TABLES["grace_table2"]
+    assert [r.label for r in table.rows[:3]] == ["Numeric Id", "Numeric Id w/o learning to memorize",
+                                                 "Numeric Id w/o constrained generation"]
+    assert table.rows[2].paper == (7.72, 16.7, 21.1) and table.rows[11].paper == (10.2, 22.3, 29.3)
+    _metrics_json(tmp_path / "grace_table2" / "numeric_id", 0.5, 0.75, 0.875)
+    free = tmp_path / "grace_table2" / "numeric_id_w_o_constrained_generation"
+    _metrics_json(free, 0.25, 0.5, 0.625)
+    metrics = json.loads((free / "metrics.json").read_text())
+    metrics["systems"]["row"].update(invalid_rate=0.375, out_of_split_rate=0.25)
+    (free / "metrics.json").write_text(json.dumps(metrics))
+    lines = sweep.aggregate(table, tmp_path)[0].splitlines()
+    assert lines[4] == ("| Identifier | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | invalid | paper R@1 | "
+                        "paper R@5 | paper R@10 |")
+    assert lines[6] == "| Numeric Id | 50.0 | 75.0 | 87.5 | 50.0 | 88.5 | 1.25 | - | 22.5 | 28.9 | 29.4 |"
+    assert lines[7] == "| Numeric Id w/o learning to memorize | not run |  |  |  |  |  |  | 18.2 | 24.3 | 24.9 |"
+    assert lines[8] == ("| Numeric Id w/o constrained generation | 25.0 | 50.0 | 62.5 | 50.0 | 63.5 | 1.25 | 37.5 | "
+                        "7.72 | 16.7 | 21.1 |")
+
+
 def test_sweep_cli_lists_and_rejects_unknown_tables(capsys):
     assert cli.main(["sweep", "--list"]) == 0
     out = capsys.readouterr().out
@@ -222,6 +269,12 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     runs = [line.split()[2] for line in text.splitlines() if line.strip().startswith("run dir:")]
     assert len(runs) == 4 * len(sweep.GRACE_BEAMS) and len(set(runs)) == 4  # one training run per scheme
     assert "'train_retrieval.eval_beam_size = 50'" in text
+    assert cli.main(["sweep", "--table", "grace_table2", "--corpus", str(corpus_dir), "--out", str(out),
+                     "--dry_run"]) == 0
+    runs = [line.split()[2] for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith("run dir:")]
+    # Per scheme: the model, w/o memorize (its own training), w/o constrained generation (the model's run).
+    assert len(runs) == 12 and all(runs[i] == runs[i + 2] != runs[i + 1] for i in range(0, 12, 3))
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
@@ -229,7 +282,8 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
 # training run. The rest, each a separate tokenizer or training run, are marked slow.
 DEFAULT_RUNS = {"experiments/avg/flickr30k_table3_full.gin", "experiments/avg/flickr30k_table4_n256.gin",
                 "experiments/avg/flickr30k_table6_t5_small.gin", "experiments/avg/coco_main.gin",
-                "experiments/grace/flickr30k_structured.gin", "experiments/grace/flickr30k_semantic_no_memorize.gin"}
+                "experiments/grace/flickr30k_structured.gin", "experiments/grace/flickr30k_semantic_no_memorize.gin",
+                "experiments/grace/flickr30k_structured_no_constrained.gin"}  # re-evaluates structured's run
 
 
 @NEEDS_TRAINER
@@ -240,12 +294,20 @@ def test_every_experiment_runs_a_few_steps(path, corpus_dir, shared_out):
     row = next(r for r in table.rows if path in r.gin_files)
     plan = sweep.parse_row(table, row, shared_out, str(corpus_dir), ["testing/tiny.gin"])
     beam = gin.query_parameter("train_retrieval.eval_beam_size")
-    if beam < 10:
-        pytest.skip(f"evaluation beam {beam} < 10: RetrievalEvaluator needs R@10's 10 results (paper: '-')")
     scores = sweep.run_row(plan)
     metrics = json.loads((plan.row_dir / "metrics.json").read_text())
     assert metrics["split"] == "test" and set(metrics["systems"]) == {row.label}
-    assert 0.0 <= scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
+    recalls = [scores[f"recall@{k}"] for k in (1, 5, 10) if k <= beam]  # K > beam: inapplicable, absent
+    free = not gin.get_bindings("train_retrieval").get("eval_constrained", True)  # w/o constrained generation
+    assert ("invalid_rate" in scores) == ("out_of_split_rate" in scores) == free
+    if free:
+        assert 0.0 <= scores["invalid_rate"] + scores["out_of_split_rate"] <= 1.0
+        ranked = [json.loads(line) for line in (plan.row_dir / "ranked_test.jsonl").read_text().splitlines()]
+        generated = [tuple(g) for r in ranked for g in r["generated"]]
+        assert len(generated) == len(ranked) * beam
+        assert all(tuple(i) in map(tuple, r["generated"]) for r in ranked for i in r["identifiers"])
+    assert [k for k in (1, 5, 10) if f"recall@{k}" in scores] == [k for k in (1, 5, 10) if k <= beam]
+    assert 0.0 <= recalls[0] and recalls == sorted(recalls) and recalls[-1] <= 1.0
     assert "train_loop.num_steps = %TRAIN_STEPS" in (plan.row_dir / "operative_config.gin").read_text()
 
 
@@ -259,11 +321,19 @@ def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     assert markdown in text and "(SYNTHETIC)" in markdown
     rows = json.loads((out / "avg_table7" / "table.json").read_text())["rows"]
     done = [r["label"] for r in rows if r["status"] == "done"]
-    assert {"10", "20", "30", "40", "50"} <= set(done)
+    assert done == ["1", "5", "10", "20", "30", "40", "50"] and code == 0
     records = [json.loads((out / "avg_table7" / sweep._slug(label) / "row.json").read_text()) for label in done]
     assert len({r["run_dir"] for r in records}) == 1 and len({r["identifiers"] for r in records}) == 1
-    failed = [r["label"] for r in rows if r["status"] == "failed"]
-    assert code == (1 if failed else 0)
+    # Beams 1 and 5 return 1 and 5 identifiers: R@K above the beam is inapplicable, "-" as in the paper.
+    beam1, beam5, beam10 = (json.loads((out / "avg_table7" / b / "metrics.json").read_text())["systems"][b]
+                            for b in ("1", "5", "10"))
+    assert {k for k in beam1 if "@" in k} == {"recall@1", "identifier_recall@1"}
+    assert {k for k in beam5 if "@" in k} == {"recall@1", "recall@5", "identifier_recall@1", "identifier_recall@5"}
+    assert {"recall@10", "mrr@10", "identifier_recall@10"} <= set(beam10)
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:4] for line in markdown.splitlines()
+             if line.startswith("| ") and line[2].isdigit()}
+    assert cells["1"][1:] == ["-", "-"] and cells["5"][2] == "-" and "-" not in cells["5"][:2]
+    assert "-" not in cells["10"] and "are inapplicable" in markdown
     # A second sweep finds every finished row done and rebuilds the same table.
     assert cli.main(["sweep", "--table", "avg_table7", "--corpus", str(corpus_dir), "--out", str(out),
                      "--gin_file", "testing/tiny.gin"]) == code

@@ -123,6 +123,14 @@ def test_eval_with_identifier_table(corpus_dir, tiny_corpus, tmp_path, capsys):
     assert m["recall@1"] == pytest.approx(np.mean(img_hits)) and m["recall@1"] < m["identifier_recall@1"]
     sizes = np.array([len(v) for v in groups.values()])
     assert m["collision_rate"] == pytest.approx(sizes[sizes > 1].sum() / len(test_ids))
+    # Rankings of a beam of 1: R@5, R@10 and MRR@10 are inapplicable, absent from metrics.json, '-' printed.
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"avg={tmp_path / 'gen.jsonl'}", "--identifiers",
+                     str(tmp_path / "table"), "--beam_size", "1", "--out", str(tmp_path / "b1")]) == 0
+    b1 = json.loads((tmp_path / "b1" / "metrics.json").read_text())["systems"]["avg"]
+    assert {k for k in b1 if "@" in k} == {"recall@1", "identifier_recall@1"}
+    assert b1["recall@1"] == m["recall@1"] and b1["identifier_recall@1"] == m["identifier_recall@1"]
+    table_line = capsys.readouterr().out.splitlines()[-3].split()
+    assert table_line[0] == "avg" and table_line[3:6] == ["-", "-", "-"]  # R@5, R@10, MRR@10
     # A table that lacks test images is a clean error.
     table.subset(test_ids[:-1]).save(tmp_path / "short")
     assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", str(tmp_path / "gen.jsonl"),

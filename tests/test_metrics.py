@@ -1,5 +1,7 @@
 """Retrieval metrics against a hand-computed example, trec_eval (pytrec_eval) and a numpy re-formulation."""
 
+import json
+
 import numpy as np
 import pytest
 import pytrec_eval
@@ -124,6 +126,31 @@ def test_image_level_matches_offset_formulation(data):
         assert ours[f"recall@{k}"] <= ours[f"identifier_recall@{k}"] + 1e-12
     sizes = np.bincount(codes)
     assert ours["collision_rate"] == pytest.approx(sizes[sizes > 1].sum() / num_images)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_beam_below_k_leaves_inapplicable_cutoffs_out(data):
+    """A beam of b identifiers (b < 10): R@K for K <= b equals the unbounded value (numpy brute force on the
+    expanded rankings, ties of a group included), R@K for K > b and MRR@10 are absent, at both levels."""
+    beam = data.draw(st.sampled_from([1, 2, 5, 9, 10, 20]))
+    groups = {(i,): [f"im{i}a", f"im{i}b"][: data.draw(st.integers(1, 2))] for i in range(12)}
+    ranked, relevant = [], []
+    for _ in range(data.draw(st.integers(1, 8))):
+        ranked.append([(i,) for i in data.draw(st.permutations(range(12)))[:beam]])
+        relevant.append({f"im{data.draw(st.integers(0, 11))}a"})
+    ours = metrics.evaluate_identifiers(ranked, relevant, groups, num_results=beam)
+    json.dumps(ours, allow_nan=False)  # JSON-valid: no NaN stands in for "-"
+    for k in (1, 5, 10):
+        for prefix in ("", "identifier_"):
+            assert (f"{prefix}recall@{k}" in ours) == (k <= beam)
+        if k <= beam:
+            expanded = [[im for key in r for im in groups[key]] for r in ranked]
+            ref = np.mean([any(im in rel for im in e[:k]) for e, rel in zip(expanded, relevant, strict=True)])
+            assert ours[f"recall@{k}"] == pytest.approx(ref)
+    assert ("mrr@10" in ours) == ("identifier_mrr@10" in ours) == (beam >= 10)
+    with pytest.raises(ValueError, match=r"num_results .* must be >= 1, got 0"):
+        metrics.evaluate_images([["a"]], [{"a"}], num_results=0)
 
 
 def test_format_table_lists_systems():

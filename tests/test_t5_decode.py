@@ -1,6 +1,8 @@
 """T5 constrained decoding against HuggingFace PyTorch: `generate` with a pygtrie prefix function, and
 teacher-forced scores of every identifier."""
 
+import dataclasses
+
 import numpy as np
 import pygtrie
 import pytest
@@ -150,6 +152,30 @@ def test_exhaustive_teacher_forcing_variable_length_text_ids(hf_model):
     expected = hf_teacher_forced(model, inputs, group_ids)
     search = make_t5_searcher(config, BeamSearchOptions(beam_size=8))
     check_ranking(search(params, trie.tables, inputs), expected, len(identifiers))
+
+
+def test_bfloat16_search_scores_close_to_float32_reference(hf_model):
+    """bf16 activations (float32 accumulation): every identifier returned once, scores near HF's float32 ones."""
+    model, params, config = hf_model
+    rng = np.random.default_rng(4)
+    tokens = np.unique(voken_identifiers(rng, 14), axis=0)
+    trie = build_trie(tokens=tokens, lengths=np.full(len(tokens), M, np.int32))
+    identifiers = [tuple(r) for r in trie.group_tokens.tolist()]
+    inputs = random_queries(rng, 4)
+    expected = hf_teacher_forced(model, inputs, identifiers)  # [queries, identifiers] float32 model
+    bf16 = dataclasses.replace(config, dtype="bfloat16")
+    search = make_t5_searcher(bf16, BeamSearchOptions(beam_size=16), window=identifier_window(trie, bf16.vocab_size,
+                                                                                             TEXT))
+    result = search(params, trie.tables, inputs)
+    groups, scores = np.asarray(result.groups), np.asarray(result.scores)
+    n = len(identifiers)
+    for q in range(len(inputs)):
+        assert sorted(groups[q, :n].tolist()) == list(range(n)) and (groups[q, n:] == -1).all()
+        assert (np.diff(scores[q, :n]) <= 0).all()
+        np.testing.assert_allclose(scores[q, :n], expected[q, groups[q, :n]], atol=0.05 * M, rtol=0)
+        best, second = np.sort(expected[q])[::-1][:2]
+        if best - second > 0.1 * M:  # a clear winner stays first despite bf16 rounding
+            assert groups[q, 0] == np.argmax(expected[q])
 
 
 def check_ranking(result, expected, num_groups):

@@ -8,6 +8,7 @@ import pytest
 from avg_jax.config import GIN_CONFIG_DIR, parse_gin
 from avg_jax.t5.checkpoint import restore_t5_checkpoint, save_t5_checkpoint
 from avg_jax.t5.configs import T5Config, named_t5_config
+from avg_jax.t5.layers import mixed_einsum
 from avg_jax.t5.model import T5, encoder_input_mask, init_decode_cache, init_params
 
 torch = pytest.importorskip("torch")
@@ -143,3 +144,18 @@ def test_orbax_checkpoint_round_trip(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
     with pytest.raises(FileNotFoundError, match="t5_config"):
         restore_t5_checkpoint(tmp_path / "missing")
+
+
+def test_mixed_einsum_accumulates_in_float32():
+    """bf16 operands: the product is accumulated in float32 (numpy float64 reference on the bf16 values), then
+    rounded once to bf16; out_dtype float32 keeps the unrounded sum."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 4, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(512, 8)), jnp.float32)  # cast to x's dtype inside
+    ref = np.einsum("bld,df->blf", np.asarray(x, np.float64), np.asarray(w.astype(jnp.bfloat16), np.float64))
+    out32 = mixed_einsum("bld,df->blf", x, w, jnp.float32)
+    assert out32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out32), ref, rtol=1e-5, atol=1e-4)
+    out16 = mixed_einsum("bld,df->blf", x, w)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out16), np.asarray(jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16)))

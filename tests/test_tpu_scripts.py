@@ -154,7 +154,8 @@ def test_setup_workers_mounts_with_gcsfuse(no_gcloud):
 
 def test_launch_runs_avg_jax_train_on_all_workers(no_gcloud):
     out = run_script("launch.sh", *COMMON, "--gin_file", GIN_FILE, "--gin_param", GIN_PARAM, env=no_gcloud).stdout
-    clear, ssh = commands(out)
+    check, clear, ssh = commands(out)
+    assert check == ["gcloud", "storage", "ls", "gs://bkt/runs/flickr-main/identifiers/identifiers.json"]
     assert clear == ["gcloud", "storage", "rm", "--recursive", "gs://bkt/runs/flickr-main/launcher"]
     assert "--worker=all" in ssh and ssh[3:5] == ["tpu-vm", "ssh"]
     words = remote_words(ssh)
@@ -167,8 +168,47 @@ def test_launch_runs_avg_jax_train_on_all_workers(no_gcloud):
     distributed = re.search(r'DISTRIBUTED_GIN_PARAM:-"([^"]+)"', common).group(1)
     assert command[:6] == ["avg-jax", "train", "--gin_file", GIN_FILE, "--gin_param", GIN_PARAM]
     assert command[6:8] == ["--gin_param", distributed]
-    assert command[8:] == ["--run_dir", "gs://bkt/runs/flickr-main"]
+    local_ids = "/tmp/avg_jax/identifiers/flickr-main"
+    assert command[8:] == ["--run_dir", "gs://bkt/runs/flickr-main", "--identifiers", local_ids]
     assert words[start - 3:start] == ["nohup", "setsid", "bash"] and words[end:][-1] == "&"
+    # Each worker copies stage 1's table to the folder --identifiers names before the trainer starts.
+    copy = words.index("rsync")
+    assert words[copy - 2:copy + 4] == ["gcloud", "storage", "rsync", "--recursive",
+                                        "gs://bkt/runs/flickr-main/identifiers", local_ids]
+    assert copy < start and words[copy + 4:copy + 7] == ["||", "exit", "1"]
+
+
+def test_launch_tokenize_is_stage_one_on_worker_zero(no_gcloud):
+    """Stage 1 writes the table that stage 2's --identifiers reads; --identifiers_gcs shares another run's."""
+    out = run_script("launch.sh", *COMMON, "--gin_file", GIN_FILE, "--entry", "tokenize", env=no_gcloud).stdout
+    (ssh,) = commands(out)
+    assert "--worker=0" in ssh
+    words = remote_words(ssh)
+    start = words.index("tpu_scripts/worker.sh")
+    assert words[start - 1] == "bash"
+    assert "nohup" not in words and words[-1] != "&"  # foreground: stage 2 starts once it is done
+    local_ids = "/tmp/avg_jax/identifiers/flickr-main"
+    status_dir, log_file, *rest = words[start + 1:]
+    assert status_dir == "gs://bkt/runs/flickr-main/tokenize" and log_file.endswith("flickr-main.tokenize.log")
+    command = rest[:rest.index("&&")]
+    assert command == ["avg-jax", "tokenize", "--gin_file", GIN_FILE, "--out", local_ids]
+    assert rest[rest.index("&&") + 1:] == ["gcloud", "storage", "rsync", "--recursive", local_ids,
+                                           "gs://bkt/runs/flickr-main/identifiers"]
+    shared = "gs://bkt/runs/other/identifiers"
+    out = run_script("launch.sh", *COMMON, "--gin_file", GIN_FILE, "--identifiers_gcs", shared, env=no_gcloud).stdout
+    check, _, ssh = commands(out)
+    assert check[-1] == shared + "/identifiers.json" and shared in remote_words(ssh)
+    proc = run_script("launch.sh", *COMMON, "--gin_file", GIN_FILE, "--identifiers_gcs", "/local", env=no_gcloud,
+                      check=False)
+    assert proc.returncode == 2 and "IDENTIFIERS_GCS=/local: expected a gs:// folder" in proc.stderr
+
+
+def test_launch_train_refuses_without_a_stage_one_table(tmp_path):
+    fake, env = fake_slice(tmp_path, "ACTIVE", launch_exit=0)
+    proc = run_script("launch.sh", *COMMON[1:], "--gin_file", GIN_FILE, env=env, check=False)
+    assert proc.returncode == 2
+    assert "no identifier table at gs://bkt/runs/flickr-main/identifiers: run stage 1 first" in proc.stderr
+    assert not any("ssh" in c for c in (fake / "calls").read_text().splitlines())
 
 
 def test_launch_stop_and_logs_and_teardown(no_gcloud):
@@ -194,12 +234,14 @@ def test_watch_recovers_a_preempted_slice(no_gcloud):
         ["bash", "-c"],  # setup_workers.sh: code snapshot
         ["gcloud", "storage", "cp"],
         ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # install
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # stage 1: tokenize (a dry run assumes no table)
+        ["gcloud", "storage", "ls", "gs://bkt/runs/flickr-main/identifiers/identifiers.json"],
         ["gcloud", "storage", "rm", "--recursive", "gs://bkt/runs/flickr-main/launcher"],
         ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],  # launch: the trainer resumes from the run dir
     ]
     got = commands(proc.stdout)
     assert [c[:len(e)] for c, e in zip(got, expected, strict=True)] == expected
-    assert "--spot" in got[1] and "avg-jax" in remote_words(got[-1])
+    assert "--spot" in got[1] and "tokenize" in remote_words(got[5]) and "train" in remote_words(got[-1])
     assert "restart 1 of at most 20" in proc.stderr and "PREEMPTED" in proc.stderr
     assert "queued-resources describe" in proc.stderr  # the state query itself
 
@@ -315,7 +357,13 @@ def test_local_dry_run_sets_the_cluster_environment(no_gcloud, tmp_path):
         start = argv.index(str(SCRIPTS / "worker.sh"))
         assert argv[start + 1:start + 3] == [str(tmp_path / "status"), str(tmp_path / "logs" / f"worker{i}.log")]
         assert argv[start + 3:start + 7] == ["avg-jax", "train", "--gin_file", GIN_FILE]
+        assert argv[-3:-1] == ["--identifiers", str(tmp_path / "identifiers")]
     assert not (tmp_path / "status").exists()  # nothing ran
+    (tokenize,) = commands(run_script("launch.sh", "--dry_run", "--local_workers", "2", "--local_run_dir",
+                                      str(tmp_path), "--gin_file", GIN_FILE, "--entry", "tokenize",
+                                      env=no_gcloud).stdout)  # one process writes the table
+    assert tokenize[-7:] == ["avg-jax", "tokenize", "--gin_file", GIN_FILE, "--out", str(tmp_path / "identifiers"),
+                             "&"]
 
 
 def test_distributed_binding_names_the_launch_configurable():
@@ -344,6 +392,8 @@ case "$*" in
   *"queued-resources delete"*) rm -f "$FAKE/state" ;;
   *"storage cat"*) cat "$FAKE/bucket/exit" 2> /dev/null || exit 1 ;;
   *"storage rm"*) rm -f "$FAKE/bucket/exit" ;;
+  *"storage ls"*) [ -f "$FAKE/bucket/identifiers.json" ] || exit 1 ;;
+  *"tpu-vm ssh"*"avg-jax tokenize"*) touch "$FAKE/bucket/identifiers.json" ;;  # stage 1
   *"tpu-vm ssh"*"worker.sh"*) cp "$FAKE/launch_exit" "$FAKE/bucket/exit" ;;  # launch: the run ends at once
   *"tpu-vm ssh"*"kill -0"*) exit 1 ;;                          # probe: avg-jax is not running
 esac
@@ -378,8 +428,11 @@ def test_watch_loop_against_a_fake_gcloud(tmp_path):
         "compute tpus queued-resources describe",  # ACTIVE
         "storage cp " + str(tmp_path),  # the code snapshot
         "compute tpus tpu-vm ssh",  # install
+        "storage ls gs://bkt/runs/flickr-main/identifiers/identifiers.json",  # watch.sh: no table yet
+        "compute tpus tpu-vm ssh",  # stage 1: tokenize on worker 0
+        "storage ls gs://bkt/runs/flickr-main/identifiers/identifiers.json",  # launch.sh: the table is there
         "storage rm --recursive gs://bkt/runs/flickr-main/launcher",
-        "compute tpus tpu-vm ssh",  # launch
+        "compute tpus tpu-vm ssh",  # stage 2: train on all workers
         "compute tpus queued-resources describe",  # ACTIVE
         "storage cat gs://bkt/runs/flickr-main/launcher/worker0.exit",  # 0
         "compute tpus queued-resources describe",  # still ACTIVE one poll later: finished
@@ -388,6 +441,7 @@ def test_watch_loop_against_a_fake_gcloud(tmp_path):
     assert len(calls) == len(expected), calls
     for call, start in zip(calls, expected, strict=True):
         assert call.startswith(start), (call, start)
+    assert "--worker=0" in calls[7] and "avg-jax tokenize" in calls[7] and "avg-jax train" in calls[10]
     assert "restart 1 of at most 20: slice avg-jax-flickr-main is SUSPENDED" in proc.stderr
     assert "run flickr-main finished (exit 0)" in proc.stderr
     assert not (fake / "state").exists()
@@ -409,4 +463,4 @@ def test_watch_relaunches_after_sigterm_up_to_max_restarts(tmp_path):
                       "--max_restarts", "2", env=env, check=False)
     assert proc.returncode == 2 and "gave up after 2 restarts" in proc.stderr
     launches = [c for c in (fake / "calls").read_text().splitlines() if "worker.sh" in c]
-    assert len(launches) == 3  # the first launch and two relaunches
+    assert len(launches) == 4 and "avg-jax tokenize" in launches[0]  # stage 1, the launch, two relaunches

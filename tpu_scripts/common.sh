@@ -11,6 +11,9 @@
 #   TPU_NAME             --tpu_name          TPU VM node name (default avg-jax-RUN_NAME)
 #   GCS_BUCKET           --bucket            gs://bucket holding code snapshots, checkpoints, status
 #   RUN_NAME             --run_name          run directory gs://BUCKET/runs/RUN_NAME (checkpoints, logs)
+#   IDENTIFIERS_GCS      --identifiers_gcs   gs:// folder of the identifier table: stage 1 (`--entry tokenize`)
+#                                            writes it, stage 2 (`train`) reads it (default RUN_DIR/identifiers;
+#                                            point several runs at one table to share it, as the sweeps do)
 #   DATA_GCS             --data_gcs          gs:// folder with the prepared corpus / features (optional)
 #   DATA_MODE            --data_mode         copy (gcloud storage rsync, default) | mount (gcsfuse)
 #   WORKER_ROOT          --worker_root       folder on each worker: src/, venv/, data/, logs/ (default /tmp/avg_jax)
@@ -40,6 +43,7 @@ TPU_PROVISIONING=${TPU_PROVISIONING:-queued}
 TPU_NAME=${TPU_NAME:-}
 GCS_BUCKET=${GCS_BUCKET:-}
 RUN_NAME=${RUN_NAME:-}
+IDENTIFIERS_GCS=${IDENTIFIERS_GCS:-}
 DATA_GCS=${DATA_GCS:-}
 DATA_MODE=${DATA_MODE:-copy}
 WORKER_ROOT=${WORKER_ROOT:-/tmp/avg_jax}
@@ -99,6 +103,7 @@ parse_flags() {
       --tpu_name) TPU_NAME=$2 ;;
       --bucket) GCS_BUCKET=$2 ;;
       --run_name) RUN_NAME=$2 ;;
+      --identifiers_gcs) IDENTIFIERS_GCS=$2 ;;
       --data_gcs) DATA_GCS=$2 ;;
       --data_mode) DATA_MODE=$2 ;;
       --worker_root) WORKER_ROOT=$2 ;;
@@ -192,6 +197,20 @@ run_dir() {
   echo "$GCS_BUCKET/runs/$RUN_NAME"
 }
 
+# The identifier table on GCS (stage 1's output, stage 2's input) and its copy on each worker.
+identifiers_gcs() {
+  if [[ -n $IDENTIFIERS_GCS ]]; then
+    [[ $IDENTIFIERS_GCS == gs://* ]] || die "IDENTIFIERS_GCS=$IDENTIFIERS_GCS: expected a gs:// folder"
+    echo "${IDENTIFIERS_GCS%/}"
+  else
+    echo "$(run_dir)/identifiers"
+  fi
+}
+
+worker_identifiers() {
+  echo "$WORKER_ROOT/identifiers/$RUN_NAME"
+}
+
 # The exact pin of a package in setup.py, e.g. `setup_py_pin jax` -> 0.10.2 (one source of versions).
 setup_py_pin() {
   local version
@@ -254,10 +273,11 @@ tpu_state() {
   echo "${state:-NOT_FOUND}"
 }
 
-# The command every worker runs: `avg-jax ENTRY`, the gin files and bindings, and for `train` the multi-host
-# switch and the run directory. Prints one argument per line (read with mapfile).
+# The command every worker runs: `avg-jax ENTRY`, the gin files and bindings, for `tokenize` (stage 1) the
+# identifier table's output directory, and for `train` (stage 2) the multi-host switch, the run directory and
+# that table. Prints one argument per line (read with mapfile).
 entry_args() {
-  local run_dir=$1 f p
+  local run_dir=$1 identifiers=$2 f p
   printf '%s\n' avg-jax "$ENTRY"
   for f in "${GIN_FILE_LIST[@]}"; do
     printf '%s\n' --gin_file "$f"
@@ -265,7 +285,10 @@ entry_args() {
   for p in "${GIN_PARAM_LIST[@]}"; do
     [[ -n $p ]] && printf '%s\n' --gin_param "$p"
   done
-  if [[ $ENTRY == train ]]; then
-    printf '%s\n' --gin_param "$DISTRIBUTED_GIN_PARAM" "$RUN_DIR_FLAG" "$run_dir"
-  fi
+  case $ENTRY in
+    tokenize) printf '%s\n' --out "$identifiers" ;;
+    train)
+      printf '%s\n' --gin_param "$DISTRIBUTED_GIN_PARAM" "$RUN_DIR_FLAG" "$run_dir" --identifiers "$identifiers"
+      ;;
+  esac
 }

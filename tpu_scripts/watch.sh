@@ -7,6 +7,8 @@
 #   avg-jax exited 0 and the slice is still usable one poll later -> finished: teardown.sh (unless --keep_tpu)
 #   avg-jax exited with any other code              -> a bug, not a preemption: stop, exit 1, slice kept
 # The trainer resumes from the latest orbax checkpoint in the run directory, so a relaunch continues the run.
+# Every launch.sh (stage 2, train) is preceded by stage 1 (launch.sh --entry tokenize) while the identifier
+# table is missing from IDENTIFIERS_GCS.
 # At most MAX_RESTARTS recoveries (--max_restarts). All flags are passed on to the scripts it calls.
 #
 #   watch.sh --run_name NAME --bucket gs://B --gin_file F [--gin_param P]... [--spot] [--keep_tpu]
@@ -14,7 +16,7 @@
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,15s/^# \{0,1\}//p' "$0"; }
 
 parse_flags "$@"
 require RUN_NAME GCS_BUCKET
@@ -35,6 +37,20 @@ worker0_exit_code() {
     return
   fi
   gcloud storage cat "$dir/launcher/worker0.exit" 2> /dev/null | tr -d '[:space:]' || true
+}
+
+# Stage 1 unless its identifier table is on GCS already, then stage 2 (the training run).
+launch_run() {
+  local ids
+  ids=$(identifiers_gcs)
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "+ gcloud storage ls $ids/identifiers.json  (a dry run assumes it missing)" >&2
+  elif gcloud storage ls "$ids/identifiers.json" > /dev/null 2>&1; then
+    sub launch.sh "$@"
+    return
+  fi
+  log "no identifier table at $ids: stage 1 (avg-jax tokenize) first"
+  sub launch.sh "$@" --entry tokenize && sub launch.sh "$@"
 }
 
 is_running() {
@@ -66,7 +82,7 @@ while :; do
         sub teardown.sh "$@" || log "teardown of $TPU_NAME failed; creating anyway"
       fi
       # A step that fails (no capacity, a flaky ssh) is retried on the next look, as one more restart.
-      if ! { sub create.sh "$@" && sub setup_workers.sh "$@" && sub launch.sh "$@"; }; then
+      if ! { sub create.sh "$@" && sub setup_workers.sh "$@" && launch_run "$@"; }; then
         log "recovery did not complete; will look again in ${POLL_SECONDS}s"
       fi
       ;;
@@ -76,7 +92,7 @@ while :; do
         "")
           if ! is_running; then
             log "run $RUN_NAME is not running on $TPU_NAME: launching it"
-            sub launch.sh "$@" || count_restart "launch failed; will look again in ${POLL_SECONDS}s"
+            launch_run "$@" || count_restart "launch failed; will look again in ${POLL_SECONDS}s"
           fi
           ;;
         0)
@@ -89,7 +105,7 @@ while :; do
           ;;
         137 | 143)
           count_restart "avg-jax was killed (exit $code) on a usable slice: relaunching"
-          sub launch.sh "$@" || log "launch failed; will look again in ${POLL_SECONDS}s"
+          launch_run "$@" || log "launch failed; will look again in ${POLL_SECONDS}s"
           ;;
         *)
           die "avg-jax exited with $code on a usable slice (not a preemption); see tpu_scripts/logs.sh --run_name $RUN_NAME --worker all --no_follow"

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from avg_jax.json_io import read_json
+
 FORMAT = "avg_jax.corpus/1"
 SPLITS = ("train", "val", "test")
 IMAGES_FILE = "images.jsonl"
@@ -131,10 +133,7 @@ class Corpus:
         image-level problems are always fatal because identifiers depend on every image."""
         root = Path(corpus_dir)
         meta_path = _require(root / META_FILE)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_json(meta_path, "corpus file", CorpusError)
         if meta.get("format") != FORMAT:
             raise CorpusError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         images = [_image_from_json(obj, f"{root / IMAGES_FILE} line {n}")

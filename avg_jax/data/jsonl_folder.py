@@ -18,8 +18,8 @@ from typing import Any
 
 import gin
 
-from avg_jax.data.corpus import SPLITS, Corpus, CorpusError, ImageRecord, QueryRecord, read_jsonl
-from avg_jax.data.sources import BadRecords, finish_corpus, load_feature_rows, no_features, select_features
+from avg_jax.data.corpus import SPLITS, Corpus, CorpusError, ImageRecord, read_jsonl
+from avg_jax.data.sources import BadRecords, CaptionedImages, load_caption_rows, load_feature_rows
 
 
 @gin.configurable(denylist=["records_path", "image_root", "image_features", "text_features", "skip_bad_records"])
@@ -42,52 +42,23 @@ def load_jsonl_folder(
     lines = list(read_jsonl(path))  # malformed JSON lines are fatal: their captions cannot be counted
     counts = [_caption_count(obj) for _, obj in lines]
     image_rows = load_feature_rows(image_features, len(lines), str(path))
-    text_rows = None
-    if text_features is not None:
-        unknown = [n for (n, _), c in zip(lines, counts, strict=True) if c is None]
-        if unknown:
-            raise CorpusError(f"{path} line {unknown[0]}: captions are not a string or list of strings, so rows "
-                              f"of {text_features} cannot be matched to captions")
-        text_rows = load_feature_rows(text_features, sum(counts), f"{path} captions")
+    text_rows = load_caption_rows(text_features, counts, f"{path} captions",
+                                  lambda i: f"{path} line {lines[i][0]}: captions are not a string or list of strings")
 
-    bad = BadRecords(f"jsonl {path.name}", skip_bad_records)
-    images: list[ImageRecord] = []
-    queries: list[QueryRecord] = []
-    keep_images: list[int] = []
-    keep_texts: list[int] = []
-    seen: dict[str, int] = {}
+    kept = CaptionedImages(BadRecords(f"jsonl {path.name}", skip_bad_records), image_rows, text_rows)
+    seen: dict[str, int] = {}  # image id -> line of its first record
     first_text_row = 0
     for i, (n, obj) in enumerate(lines):
         where = f"{path} line {n}"
         text_row, first_text_row = first_text_row, first_text_row + (counts[i] or 0)
-        try:
-            image, captions = _parse_line(obj, where)
-            if image.id in seen:
-                raise CorpusError(f"{where}: field 'id': duplicate image id {image.id!r} "
-                                  f"(first on line {seen[image.id]})")
-            if check_images_exist and not (root / image.path).is_file():
-                raise CorpusError(f"{where}: field 'image': file {root / image.path} does not exist")
-            if image_rows:
-                image_rows.check_row(i, f"image {image.id!r} ({where})")
-        except CorpusError as e:
-            bad.add(e)
+        image = kept.add_image(i, where, _image_record, obj, where, seen, root if check_images_exist else None)
+        if image is None:
             continue
         seen[image.id] = n
-        images.append(image)
-        keep_images.append(i)
-        for k, text in enumerate(captions):
-            try:
-                if not text.strip():
-                    raise CorpusError(f"{where}: caption {k} is empty or whitespace-only: {text!r}")
-                if text_rows:
-                    text_rows.check_row(text_row + k, f"caption {k} on {where}")
-            except CorpusError as e:
-                bad.add(e)
-                continue
-            queries.append(QueryRecord(text=text.strip(), split=image.split, image_ids=(image.id,)))
-            keep_texts.append(text_row + k)
+        for k, text in enumerate(_captions(obj)):
+            kept.add_caption(image, text_row + k, f"caption {k} on {where}",
+                             _caption_text, text, f"{where}: caption {k}")
 
-    image_x = select_features(image_rows, keep_images, normalize)
     metadata: dict[str, Any] = {
         "source": "jsonl_folder", "records": str(path.resolve()), "image_root": str(root.resolve()),
         "image_features_file": None if image_features is None else str(Path(image_features).resolve()),
@@ -95,12 +66,7 @@ def load_jsonl_folder(
         "features_normalized": normalize,
         "row_order": "image rows: JSONL line order; text rows: captions in line order",
     }
-    corpus = Corpus(
-        name=name or path.stem, images=images,
-        image_features=no_features(len(images)) if image_x is None else image_x,
-        queries=queries, text_features=select_features(text_rows, keep_texts, normalize), metadata=metadata,
-    )
-    return finish_corpus(corpus, bad, str(path))
+    return kept.corpus(name or path.stem, metadata, normalize, str(path))
 
 
 def _captions(obj: dict) -> Any:
@@ -116,7 +82,8 @@ def _caption_count(obj: dict) -> int | None:
     return len(captions) if ok else None
 
 
-def _parse_line(obj: dict, where: str) -> tuple[ImageRecord, list[str]]:
+def _image_record(obj: dict, where: str, seen: dict[str, int], root: Path | None) -> ImageRecord:
+    """The image of a JSONL line, with its captions checked; `root` (when given) must hold its file."""
     image = obj.get("image")
     if not isinstance(image, str) or not image.strip():
         raise CorpusError(f"{where}: field 'image' must be a non-empty relative path, got {image!r}")
@@ -129,11 +96,21 @@ def _parse_line(obj: dict, where: str) -> tuple[ImageRecord, list[str]]:
         raise CorpusError(f"{where}: give either 'caption' or 'captions', not both")
     if "caption" not in obj and "captions" not in obj:
         raise CorpusError(f"{where}: missing field 'captions' (or 'caption'); use [] for an image without captions")
-    captions = _captions(obj)
     if _caption_count(obj) is None:
         field = "caption" if "caption" in obj else "captions"
         raise CorpusError(f"{where}: field {field!r} must be a string / list of strings, got {obj[field]!r}")
     image_id = obj.get("id", str(Path(image).with_suffix("").as_posix()))
     if not isinstance(image_id, str) or not image_id.strip():
         raise CorpusError(f"{where}: field 'id' must be a non-empty string, got {image_id!r}")
-    return ImageRecord(id=image_id, split=split, path=Path(image).as_posix()), captions
+    if image_id in seen:
+        raise CorpusError(f"{where}: field 'id': duplicate image id {image_id!r} (first on line {seen[image_id]})")
+    rel = Path(image).as_posix()
+    if root is not None and not (root / rel).is_file():
+        raise CorpusError(f"{where}: field 'image': file {root / rel} does not exist")
+    return ImageRecord(id=image_id, split=split, path=rel)
+
+
+def _caption_text(text: str, what: str) -> str:
+    if not text.strip():
+        raise CorpusError(f"{what} is empty or whitespace-only: {text!r}")
+    return text.strip()

@@ -15,21 +15,20 @@ filename without extension (the Flickr photo id for Flickr30K).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import gin
 
-from avg_jax.data.corpus import Corpus, CorpusError, ImageRecord, QueryRecord
+from avg_jax.data.corpus import Corpus, CorpusError, ImageRecord
 from avg_jax.data.sources import (
     KARPATHY_SPLITS,
     BadRecords,
-    finish_corpus,
+    CaptionedImages,
+    load_caption_rows,
     load_feature_rows,
-    no_features,
-    select_features,
 )
+from avg_jax.json_io import read_json
 
 TEXT_FIELDS = ("raw", "tokens")
 
@@ -54,60 +53,29 @@ def load_karpathy_json(
         raise ValueError(f"text_field must be one of {TEXT_FIELDS}, got {text_field!r}")
     splits = {**KARPATHY_SPLITS, "restval": restval_split}
     path = Path(json_path)
-    if not path.exists():
-        raise FileNotFoundError(f"Karpathy JSON not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, "Karpathy JSON", CorpusError, expect=None)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CorpusError(f"{path}: expected an object with an 'images' list (Karpathy format)")
     records = data["images"]
     sentence_counts = [_sentence_count(r) for r in records]
     image_rows = load_feature_rows(image_features, len(records), f"{path} 'images'")
-    text_rows = None
-    if text_features is not None:
-        unknown = [i for i, n in enumerate(sentence_counts) if n is None]
-        if unknown:  # the row of every later sentence would be unknown: never guess
-            raise CorpusError(f"{path} images[{unknown[0]}]: field 'sentences' is not a list, so rows of "
-                              f"{text_features} cannot be matched to sentences")
-        text_rows = load_feature_rows(text_features, sum(sentence_counts), f"{path} sentences")
+    text_rows = load_caption_rows(text_features, sentence_counts, f"{path} sentences",
+                                  lambda i: f"{path} images[{i}]: field 'sentences' is not a list")
 
-    bad = BadRecords(f"karpathy {path.name}", skip_bad_records)
-    images: list[ImageRecord] = []
-    queries: list[QueryRecord] = []
-    keep_images: list[int] = []
-    keep_texts: list[int] = []
-    seen: dict[str, int] = {}
+    kept = CaptionedImages(BadRecords(f"karpathy {path.name}", skip_bad_records), image_rows, text_rows)
+    seen: dict[str, int] = {}  # image id -> index of its first record
     first_text_row = 0
     for i, record in enumerate(records):
         where = f"{path} images[{i}]"
         text_row, first_text_row = first_text_row, first_text_row + (sentence_counts[i] or 0)
-        try:
-            image = _image_record(record, where, splits)
-            if image.id in seen:
-                raise CorpusError(f"{where}: duplicate image id {image.id!r} (first at images[{seen[image.id]}])")
-            if image_rows:
-                image_rows.check_row(i, f"image {image.id!r} ({where})")
-        except CorpusError as e:
-            bad.add(e)
+        image = kept.add_image(i, where, _image_record, record, where, splits, seen)
+        if image is None:
             continue
         seen[image.id] = i
-        images.append(image)
-        keep_images.append(i)
         for k, sentence in enumerate(record["sentences"]):
             s_where = f"{where}.sentences[{k}]"
-            try:
-                text = _sentence_text(sentence, s_where, text_field)
-                if text_rows:
-                    text_rows.check_row(text_row + k, f"sentence {s_where}")
-            except CorpusError as e:
-                bad.add(e)
-                continue
-            queries.append(QueryRecord(text=text, split=image.split, image_ids=(image.id,)))
-            keep_texts.append(text_row + k)
+            kept.add_caption(image, text_row + k, f"sentence {s_where}", _sentence_text, sentence, s_where, text_field)
 
-    image_x = select_features(image_rows, keep_images, normalize)
     metadata: dict[str, Any] = {
         "source": "karpathy_json", "dataset": data.get("dataset"), "json": str(path.resolve()),
         "image_features_file": None if image_features is None else str(Path(image_features).resolve()),
@@ -117,12 +85,7 @@ def load_karpathy_json(
     }
     if image_root is not None:
         metadata["image_root"] = str(Path(image_root).resolve())
-    corpus = Corpus(
-        name=str(data.get("dataset") or path.stem), images=images,
-        image_features=no_features(len(images)) if image_x is None else image_x,
-        queries=queries, text_features=select_features(text_rows, keep_texts, normalize), metadata=metadata,
-    )
-    return finish_corpus(corpus, bad, str(path))
+    return kept.corpus(str(data.get("dataset") or path.stem), metadata, normalize, str(path))
 
 
 def _sentence_count(record: Any) -> int | None:
@@ -130,7 +93,7 @@ def _sentence_count(record: Any) -> int | None:
     return len(sentences) if isinstance(sentences, list) else None
 
 
-def _image_record(record: Any, where: str, splits: dict[str, str]) -> ImageRecord:
+def _image_record(record: Any, where: str, splits: dict[str, str], seen: dict[str, int]) -> ImageRecord:
     if not isinstance(record, dict):
         raise CorpusError(f"{where}: expected an object, got {type(record).__name__}")
     filename = record.get("filename")
@@ -147,6 +110,8 @@ def _image_record(record: Any, where: str, splits: dict[str, str]) -> ImageRecor
     image_id = str(cocoid) if cocoid is not None else Path(filename).stem
     filepath = record.get("filepath")
     rel = f"{filepath}/{filename}" if isinstance(filepath, str) and filepath else filename
+    if image_id in seen:
+        raise CorpusError(f"{where}: duplicate image id {image_id!r} (first at images[{seen[image_id]}])")
     return ImageRecord(id=image_id, split=splits[split], path=rel)
 
 

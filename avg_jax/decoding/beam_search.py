@@ -110,6 +110,13 @@ def unconstrained_candidates(out: Any, beam: int, column_offset: int, score_norm
     return logp, columns + column_offset
 
 
+def _finished(tokens: jax.Array, eos_id: int | None) -> jax.Array:
+    """Unconstrained search state of beams that just emitted `tokens`: 1 = finished (EOS), 0 = running."""
+    if eos_id is None:
+        return jnp.zeros_like(tokens)
+    return (tokens == eos_id).astype(jnp.int32)
+
+
 def _reorder_cache(cache: Any, rows: int, index: jax.Array) -> Any:
     """Gather per-row cache leaves (leading dim `rows`) along axis 0."""
     return jax.tree.map(lambda x: x[index] if x.ndim >= 1 and x.shape[0] == rows else x, cache)
@@ -138,12 +145,14 @@ def _top_beams(totals: jax.Array, beam: int) -> tuple[jax.Array, jax.Array]:
 
 def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | None, cache: Any, *,
                 batch_size: int, options: BeamSearchOptions, column_offset: int = 0,
-                max_length: int | None = None) -> BeamSearchResult:
+                max_length: int | None = None, eos_id: int | None = None) -> BeamSearchResult:
     """Top `beam_size` identifiers per query, best first.
 
     `cache` has `batch_size` rows when `options.share_first_step` (the default), else `batch * beam`
-    rows (beam-minor). `tables=None` runs the same search unconstrained over the returned columns for
-    `max_length` steps (EOS not special), the baseline for the cost of the constraint.
+    rows (beam-minor). `tables=None` runs the same search unconstrained over the returned columns for up
+    to `max_length` steps: free generation. With `eos_id` a beam that emits it is finished and carries over
+    unchanged (PAD after it, as a trie leaf does), so variable-length sequences compete by their full
+    scores; with None EOS is not special (every beam runs `max_length` steps: the constraint-cost baseline).
     """
     beam, norm = options.beam_size, options.score_normalization
     batch, rows = batch_size, batch_size * options.beam_size
@@ -153,6 +162,8 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
         if norm == "allowed":
             raise ValueError("beam_search: score_normalization='allowed' needs trie tables")
     else:
+        if eos_id is not None:
+            raise ValueError("beam_search: eos_id is for unconstrained search; the trie ends identifiers itself")
         max_length = tables.max_length if max_length is None else max_length
         if max_length != tables.max_length:
             raise ValueError(f"beam_search: max_length={max_length} but the trie's identifiers have "
@@ -164,9 +175,9 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
                                                                                   jnp.int32), cache))
     if not options.share_first_step:  # keep beam 0 of each query
         out = jax.tree.map(lambda x: x.reshape(batch, beam, *x.shape[1:])[:, 0], out)
-    if tables is None:
+    if tables is None:  # state: 1 = finished (emitted eos_id), else 0
         logp0, tok0 = unconstrained_candidates(out, beam, column_offset, norm)
-        state0 = jnp.zeros_like(tok0)
+        state0 = _finished(tok0, eos_id)
     else:
         tok0, state0, valid0 = trie_lib.children(tables, jnp.zeros((batch,), jnp.int32), width=tables.root_fanout)
         logp0 = candidate_log_probs(out, tok0, valid0, column_offset, norm)  # [batch, root_fanout]
@@ -181,7 +192,7 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
 
     def alive(states):
         if tables is None:
-            return jnp.ones((), bool)
+            return jnp.any(states == 0)
         return jnp.any(trie_lib.num_children(tables, states) > 0)
 
     def cond(carry):
@@ -195,7 +206,13 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
         flat_states = states.reshape(rows)
         if tables is None:
             logp, tokens = unconstrained_candidates(out, beam, column_offset, norm)
-            next_states = jnp.zeros_like(tokens)
+            next_states = _finished(tokens, eos_id)
+            # A finished beam has one candidate: itself, unchanged, emitting PAD.
+            done = (flat_states == 1)[:, None]
+            stay = done & (jnp.arange(logp.shape[1]) == 0)
+            logp = jnp.where(stay, 0.0, jnp.where(done, NEG_INF, logp))
+            tokens = jnp.where(stay, PAD_ID, tokens)
+            next_states = jnp.where(done, 1, next_states)
         else:
             tokens, next_states, valid = trie_lib.children(tables, flat_states)
             logp = candidate_log_probs(out, tokens, valid, column_offset, norm)  # [rows, F]

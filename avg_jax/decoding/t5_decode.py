@@ -24,7 +24,7 @@ import numpy as np
 from avg_jax.decoding import trie as trie_lib
 from avg_jax.decoding.beam_search import BeamSearchOptions, BeamSearchResult, StepLogits, beam_search
 from avg_jax.t5.configs import T5Config
-from avg_jax.t5.layers import MASK_VALUE, relative_position_bucket
+from avg_jax.t5.layers import MASK_VALUE, mixed_einsum, relative_position_bucket
 from avg_jax.t5.model import T5, encoder_input_mask
 
 
@@ -60,7 +60,7 @@ def chunked_logsumexp(x: jax.Array, rows: jax.Array, chunk: int) -> jax.Array:
     def step(carry, inputs):
         m, s = carry  # running max and sum of exp(logit - max), [n]
         w, bias = inputs
-        logits = jnp.einsum("nd,cd->nc", x, w.astype(x.dtype), preferred_element_type=jnp.float32) + bias
+        logits = mixed_einsum("nd,cd->nc", x, w, jnp.float32) + bias
         m_new = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
         return (m_new, s), None
@@ -103,8 +103,8 @@ def decode_weights(params: dict, config: T5Config) -> dict:
 def cross_attention_inputs(weights: dict, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
     """Per decoder layer, the encoder keys and values `[batch, heads, length, kv]` (once per query)."""
     encoded = encoded.astype(weights["embedding"].dtype)
-    return [(jnp.einsum("bld,dhk->bhlk", encoded, w["cross_key"]),
-             jnp.einsum("bld,dhk->bhlk", encoded, w["cross_value"])) for w in weights["layers"]]
+    return [(mixed_einsum("bld,dhk->bhlk", encoded, w["cross_key"]),
+             mixed_einsum("bld,dhk->bhlk", encoded, w["cross_value"])) for w in weights["layers"]]
 
 
 def init_self_cache(config: T5Config, rows: int, max_length: int) -> list[dict]:
@@ -135,38 +135,42 @@ def decoder_step(weights: dict, config: T5Config, cache: list[dict], tokens: jax
     new_cache = []
     for w, layer_cache, (cross_key, cross_value) in zip(weights["layers"], cache, cross, strict=True):
         y = _rms_norm(x, w["self_norm"], eps)
-        q, k, v = jnp.split((y @ w["qkv"]).reshape(rows, 1, 3, h, dk), 3, axis=2)  # each [rows, 1, 1, h, kv]
+        qkv = mixed_einsum("nd,df->nf", y, w["qkv"]).reshape(rows, 1, 3, h, dk)
+        q, k, v = jnp.split(qkv, 3, axis=2)  # each [rows, 1, 1, h, kv]
         keys = jax.lax.dynamic_update_slice(layer_cache["key"], k[:, :, 0], (0, index, 0, 0))  # [rows, T, h, kv]
         values = jax.lax.dynamic_update_slice(layer_cache["value"], v[:, :, 0], (0, index, 0, 0))
-        logits = jnp.einsum("nhd,nthd->nht", q[:, 0, 0], keys, preferred_element_type=jnp.float32) + self_bias
-        attended = jnp.einsum("nht,nthd->nhd", jax.nn.softmax(logits, -1).astype(values.dtype), values)
-        x = x + attended.reshape(rows, h * dk) @ w["self_out"]
+        logits = mixed_einsum("nhd,nthd->nht", q[:, 0, 0], keys, jnp.float32) + self_bias
+        attended = mixed_einsum("nht,nthd->nhd", jax.nn.softmax(logits, -1).astype(values.dtype), values)
+        x = x + mixed_einsum("nf,fd->nd", attended.reshape(rows, h * dk), w["self_out"])
         y = _rms_norm(x, w["cross_norm"], eps)
-        q = (y @ w["cross_query"]).reshape(batch, rows // batch, h, dk)
-        logits = (jnp.einsum("bjhd,bhld->bjhl", q, cross_key, preferred_element_type=jnp.float32)
-                  + cross_bias[:, None, None, :])
-        attended = jnp.einsum("bjhl,bhld->bjhd", jax.nn.softmax(logits, -1).astype(cross_value.dtype),
-                              cross_value)
-        x = x + attended.reshape(rows, h * dk) @ w["cross_out"]
+        q = mixed_einsum("nd,df->nf", y, w["cross_query"]).reshape(batch, rows // batch, h, dk)
+        logits = mixed_einsum("bjhd,bhld->bjhl", q, cross_key, jnp.float32) + cross_bias[:, None, None, :]
+        attended = mixed_einsum("bjhl,bhld->bjhd", jax.nn.softmax(logits, -1).astype(cross_value.dtype),
+                                cross_value)
+        x = x + mixed_einsum("nf,fd->nd", attended.reshape(rows, h * dk), w["cross_out"])
         y = _rms_norm(x, w["mlp_norm"], eps)
         mlp = w["mlp"]
         if config.gated:
-            hidden = jax.nn.gelu(y @ mlp["wi_0"], approximate=True) * (y @ mlp["wi_1"])
+            hidden = (jax.nn.gelu(mixed_einsum("nd,df->nf", y, mlp["wi_0"]), approximate=True)
+                      * mixed_einsum("nd,df->nf", y, mlp["wi_1"]))
         else:
-            hidden = jax.nn.relu(y @ mlp["wi"])
-        x = x + hidden @ mlp["wo"]
+            hidden = jax.nn.relu(mixed_einsum("nd,df->nf", y, mlp["wi"]))
+        x = x + mixed_einsum("nf,fd->nd", hidden, mlp["wo"])
         new_cache.append({"key": keys, "value": values})
     return _rms_norm(x, weights["final_norm"], eps), new_cache
 
 
-@gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length"])
+@gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length",
+                            "eos_id"])
 def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables: trie_lib.TrieTables | None, *,
                    options: BeamSearchOptions, window: tuple[int, int] | None = None,
-                   max_length: int | None = None, head_chunk_size: int = 2048) -> BeamSearchResult:
+                   max_length: int | None = None, eos_id: int | None = None,
+                   head_chunk_size: int = 2048) -> BeamSearchResult:
     """Constrained beam search of T5 for `input_ids [batch, length]` (pure; jit with static config/options).
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`);
-    None = the whole vocabulary. `tables=None` decodes unconstrained for `max_length` steps.
+    None = the whole vocabulary. `tables=None` decodes unconstrained for up to `max_length` steps (free
+    generation; `eos_id` ends a beam, see `beam_search`).
     `head_chunk_size` > 0 computes the full-vocabulary log-normaliser that many columns at a time (on CPU
     about 1.4x faster than materialising `[rows, vocab]` logits for T5-small); 0 = one matmul.
     """
@@ -191,9 +195,9 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
                                      cross_bias)
         x = hidden * jnp.asarray(scale, hidden.dtype)  # [rows, d]
         if norm == "vocab" and not full_window and not head_chunk_size:  # one matmul: slice + normaliser
-            logits = jnp.einsum("nd,vd->nv", x, head, preferred_element_type=jnp.float32)  # [rows, vocab]
+            logits = mixed_einsum("nd,vd->nv", x, head, jnp.float32)  # [rows, vocab]
             return StepLogits(logits[:, start:start + size], jax.nn.logsumexp(logits, axis=-1)), cache
-        logits = jnp.einsum("nd,vd->nv", x, head_window, preferred_element_type=jnp.float32)  # [rows, size]
+        logits = mixed_einsum("nd,vd->nv", x, head_window, jnp.float32)  # [rows, size]
         normalizer = None
         if norm == "vocab" and not full_window:
             normalizer = chunked_logsumexp(x, head, head_chunk_size)
@@ -201,7 +205,8 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
 
     first_rows = batch if options.share_first_step else batch * beam
     return beam_search(tokens_to_logits, tables, init_self_cache(config, first_rows, max_length),
-                       batch_size=batch, options=options, column_offset=start, max_length=max_length)
+                       batch_size=batch, options=options, column_offset=start, max_length=max_length,
+                       eos_id=eos_id)
 
 
 def make_t5_searcher(config: T5Config, options: BeamSearchOptions, window: tuple[int, int] | None = None,

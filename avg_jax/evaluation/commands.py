@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from avg_jax import cli, config
-from avg_jax.data.corpus import SPLITS, Corpus
+from avg_jax.data.corpus import SPLITS, Corpus, read_jsonl
 from avg_jax.evaluation import dense, metrics
 
 METRICS_FILE = "metrics.json"
@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="ranked-output JSONL; repeat as NAME=FILE to compare systems")
     p.add_argument("--identifiers", help="identifier table directory, for identifier-level recall")
     p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--beam_size", type=int, default=None,
+                   help="the beam that produced the rankings: R@K above it (and MRR@10 below 10) is inapplicable "
+                        "and left out, as the paper's '-'")
     p.add_argument("--out", required=True, help="output directory for metrics.json")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval)
@@ -72,30 +75,23 @@ def read_ranked_jsonl(path: str | Path, corpus: Corpus, split: str) -> RankedOut
         by_text.setdefault(corpus.queries[j].text, []).append(int(j))
     image_ids = {im.id for im in corpus.images if im.split == split}
     rows, ranked, identifiers, seen = [], [], [], {}
-    with path.open() as f:
-        for n, line in enumerate(f, start=1):
-            where = f"{path} line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            row = _query_row(obj, where, corpus, in_split, by_text, split)
-            if row in seen:
-                raise ValueError(f"{where}: query row {row} already ranked on line {seen[row]}")
-            seen[row] = n
-            ids = obj.get("image_ids")
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ValueError(f"{where}: field 'image_ids' must be a list of image id strings, got {ids!r}")
-            unknown = [i for i in ids if i not in image_ids]
-            if unknown:
-                raise ValueError(f"{where}: field 'image_ids' names images not in split {split!r}: {unknown[:5]}")
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"{where}: field 'image_ids' repeats an image id")
-            rows.append(row)
-            ranked.append(ids)
-            identifiers.append(_identifiers(obj, where))
+    for n, obj in read_jsonl(path):
+        where = f"{path} line {n}"
+        row = _query_row(obj, where, corpus, in_split, by_text, split)
+        if row in seen:
+            raise ValueError(f"{where}: query row {row} already ranked on line {seen[row]}")
+        seen[row] = n
+        ids = obj.get("image_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{where}: field 'image_ids' must be a list of image id strings, got {ids!r}")
+        unknown = [i for i in ids if i not in image_ids]
+        if unknown:
+            raise ValueError(f"{where}: field 'image_ids' names images not in split {split!r}: {unknown[:5]}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: field 'image_ids' repeats an image id")
+        rows.append(row)
+        ranked.append(ids)
+        identifiers.append(_identifiers(obj, where))
     missing = sorted(in_split - set(rows))
     if missing:
         raise ValueError(f"{path}: {len(missing)} of the {len(in_split)} {split!r} queries have no ranking, "
@@ -138,12 +134,13 @@ def _identifiers(obj: dict, where: str) -> list[tuple[int, ...]] | None:
 
 def evaluate_ranked(corpus: Corpus, outputs: RankedOutputs,
                     groups: dict[tuple[int, ...], list[str]] | None = None,
-                    ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, float]:
-    """Image-level metrics of the ranked image ids; with identifiers and groups also identifier-level ones."""
+                    ks: Sequence[int] = metrics.DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
+    """Image-level metrics of the ranked image ids; with identifiers and groups also identifier-level ones
+    (`num_results`: the beam that produced them; cutoffs beyond it are left out, see evaluation.metrics)."""
     relevant = [corpus.queries[j].image_ids for j in outputs.query_rows]
-    out = metrics.evaluate_images(outputs.image_ids, relevant, ks)
+    out = metrics.evaluate_images(outputs.image_ids, relevant, ks, num_results)
     if groups is not None and outputs.identifiers is not None:
-        out.update(metrics.identifier_level_metrics(outputs.identifiers, relevant, groups, ks))
+        out.update(metrics.identifier_level_metrics(outputs.identifiers, relevant, groups, ks, num_results))
     return out
 
 
@@ -178,7 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
         outputs = read_ranked_jsonl(file, corpus, args.split)
         if groups is not None and outputs.identifiers is None:
             raise ValueError(f"{file}: --identifiers was given but the file has no 'identifiers' field")
-        systems[name] = evaluate_ranked(corpus, outputs, groups)
+        systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size)
     path = write_metrics(args.out, corpus, args.corpus, args.split, systems)
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, systems, path)

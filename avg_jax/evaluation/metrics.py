@@ -6,6 +6,12 @@ ranking, after each generated identifier has been expanded to the images that sh
 order). Identifier level: a hit at K if one of the first K generated *identifiers* equals the identifier of a
 relevant image, however many images share that identifier. With colliding identifiers the second number is
 inflated; both are reported with the collision rate so the gap is visible.
+
+Rankings from a beam of b < K results (the paper's Table 7, beams 1 and 5): R@K and identifier R@K for K > b,
+and MRR@10 for b < 10, are inapplicable (the paper's "-") and are left out of the returned dict (so
+metrics.json has no such key, and tables show "-"). This holds at image level too, although an identifier
+shared by several images can expand one beam to more than b images: the cutoff is the number of generated
+identifiers, as in the paper.
 """
 
 from __future__ import annotations
@@ -52,14 +58,24 @@ def _check_lengths(ranked: Sequence, relevant: Sequence, what: str) -> None:
             raise ValueError(f"{what}: query {j} has no relevant image (field 'image_ids' is empty)")
 
 
+def applicable_ks(ks: Sequence[int], num_results: int | None) -> tuple[int, ...]:
+    """The cutoffs a system returning `num_results` identifiers (its beam; None = unbounded) can be scored at."""
+    if num_results is not None and num_results < 1:
+        raise ValueError(f"num_results (the beam size) must be >= 1, got {num_results}")
+    return tuple(k for k in ks if num_results is None or k <= num_results)
+
+
 def ranking_metrics(ranked: Sequence[Sequence[Hashable]], relevant: Sequence[Collection[Hashable]],
-                    ks: Sequence[int] = DEFAULT_KS, prefix: str = "") -> dict[str, float]:
-    """R@K for each k, MRR@10 and the share of empty rankings over `ranked` (one list per query)."""
+                    ks: Sequence[int] = DEFAULT_KS, prefix: str = "",
+                    num_results: int | None = None) -> dict[str, float]:
+    """R@K for each applicable k (see the module docstring), MRR@10 and the share of empty rankings over
+    `ranked` (one list per query)."""
     _check_lengths(ranked, relevant, "ranking_metrics")
     ranks = np.array([first_relevant_rank(r, set(rel)) for r, rel in zip(ranked, relevant, strict=True)],
                      dtype=np.int64)
-    out = {f"{prefix}recall@{k}": recall_at_k(ranks, k) for k in ks}
-    out[f"{prefix}mrr@{MRR_CUTOFF}"] = mrr_at_k(ranks, MRR_CUTOFF)
+    out = {f"{prefix}recall@{k}": recall_at_k(ranks, k) for k in applicable_ks(ks, num_results)}
+    if applicable_ks((MRR_CUTOFF,), num_results):
+        out[f"{prefix}mrr@{MRR_CUTOFF}"] = mrr_at_k(ranks, MRR_CUTOFF)
     out[f"{prefix}empty_rate"] = float(np.mean([len(r) == 0 for r in ranked])) if ranked else float("nan")
     return out
 
@@ -106,7 +122,7 @@ def collision_rate(groups: Mapping[Identifier, Sequence[str]]) -> float:
 def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
                              relevant_image_ids: Sequence[Collection[str]],
                              groups: Mapping[Identifier, Sequence[str]],
-                             ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+                             ks: Sequence[int] = DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
     """The official AVG code's recall: a hit if a generated identifier equals a relevant image's identifier."""
     _check_lengths(ranked_identifiers, relevant_image_ids, "identifier_level_metrics")
     ident_of = image_to_identifier(groups)
@@ -117,7 +133,7 @@ def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]
             raise ValueError(f"query {j}: relevant image(s) {missing[:5]} have no identifier in the table")
         relevant_identifiers.append({ident_of[i] for i in rel})
     ranked = [[tuple(int(t) for t in ident) for ident in ranking] for ranking in ranked_identifiers]
-    out = ranking_metrics(ranked, relevant_identifiers, ks, prefix="identifier_")
+    out = ranking_metrics(ranked, relevant_identifiers, ks, prefix="identifier_", num_results=num_results)
     out["collision_rate"] = collision_rate(groups)
     return out
 
@@ -125,19 +141,19 @@ def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]
 def evaluate_identifiers(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
                          relevant_image_ids: Sequence[Collection[str]],
                          groups: Mapping[Identifier, Sequence[str]],
-                         ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+                         ks: Sequence[int] = DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
     """Image-level metrics (after group expansion) and identifier-level metrics side by side."""
     ranked_images = [expand_identifiers(r, groups) for r in ranked_identifiers]
-    out = ranking_metrics(ranked_images, relevant_image_ids, ks)
-    out.update(identifier_level_metrics(ranked_identifiers, relevant_image_ids, groups, ks))
+    out = ranking_metrics(ranked_images, relevant_image_ids, ks, num_results=num_results)
+    out.update(identifier_level_metrics(ranked_identifiers, relevant_image_ids, groups, ks, num_results))
     out["num_queries"] = len(ranked_identifiers)
     return out
 
 
 def evaluate_images(ranked_image_ids: Sequence[Sequence[str]], relevant_image_ids: Sequence[Collection[str]],
-                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+                    ks: Sequence[int] = DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
     """Image-level metrics for rankings that are already image ids (dense retrieval, expanded decodes)."""
-    out = ranking_metrics(ranked_image_ids, relevant_image_ids, ks)
+    out = ranking_metrics(ranked_image_ids, relevant_image_ids, ks, num_results=num_results)
     out["num_queries"] = len(ranked_image_ids)
     return out
 

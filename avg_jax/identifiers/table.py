@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from avg_jax.data.vocab import EOS_ID, PAD_ID
+from avg_jax.json_io import read_json
 
 FORMAT = "avg_jax.identifiers/1"
 META_FILE = "identifiers.json"
@@ -167,10 +168,7 @@ class IdentifierTable:
         for name in (META_FILE, TOKENS_FILE, LENGTHS_FILE):
             if not (root / name).exists():
                 raise FileNotFoundError(f"identifier table file missing: {root / name}")
-        try:
-            meta = json.loads((root / META_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise IdentifierTableError(f"{root / META_FILE}: not valid JSON ({e})") from None
+        meta = read_json(root / META_FILE, "identifier table file", IdentifierTableError, expect=None)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise IdentifierTableError(f"{root / META_FILE}: field 'format' is {got!r}, expected {FORMAT!r}")

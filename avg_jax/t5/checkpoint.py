@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from avg_jax.json_io import read_json
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.model import init_params
 
@@ -31,13 +31,7 @@ def save_t5_checkpoint(directory: str | Path, params: dict, config: T5Config, ov
 
 def load_t5_config(directory: str | Path) -> T5Config:
     path = Path(directory) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"T5 checkpoint config not found: {path}")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return T5Config.from_dict(values, source=str(path))
+    return T5Config.from_dict(read_json(path, "T5 checkpoint config"), source=str(path))
 
 
 def restore_t5_checkpoint(directory: str | Path, shardings: Any = None) -> tuple[dict, T5Config]:

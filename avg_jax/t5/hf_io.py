@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.flax import load_file as load_flax_file
 from safetensors.numpy import load_file, save_file
 
+from avg_jax.json_io import read_json
 from avg_jax.t5.configs import T5Config
 
 CONFIG_FILE = "config.json"
@@ -142,10 +143,7 @@ def load_hf_t5(path: str | Path, **config_overrides: Any) -> tuple[dict, T5Confi
     for p in (config_path, weights_path):
         if not p.exists():
             raise FileNotFoundError(f"HF T5 checkpoint file not found: {p}")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    hf_config = read_json(config_path, "HF T5 checkpoint file")
     tensors = _read_safetensors(weights_path)
     if "shared.weight" not in tensors:
         raise ValueError(f"{weights_path}: no 'shared.weight' tensor (not a T5 checkpoint?)")

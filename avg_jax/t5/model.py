@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avg_jax.t5.configs import T5Config
-from avg_jax.t5.layers import MASK_VALUE, MLP, Attention, Embed, RMSNorm, logical_param, normal_init
+from avg_jax.t5.layers import MASK_VALUE, MLP, Attention, Embed, RMSNorm, logical_param, mixed_einsum, normal_init
 
 Array = jax.Array
 
@@ -106,7 +106,7 @@ class Encoder(nn.Module):
                             ("image_features", "image_tokens", "embed"))
             bias = logical_param(self, "image_projection_bias", nn.initializers.zeros, (k, cfg.d_model),
                           ("image_tokens", "embed"))
-            prefix = jnp.einsum("bf,fkd->bkd", image_features.astype(x.dtype), kernel.astype(x.dtype))
+            prefix = mixed_einsum("bf,fkd->bkd", image_features.astype(x.dtype), kernel)
             x = jnp.concatenate([prefix + bias.astype(x.dtype), x], axis=1)
         if mask.shape != x.shape[:2]:
             raise ValueError(f"encoder mask shape {mask.shape} does not match the encoder input {x.shape[:2]}")
@@ -208,7 +208,7 @@ class T5(nn.Module):
         if cfg.tie_word_embeddings:
             logits = self.token_embedder.attend(x)
         else:
-            logits = nn.with_logical_constraint(jnp.einsum("bld,dv->blv", x, self.lm_head.astype(x.dtype)),
+            logits = nn.with_logical_constraint(mixed_einsum("bld,dv->blv", x, self.lm_head, jnp.float32),
                                                 ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
 

@@ -33,7 +33,6 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.retrieve import save_retrieval_checkpoint
 from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
-from avg_jax.evaluation.metrics import evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.launch import initialize_distributed
 from avg_jax.t5.configs import T5Config
@@ -164,9 +163,11 @@ def train_retrieval(
     eval_beam_size: int = 10,
     eval_batch_size: int = 32,
     eval_max_queries: int | None = None,
+    eval_constrained: bool = True,
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
-    periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries.
+    periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
+    `eval_constrained=False` evaluates by free generation (GRACE's "w/o constrained generation").
     `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
     length cuts longer inputs (training and evaluation alike); the number cut is printed."""
     corpus = Corpus.load(corpus_dir)
@@ -211,7 +212,8 @@ def train_retrieval(
     if eval_split is not None:
         evaluator = RetrievalEvaluator(corpus, table, vocab, model_config, eval_split, input_length,
                                        beam_size=eval_beam_size, batch_size=eval_batch_size,
-                                       max_queries=eval_max_queries, instruction=mixture.retrieve_instruction)
+                                       max_queries=eval_max_queries, instruction=mixture.retrieve_instruction,
+                                       constrained=eval_constrained)
     if jax.process_index() == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / RUN_FILE).write_text(json.dumps({
@@ -233,8 +235,8 @@ def train_retrieval(
         if jax.process_index() == 0:
             scores = evaluator.write_ranked(result.state.params, ranked)
         else:  # the same sharded searches, nothing written
-            scores = evaluate_images(evaluator.rankings(result.state.params)[0], evaluator.relevant)
-        final.update(split=eval_split, **scores)
+            scores = evaluator.score(evaluator.rankings(result.state.params))
+        final.update(split=eval_split, beam_size=eval_beam_size, **scores)
         if jax.process_index() == 0:
             (run_path / f"eval_{eval_split}.json").write_text(json.dumps(_finite(final), indent=2) + "\n")
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
