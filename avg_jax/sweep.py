@@ -44,7 +44,7 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
 # Parameters read only by the final evaluation: rows differing only in these share one trained run.
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
                     "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained")
-DATASETS = ("flickr30k", "coco")
+DATASETS = ("flickr30k", "coco", "emoji")
 
 # GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table; the beams are not listed): AVG Table 7's
 # beams. Below 10 the beam returns fewer than R@10's 10 identifiers, so R@10 is "-" there (R@5 below 5).
@@ -277,7 +277,7 @@ def is_done(plan: RowPlan) -> bool:
 # ----------------------------------------------------------------------------------------------- aggregation
 
 def _dataset_of(metrics: dict[str, Any]) -> str | None:
-    """'flickr30k' / 'coco' when metrics.json's corpus is (a real copy of) that dataset, else None."""
+    """'flickr30k' / 'coco' / 'emoji' when metrics.json's corpus is (a real copy of) that dataset, else None."""
     if metrics.get("synthetic"):
         return None
     name = re.sub(r"[^a-z0-9]", "", str(metrics.get("corpus_name", "")).lower())

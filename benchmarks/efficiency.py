@@ -48,7 +48,7 @@ def jax_search_qps(images: np.ndarray, queries: list[np.ndarray], k: int, args) 
     from avg_jax.evaluation import dense
 
     batch = queries[0].shape[0]
-    index = dense.JaxExactIndex(images)
+    index = dense.JaxExactIndex(images, dtype=args.dtype)
     sec, reps = median_seconds(
         lambda i: jax.block_until_ready(index.search(queries[i % len(queries)], k, batch_size=batch)),
         args.repeats, args.min_seconds)
@@ -105,22 +105,19 @@ def random_identifiers(n: int, levels: int, codebook: int, text_vocab: int, rng:
     return (rng.permutation(codes)[:n] + text_vocab).astype(np.int32)
 
 
-def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str, dict | None]:
+def generative_qps(sizes: list[int], args) -> tuple[dict[int, float], dict]:
     """Our constrained decode's q/s per image-set size (T5-small-size model, random weights, one compiled
-    search per size), or (None, why, None) while the T5 beam-search adapter is not available."""
-    try:
-        from avg_jax.decoding import t5_decode, trie
-        from avg_jax.decoding.beam_search import BeamSearchOptions
-        from avg_jax.t5 import configs, model
-    except ImportError as e:
-        return None, f"not measured: {e.name} is not on this branch yet", None
+    search per size) and the model's description."""
     import jax
 
     from avg_jax.data.vocab import pad_vocab_size
+    from avg_jax.decoding import t5_decode, trie
+    from avg_jax.decoding.beam_search import BeamSearchOptions
+    from avg_jax.t5 import configs, model
 
     text_vocab = 32128
     config = configs.named_t5_config(args.t5_size, vocab_size=pad_vocab_size(text_vocab + args.codebook),
-                                     dropout_rate=0.0)
+                                     dropout_rate=0.0, dtype=args.dtype)
     params = model.init_params(config, jax.random.PRNGKey(args.seed))
     options = BeamSearchOptions(beam_size=args.beam)
     rng = np.random.default_rng(args.seed + 1)
@@ -145,14 +142,13 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float] | None, str
                            f"{config.num_decoder_layers} layers, random weights)",
                   "vocab": config.vocab_size, "beam": args.beam, "levels_M": args.levels,
                   "codebook_N": args.codebook, "score_normalization": options.score_normalization,
+                  "dtype": config.dtype,
                   "query_tokens": args.query_tokens, "per_size": details}
-    return out, "measured", model_info
+    return out, model_info
 
 
-def crossover(sizes: list[int], generative: dict[int, float] | None, dense: dict[int, float]) -> dict:
+def crossover(sizes: list[int], generative: dict[int, float], dense: dict[int, float]) -> dict:
     """Smallest size where generative q/s >= dense q/s; else an extrapolation from dense's 1/N scaling."""
-    if generative is None:
-        return {"measured": None, "extrapolated": None}
     for n in sizes:
         if generative[n] >= dense[n]:
             return {"measured": n, "extrapolated": None}
@@ -188,8 +184,6 @@ def plot(result: dict, path: Path) -> None:
                  + (f", encoder {enc['tokens']} tokens" if enc else ""), fontsize=10)
     if result["crossover_images"]:
         ax.axvline(result["crossover_images"], color="grey", ls=":", label="crossover")
-    elif not result.get("generative_qps"):
-        ax.text(0.02, 0.03, result["generative_status"], transform=ax.transAxes, fontsize=8, color="C3")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -214,6 +208,9 @@ def main() -> None:
     p.add_argument("--no_faiss", action="store_true")
     p.add_argument("--no_encoder", action="store_true")
     p.add_argument("--out_dir", default="bench_out", help="where efficiency.png goes")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="operands of the jit dense search and of the T5 decode (float32 accumulation either way); "
+                        "faiss and the PyTorch query encoder stay float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -238,7 +235,7 @@ def main() -> None:
     encoder = None if args.no_encoder else query_encoder_qps(args)
     # Encoder and search run one after the other on the same cores: times add.
     with_encoder = {n: 1.0 / (1.0 / best[n] + 1.0 / encoder["qps"]) for n in sizes} if encoder else None
-    generative, status, generative_model = generative_qps(sizes, args)
+    generative, generative_model = generative_qps(sizes, args)
     cross = crossover(sizes, generative, best)
     cross_enc = crossover(sizes, generative, with_encoder) if with_encoder else {"measured": None,
                                                                                   "extrapolated": None}
@@ -255,7 +252,7 @@ def main() -> None:
         "sizes": sizes, "dim": args.dim, "batch": args.batch, "k": args.k, "device": device,
         "dense_jax_search_qps": table(dense_jax), "dense_faiss_search_qps": table(dense_faiss),
         "dense_best_search_qps": table(best), "dense_with_encoder_qps": table(with_encoder),
-        "generative_qps": table(generative), "generative_status": status, "generative_model": generative_model,
+        "generative_qps": table(generative), "generative_model": generative_model, "dtype": args.dtype,
         "query_encoder": encoder,
         "repeats": {str(n): {k: v for k, v in per_size[n].items() if k.endswith("repeats")} for n in sizes},
         "timing": "median wall time per batch after one warm-up batch; q/s = batch / median",

@@ -342,7 +342,9 @@ def test_local_launch_reports_a_failing_worker(tmp_path):
         env=local_env(1), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1
     assert "model_parallelism=3 does not divide the 2 devices" in proc.stdout
-    assert all((tmp_path / "status" / f"worker{i}.exit").read_text().strip() == "2" for i in range(2))
+    # Both fail; a worker may die with the coordinator (process 0) before it reports its own error (exit 2).
+    codes = [(tmp_path / "status" / f"worker{i}.exit").read_text().strip() for i in range(2)]
+    assert "2" in codes and "0" not in codes, codes
 
 
 def test_local_dry_run_sets_the_cluster_environment(no_gcloud, tmp_path):
