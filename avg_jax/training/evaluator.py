@@ -78,7 +78,8 @@ class RetrievalEvaluator:
         self.beam_size = beam_size
         self.ks = applicable_ks(DEFAULT_KS, beam_size)  # raises on beam_size < 1
         self.split, self.corpus, self.query_rows, self.num_images = split, corpus, query_rows, len(image_ids)
-        self.trie: Trie = build_trie(table.subset(image_ids))
+        split_table = table.subset(image_ids)
+        self.trie: Trie = build_trie(split_table)
         texts = [with_instruction(instruction, corpus.queries[j].text) for j in query_rows]
         self.inputs = pad_token_rows([vocab.encode(t) for t in texts], input_length)
         self.relevant = [set(corpus.queries[j].image_ids) for j in query_rows]
@@ -96,7 +97,7 @@ class RetrievalEvaluator:
                 return result.groups, result.scores
         else:
             self._tables = None
-            self.split_groups = table.subset(image_ids).groups()
+            self.split_groups = split_table.groups()
             self.other_identifiers = set(table.groups()) - set(self.split_groups)
             max_length = table.max_len  # the longest identifier of any split, so other splits' are matched whole
 
