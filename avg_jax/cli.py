@@ -16,7 +16,7 @@ COMMAND_MODULES = (
     "avg_jax.data.commands",
     "avg_jax.tokenizer.commands",
     "avg_jax.evaluation.commands",
-    "avg_jax.decoding.commands",
+    "avg_jax.retrieval.commands",
     "avg_jax.launch",
     "avg_jax.training.commands",
     "avg_jax.sweep",

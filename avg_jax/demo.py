@@ -36,17 +36,14 @@ import tqdm
 from avg_jax import cli, config
 from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.data.synthetic import make_synthetic_corpus
-from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.retrieve import Retriever
-from avg_jax.decoding.t5_decode import identifier_window, make_t5_searcher
 from avg_jax.decoding.trie import Trie, build_trie
 from avg_jax.evaluation import dense, metrics
 from avg_jax.evaluation.commands import evaluate_ranked, read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.retrieval.model import RetrievalLossConfig, Retriever
 from avg_jax.tokenizer.commands import tokenize_corpus
-from avg_jax.training.commands import RETRIEVAL_DIR, RUN_FILE, train_retrieval
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
-from avg_jax.training.retrieval import RetrievalLossConfig
+from avg_jax.training.retrieval import RETRIEVAL_DIR, train_retrieval
 from avg_jax.training.trainer import CHECKPOINT_DIR
 
 REPORT_FILE = "report.md"
@@ -153,8 +150,8 @@ def run_demo(
         stages.done()
 
         stages.start("beam_sweep")
-        model, instruction = load_retriever(run_dir)
-        sweep = beam_sweep(model, instruction, corpus, beam_sizes, beam_sweep_queries)
+        retriever = load_retriever(run_dir)
+        sweep = beam_sweep(retriever, corpus, beam_sizes, beam_sweep_queries)
         stages.done()
 
         stages.start("examples")
@@ -165,7 +162,7 @@ def run_demo(
 
         stages.start("efficiency")
         code_dim = int(json.loads((ids_dir / "tokenizer_config.json").read_text())["config"]["code_dim"])
-        efficiency = measure_efficiency(model, table, efficiency_sizes, code_dim, efficiency_batch,
+        efficiency = measure_efficiency(retriever, table, efficiency_sizes, code_dim, efficiency_batch,
                                         efficiency_beam, efficiency_repeats, seed)
         stages.done()
 
@@ -179,8 +176,8 @@ def run_demo(
                             "collision_policy": tokenizer_stats["collision_policy"],
                             "collision_rate_before_policy":
                                 tokenizer_stats["collisions_before_policy"]["collision_rate"]},
-            "t5": {"config": model.config.to_dict(), "steps": int(final["step"]),
-                   "num_params": int(sum(x.size for x in jax.tree.leaves(model.params))),
+            "t5": {"config": retriever.model.config.to_dict(), "steps": int(final["step"]),
+                   "num_params": int(sum(x.size for x in jax.tree.leaves(retriever.params))),
                    "loss": dataclasses.asdict(RetrievalLossConfig())},
             "avg": avg_metrics, "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
             "examples": examples, "efficiency": efficiency,
@@ -216,20 +213,18 @@ def chance_recall(corpus: Corpus, split: str, ks: Sequence[int] = metrics.DEFAUL
     return out
 
 
-def load_retriever(run_dir: Path) -> tuple[Retriever, str]:
-    """The trainer's exported retrieval checkpoint (the test images' trie) and the query instruction it trained
-    with; the retriever's base beam is 1 so `retrieve(texts, k=b)` searches with beam b."""
-    run = json.loads((run_dir / RUN_FILE).read_text())
-    retriever = Retriever.load(run_dir / RETRIEVAL_DIR, options=BeamSearchOptions(beam_size=1), batch_size=64)
-    return retriever, run.get("retrieve_instruction", "")
+def load_retriever(run_dir: Path) -> Retriever:
+    """The trainer's exported retrieval checkpoint (the test images' trie); the retriever's base beam is 1 so
+    `retrieve(texts, k=b)` searches with beam b."""
+    return Retriever.load(run_dir / RETRIEVAL_DIR, beam_size=1, batch_size=64)
 
 
-def beam_sweep(retriever: Retriever, instruction: str, corpus: Corpus, beam_sizes: Sequence[int],
+def beam_sweep(retriever: Retriever, corpus: Corpus, beam_sizes: Sequence[int],
                max_queries: int | None) -> dict[str, Any]:
     """Image-level metrics of the test queries for each beam size b (the top-b images; first `max_queries`);
     R@K for K > b and MRR@10 for b < 10 are inapplicable and absent (evaluation.metrics)."""
     rows = corpus.query_rows(SPLIT)[:max_queries]
-    texts = [f"{instruction} {corpus.queries[j].text}" if instruction else corpus.queries[j].text for j in rows]
+    texts = [corpus.queries[j].text for j in rows]
     relevant = [corpus.queries[j].image_ids for j in rows]
     per_beam = {}
     for beam in tqdm.tqdm(beam_sizes, desc="beam sweep", leave=False):
@@ -288,23 +283,22 @@ def random_identifier_trie(n: int, levels: int, codebook_size: int, text_vocab_s
     return build_trie(tokens=tokens, lengths=np.full(n, levels, np.int32), fixed_length=True)
 
 
-def measure_efficiency(model: Retriever, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
+def measure_efficiency(retriever: Retriever, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
                        batch: int, beam: int, repeats: int, seed: int, query_tokens: int = 16) -> dict[str, Any]:
-    """Queries/s of the trained T5's (`model.params`) constrained decode (incl. its encoder) and of dense exact search
-    (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch` of
+    """Queries/s of the trained T5's (`retriever.params`) constrained decode (incl. its encoder) and of dense exact
+    search (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch` of
     `query_tokens`-token queries."""
     levels = int(table.metadata.get("num_levels", table.max_len))
     codebook = int(table.metadata.get("codebook_size", table.num_new_tokens))
     rng = np.random.default_rng([seed, 11])
     queries = [normalize_rows(rng.standard_normal((batch, code_dim)).astype(np.float32)) for _ in range(4)]
-    inputs = [jnp.asarray(rng.integers(3, model.vocab.text_size, (batch, query_tokens)), jnp.int32)
+    inputs = [jnp.asarray(rng.integers(3, retriever.model.vocab.text_size, (batch, query_tokens)), jnp.int32)
               for _ in range(4)]
     gen, dense_qps = {}, {}
     for n in tqdm.tqdm(sizes, desc="efficiency", leave=False):
-        trie = random_identifier_trie(int(n), levels, codebook, model.vocab.text_size, seed)
-        window = identifier_window(trie, model.config.vocab_size, model.vocab.text_size)
-        search = make_t5_searcher(model.config, BeamSearchOptions(beam_size=beam), window)
-        sec = _median_seconds(lambda i, s=search, t=trie: s(model.params, t.tables, inputs[i % 4]), repeats)
+        trie = random_identifier_trie(int(n), levels, codebook, retriever.model.vocab.text_size, seed)
+        search = retriever.model.search_fn(beam)
+        sec = _median_seconds(lambda i, s=search, t=trie: s(retriever.params, t.tables, inputs[i % 4]), repeats)
         gen[str(n)] = batch / sec
         index = dense.JaxExactIndex(normalize_rows(rng.standard_normal((int(n), code_dim)).astype(np.float32)))
         k = min(10, int(n))

@@ -26,3 +26,8 @@ def read_json(path: str | Path, what: str, error: type[ValueError] = ValueError,
                     f"got {type(value).__name__}")
     return value
 
+
+
+def finite(d):  # TEMPORARY SHIM
+    import math
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in d.items()}

@@ -225,8 +225,8 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     from avg_jax.evaluation import commands as evaluation
     from avg_jax.identifiers.table import IdentifierTable
     from avg_jax.tokenizer.commands import tokenize_corpus
-    from avg_jax.training.commands import train_retrieval  # the trainer; imported here so tables load without it
     from avg_jax.training.evaluator import GENERATION_METRICS
+    from avg_jax.training.retrieval import train_retrieval  # the trainer; imported here so tables load without it
 
     if not Path(plan.corpus_dir).exists():
         raise FileNotFoundError(f"corpus directory {plan.corpus_dir} (CORPUS_DIR of {list(plan.gin_files)}) does "

@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import make_t5_searcher
 from avg_jax.decoding.trie import build_trie
+from avg_jax.retrieval.model import RetrievalModel
 from avg_jax.t5.configs import T5Config, named_t5_config
 from avg_jax.t5.hf_io import save_hf_t5
 from avg_jax.t5.model import init_params
@@ -152,23 +151,23 @@ def main(argv=None) -> dict:
             tokens=tokens, lengths=np.full(len(tokens), args.codes, np.int32), fixed_length=True))
     trie = tries[sizes[0]]
 
-    config_bf16 = dataclasses.replace(config, dtype="bfloat16")
+    # Every mode goes through the RetrievalModel (over token ids: no vocabulary), as retrieval does.
+    model = RetrievalModel(config, None, window=window, input_length=args.query_length, target_length=steps)
+    bf16 = model.replace(config=dataclasses.replace(config, dtype="bfloat16"))
 
-    def searcher(options, tables, window=window, model_config=config, **kw):
-        search = make_t5_searcher(model_config, options, window=window, **kw)
+    def searcher(tables, mode=model, **kw):
+        search = mode.search_fn(beam, **kw)
         return lambda: jax.block_until_ready(search(params, tables, queries))
 
-    vocab = BeamSearchOptions(beam, "vocab")
     runs = {  # every configuration on the same batch of queries, interleaved in each round
-        "vocab": searcher(vocab, trie.tables),
-        "vocab_bf16": searcher(vocab, trie.tables, model_config=config_bf16),
-        "window_bf16": searcher(BeamSearchOptions(beam, "window"), trie.tables, model_config=config_bf16),
-        "vocab_unchunked": searcher(vocab, trie.tables, head_chunk_size=0),
-        "window": searcher(BeamSearchOptions(beam, "window"), trie.tables),
-        "vocab_unshared_first_step": searcher(BeamSearchOptions(beam, "vocab", share_first_step=False),
-                                              trie.tables),
-        "unconstrained": searcher(vocab, None, window=None, max_length=steps),
-        **{f"scale_{n}": searcher(vocab, tries[n].tables) for n in sizes[1:]},
+        "vocab": searcher(trie.tables),
+        "vocab_bf16": searcher(trie.tables, bf16),
+        "window_bf16": searcher(trie.tables, bf16.replace(score_normalization="window")),
+        "vocab_unchunked": searcher(trie.tables, head_chunk_size=0),
+        "window": searcher(trie.tables, model.replace(score_normalization="window")),
+        "vocab_unshared_first_step": searcher(trie.tables, model.replace(share_first_step=False)),
+        "unconstrained": searcher(None, model.replace(window=(0, config.vocab_size)), max_length=steps),
+        **{f"scale_{n}": searcher(tries[n].tables) for n in sizes[1:]},
     }
     compile_s = {name: timed(run)[0] for name, run in runs.items()}
     results = {name: runs[name]() for name in ("vocab", "window", "vocab_bf16", "window_bf16")}

@@ -15,14 +15,14 @@ import json
 import time
 
 from avg_jax.data.corpus import Corpus
-from avg_jax.decoding.beam_search import SCORE_NORMALIZATIONS, BeamSearchOptions
-from avg_jax.decoding.retrieve import Retriever
+from avg_jax.decoding.beam_search import SCORE_NORMALIZATIONS
 from avg_jax.evaluation.metrics import evaluate_images
+from avg_jax.retrieval.model import RetrievalModel, Retriever
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="retrieval checkpoint dir (avg_jax/decoding/retrieve.py)")
+    parser.add_argument("--checkpoint", required=True, help="retrieval checkpoint dir (avg_jax/retrieval/model.py)")
     parser.add_argument("--corpus", required=True, help="corpus dir whose split queries are searched")
     parser.add_argument("--split", default="test")
     parser.add_argument("--beam", type=int, default=20)
@@ -36,8 +36,9 @@ def main(argv=None) -> dict:
     report: dict = {"num_queries": len(texts), "beam": args.beam, "k": args.k, "modes": {}}
     modes = [(norm, "float32") for norm in SCORE_NORMALIZATIONS] + [(norm, "bfloat16") for norm in ("vocab", "window")]
     for norm, dtype in modes:
-        retriever = Retriever.load(args.checkpoint, dtype=dtype, options=BeamSearchOptions(args.beam, norm),
-                                   batch_size=args.batch)
+        model, params, table = RetrievalModel.load_checkpoint(args.checkpoint, dtype=dtype)
+        retriever = Retriever(model.replace(score_normalization=norm), params, table, beam_size=args.beam,
+                              batch_size=args.batch)
         retriever.retrieve(texts[:args.batch], k=args.k)  # compile
         t = time.perf_counter()
         results = retriever.retrieve(texts, k=args.k)

@@ -18,16 +18,20 @@ from avg_jax import cli
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
-from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.retrieve import Retriever
-from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.commands import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
+from avg_jax.retrieval.model import (
+    TRAIN_TRIE,
+    RetrievalLossConfig,
+    RetrievalModel,
+    Retriever,
+    model_window,
+    shift_right,
+)
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5
 from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
-from avg_jax.training.retrieval import TRAIN_TRIE, RetrievalLossConfig, RetrievalTask, shift_right
 
 CODEBOOK, LEVELS = 12, 2
 
@@ -57,9 +61,9 @@ def _task_and_batch(setup, beam=4, batch_size=3):
     corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
     trie = build_trie(table.subset([corpus.images[i].id for i in corpus.image_rows("train")]))
     config = named_t5_config("tiny", vocab_size=vocab.size)
-    task = RetrievalTask(config, RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam),
-                         identifier_window(trie, vocab.size, vocab.text_size), target_length=table.max_len,
-                         input_length=24)
+    task = RetrievalModel(config, vocab, window=model_window(table, vocab.size), input_length=24,
+                          target_length=table.max_len,
+                          loss=RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam))
     rows = table.index()
     examples = corpus_examples(corpus, "train", vocab.encode, lambda i: table.identifier(rows[i]))
     batch = next(make_batch_iterator(examples, batch_size, 0, {"inputs": 24, "targets": table.max_len},
@@ -85,11 +89,8 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup):
                                                         has_aux=True))(params)
     cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
 
-    class FixedCandidates(RetrievalTask):
-        def candidates(self, params, input_ids, tables):
-            return cands, valid
-
-    fixed = FixedCandidates(task.config, task.loss_config, task.window, task.target_length, task.input_length)
+    fixed = task.replace()
+    fixed.candidates = lambda params, input_ids, tables: (cands, valid)
     grad_fixed = jax.jit(jax.grad(lambda p: fixed.loss(p, batch, rng, step, constants)[0]))(params)
     for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_fixed), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-6, atol=1e-9)
@@ -137,7 +138,7 @@ def test_lambda_schedule():
 def test_sequential_iterator_state_round_trip(setup):
     corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
     mixture = TrainMixture(memorize_mode="sequential", memorize_steps=3, memorize_rate=0.0)
-    memorize, stream = build_mixture(corpus, table, vocab, mixture, image_dim=64, seed=0)
+    memorize, stream = build_mixture(corpus, table, vocab, vocab.encode, mixture, image_dim=64, seed=0)
     assert len(memorize) == corpus.num_images and all(ex["has_image"] for ex in memorize)
     assert len(stream) == len(corpus.query_rows("train")) and not any(ex["has_image"] for ex in stream)
     lengths = {"inputs": 24, "targets": table.max_len}
@@ -195,7 +196,7 @@ def test_train_cli_end_to_end_with_discriminative_stage_and_resume(setup, tmp_pa
     ranked = read_ranked_jsonl(tmp_path / "ranked_test.jsonl", corpus, "test")
     test_images = {corpus.images[i].id for i in corpus.image_rows("test")}
     assert all(len(r) == 10 and set(r) <= test_images for r in ranked.image_ids)
-    retriever = Retriever.load(tmp_path / "retrieval", options=BeamSearchOptions(beam_size=10))  # avg-jax retrieve
+    retriever = Retriever.load(tmp_path / "retrieval", beam_size=10)  # avg-jax retrieve
     lines = [json.loads(line) for line in (tmp_path / "ranked_test.jsonl").read_text().splitlines()[:4]]
     for line, got in zip(lines, retriever.retrieve([line["text"] for line in lines], k=10), strict=True):
         assert got.image_ids == line["image_ids"]
@@ -220,17 +221,64 @@ def test_train_cli_grace_memorize_then_retrieve_with_pseudo_queries(setup, tmp_p
     assert run["t5_config"]["image_feature_dim"] == corpus.image_features.shape[1]
 
 
+def test_grace_instruction_ranks_identically_through_retrieve_and_the_evaluator(setup, tmp_path, capsys):
+    """A GRACE model (image prefix, memorize rows, a retrieve instruction) exported by the trainer ranks every
+    test query the same through `avg-jax retrieve` as through the trainer's evaluator (ranked_test.jsonl): the
+    checkpoint carries the instruction and input length, and both go through one RetrievalModel."""
+    instruction = "find the image identifier for"
+    assert _train(setup, tmp_path, "train_loop.num_steps = 6", "train_loop.checkpoint_every = 6",
+                  "T5Config.num_image_tokens = 2", "TrainMixture.memorize_rate = 1.0",
+                  f"TrainMixture.retrieve_instruction = '{instruction}'", "train_retrieval.eval_beam_size = 10") == 0
+    spec = json.loads((tmp_path / "retrieval" / "retrieval_model.json").read_text())
+    assert spec["retrieve_instruction"] == instruction
+    expected = [json.loads(line) for line in (tmp_path / "ranked_test.jsonl").read_text().splitlines()]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"text": r["text"], "query_row": r["query_row"]}) + "\n"
+                               for r in expected))
+    out = tmp_path / "retrieved.jsonl"
+    assert cli.main(["retrieve", "--checkpoint", str(tmp_path / "retrieval"), "--queries", str(queries),
+                     "--k", "10", "--beam_size", "10", "--out", str(out)]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == len(expected) == len(setup["corpus"].query_rows("test"))
+    for want, have in zip(expected, got, strict=True):
+        assert have["query_row"] == want["query_row"]
+        assert have["image_ids"] == want["image_ids"][:10]
+        assert have["identifiers"] == want["identifiers"]
+    # Without the instruction the same model ranks differently for at least one query (the bug this guards).
+    bare = RetrievalModel.load_checkpoint(tmp_path / "retrieval")[0].replace(retrieve_instruction="")
+    assert bare.encode_queries([expected[0]["text"]]).tolist() != \
+        Retriever.load(tmp_path / "retrieval").model.encode_queries([expected[0]["text"]]).tolist()
+
+
+def test_query_validation(setup, capsys):
+    """An empty or whitespace-only query is an error naming it; cut queries are reported once per call and
+    keep their EOS (the one truncation rule, as in training)."""
+    vocab, table = setup["vocab"], setup["table"]
+    config = named_t5_config("tiny", vocab_size=vocab.size)
+    model = RetrievalModel(config, vocab, window=model_window(table, vocab.size), input_length=6,
+                           target_length=table.max_len)
+    for bad in ("", "   \t"):
+        with pytest.raises(ValueError, match="query 1: empty query"):
+            model.encode_queries(["a red circle", bad])
+    long_text = " ".join(["red circle"] * 10)
+    ids = model.encode_queries([long_text, "red", long_text])
+    err = capsys.readouterr().err
+    assert err.count("longer than the model's input length 6") == 1 and "2 of 3" in err
+    full = vocab.encode(long_text)
+    assert ids[0].tolist() == [*full[:5], 1] and ids[1].tolist()[:len(vocab.encode("red"))] == vocab.encode("red")
+
+
 def test_train_cli_rejects_memorize_without_image_prefix(setup, tmp_path, capsys):
     assert _train(setup, tmp_path, "train_loop.num_steps = 1", "TrainMixture.memorize_rate = 1.0") == 2
     assert "T5Config.num_image_tokens" in capsys.readouterr().err
 
 
 def test_identifier_table_vocabulary_mismatch_is_reported(setup, tmp_path):
-    from avg_jax.training.commands import load_vocabulary
+    from avg_jax.training.retrieval import load_vocabulary
 
     table = IdentifierTable.load(setup["table_dir"])
     table.text_vocab_size += 1
-    with pytest.raises(ValueError, match="does not match the SentencePiece model"):
+    with pytest.raises(ValueError, match="text_vocab_size is"):
         load_vocabulary(table, setup["table_dir"])
 
 
@@ -239,7 +287,7 @@ def test_voken_embedding_init_from_codebook_and_pretrained_t5(setup, tmp_path):
     rows zero, text rows from the given HuggingFace checkpoint; the run starts from exactly these weights."""
     from avg_jax.t5.hf_io import save_hf_t5
     from avg_jax.t5.model import init_params
-    from avg_jax.training.commands import initial_t5_params
+    from avg_jax.training.retrieval import initial_t5_params
 
     vocab, table = setup["vocab"], setup["table"]
     text_config = named_t5_config("tiny", vocab_size=vocab.text_size, d_model=32)

@@ -10,8 +10,8 @@ import pytest
 
 from avg_jax import cli
 from avg_jax.data.vocab import Vocabulary, pad_vocab_size, train_sentencepiece
-from avg_jax.decoding.retrieve import save_retrieval_checkpoint
 from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.retrieval.model import RetrievalModel
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5, init_params
 
@@ -35,7 +35,9 @@ def checkpoint(tmp_path_factory):
                             text_vocab_size=text_size, fixed_length=True)
     config = named_t5_config("tiny", vocab_size=pad_vocab_size(text_size + NUM_NEW))
     params = jax.device_get(init_params(config, jax.random.key(0)))
-    save_retrieval_checkpoint(root / "ckpt", params, config, table, spm)
+    model = RetrievalModel(config, Vocabulary(spm, num_new=NUM_NEW), window=(text_size, config.vocab_size - text_size),
+                           input_length=32, target_length=M)
+    model.save_checkpoint(root / "ckpt", params, table)
     return root / "ckpt", table, params, config, Vocabulary(spm, num_new=NUM_NEW)
 
 
@@ -103,3 +105,5 @@ def test_errors_name_the_problem(checkpoint, tmp_path, capsys):
     bad.write_text('{"text": "ok"}\n{"query": "no text field"}\n')
     assert cli.main(["retrieve", "--checkpoint", str(ckpt), "--queries", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+    assert cli.main(["retrieve", "--checkpoint", str(ckpt), "--query", "  "]) == 2
+    assert "empty query" in capsys.readouterr().err

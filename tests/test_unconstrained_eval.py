@@ -10,11 +10,12 @@ import pytest
 
 from avg_jax.data.vocab import EOS_ID, PAD_ID, Vocabulary, train_sentencepiece
 from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.retrieval.model import RetrievalModel, model_window
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5, init_params
-from avg_jax.training.evaluator import RetrievalEvaluator, pad_token_rows
+from avg_jax.training.evaluator import RetrievalEvaluator
 
-BEAM, NUM_QUERIES, INPUT_LENGTH = 8, 10, 24
+BEAM, NUM_QUERIES, INPUT_LENGTH = 8, 10, 64
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,10 @@ def _table_from_generations(corpus, reference, fixed_length, text_vocab_size):
     assigned: dict[str, tuple[int, ...]] = {}
     roles = {"test": set(), "train": set(), "left out": set()}
     for q, hyps in enumerate(reference):
-        for k, (seq, _) in enumerate(s for s in hyps if shaped(s[0])):
+        for seq, _ in (s for s in hyps if shaped(s[0])):
             if any(seq in v for v in roles.values()):
                 continue
-            role = ("test", "train", "left out")[(q + k) % 3]
+            role = ("test", "train", "left out")[sum(map(len, roles.values())) % 3]  # rotate over new sequences
             if role == "test":
                 own = [i for i in corpus.queries[corpus.query_rows("test")[q]].image_ids if i not in assigned]
                 image = (own or [i for i in test_ids if i not in assigned])[0]
@@ -102,13 +103,19 @@ def test_free_generation_matches_reference_and_counts_invalid(tiny_corpus, model
         params = {**params, "token_embedder": {"embedding": embedding.at[EOS_ID].multiply(3.0)}}
     corpus = tiny_corpus
     rows = corpus.query_rows("test")[:NUM_QUERIES]
-    inputs = pad_token_rows([vocab.encode(corpus.queries[j].text) for j in rows], INPUT_LENGTH)
+    inputs = np.zeros((len(rows), INPUT_LENGTH), np.int32)
+    for i, j in enumerate(rows):
+        ids = vocab.encode(corpus.queries[j].text)
+        ids = ids if len(ids) <= INPUT_LENGTH else [*ids[:INPUT_LENGTH - 1], EOS_ID]  # cut, EOS kept
+        inputs[i, :len(ids)] = ids
     reference = reference_free_beams(params, config, inputs, length=2)
     table, assigned, roles = _table_from_generations(corpus, reference, fixed_length, vocab.text_size)
     assert all(roles.values()), roles  # every kind occurs, so the accounting below is not vacuous
 
-    evaluator = RetrievalEvaluator(corpus, table, vocab, config, "test", INPUT_LENGTH, beam_size=BEAM,
-                                   batch_size=4, constrained=False)
+    retrieval_model = RetrievalModel(config, vocab, window=model_window(table, config.vocab_size),
+                                     input_length=INPUT_LENGTH, target_length=table.max_len)
+    evaluator = RetrievalEvaluator(retrieval_model, corpus, table, "test", beam_size=BEAM, batch_size=4,
+                                   constrained=False)
     np.testing.assert_array_equal(evaluator.inputs[:NUM_QUERIES], inputs)
     rankings = evaluator.rankings(params, NUM_QUERIES)
 

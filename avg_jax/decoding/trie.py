@@ -303,3 +303,12 @@ def _validate(tokens: np.ndarray, lengths: np.ndarray, fixed_length: bool | None
                          f"got {lengths[i]}")
     if fixed_length and ends_eos.any():
         raise ValueError("identifiers: fixed_length=True but identifiers end with EOS")
+
+
+def identifier_window(trie, vocab_size, text_vocab_size=None):  # TEMPORARY SHIM
+    lo, hi = trie.token_range
+    if hi > vocab_size:
+        raise ValueError(f"identifier token {hi - 1} is outside the model vocabulary of {vocab_size}")
+    if text_vocab_size is not None and lo >= text_vocab_size:
+        return text_vocab_size, vocab_size - text_vocab_size
+    return 0, vocab_size

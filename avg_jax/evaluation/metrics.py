@@ -173,3 +173,13 @@ def format_table(rows: Mapping[str, Mapping[str, float]], ks: Sequence[int] = DE
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     body = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines]
     return "\n".join(body) + "\n(all values in %, except queries)"
+
+
+def chance_metrics(num_images, num_relevant, ks=DEFAULT_KS):  # TEMPORARY SHIM
+    import math
+    n = num_images
+
+    def miss_first(r, k):
+        return math.comb(n - r, k) / math.comb(n, k) if k <= n - r else 0.0
+
+    return {f"recall@{k}": float(np.mean([1.0 - miss_first(r, min(k, n)) for r in num_relevant])) for k in ks}

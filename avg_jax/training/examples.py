@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gin
@@ -23,6 +23,7 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.identifiers.table import IdentifierTable
 
 MEMORIZE_MODES = ("mixed", "sequential")
+Tokenize = Callable[[str], Sequence[int]]
 
 
 @gin.configurable
@@ -61,24 +62,19 @@ class TrainMixture:
         return self.memorize_rate > 0 or self.memorize_mode == "sequential"
 
 
-def with_instruction(instruction: str, text: str) -> str:
-    """GRACE-style instruction prefix (none when empty)."""
-    return f"{instruction} {text}" if instruction else text
-
-
 def _image_fields(ex: Example, features: np.ndarray | None, has_image: bool) -> Example:
     if features is None:
         return ex
     return {**ex, "image_features": features.astype(np.float32), "has_image": np.bool_(has_image)}
 
 
-def retrieve_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, split: str, instruction: str,
+def retrieve_examples(corpus: Corpus, table: IdentifierTable, tokenize: Tokenize, split: str,
                       image_dim: int | None) -> list[Example]:
-    """One example per (query of `split`, relevant image): query tokens -> identifier."""
+    """One example per (query of `split`, relevant image): query tokens (`tokenize`, the model's query
+    tokenization: instruction + text + EOS) -> identifier."""
     rows = table.index()
     _check_covered(corpus, table, split)
-    examples = corpus_examples(corpus, split, lambda text: vocab.encode(with_instruction(instruction, text)),
-                               targets=lambda image_id: table.identifier(rows[image_id]))
+    examples = corpus_examples(corpus, split, tokenize, targets=lambda image_id: table.identifier(rows[image_id]))
     zeros = None if image_dim is None else np.zeros(image_dim, np.float32)
     return [_image_fields(ex, zeros, False) for ex in examples]
 
@@ -101,8 +97,8 @@ def memorize_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary,
     return out
 
 
-def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, splits: tuple[str, ...],
-                          per_image: int, instruction: str, image_dim: int | None) -> list[Example]:
+def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Tokenize, splits: tuple[str, ...],
+                          per_image: int, image_dim: int | None) -> list[Example]:
     """Pseudo-queries for images without TRAIN captions (GRACE appendix A).
 
     GRACE generates them with an image-to-query model trained on the training pairs; here the generator
@@ -130,7 +126,7 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabul
             image_id = corpus.images[i].id
             for d in near:
                 text = corpus.queries[captioned[corpus.images[donors[d]].id][0]].text
-                ex = {"inputs": np.asarray(vocab.encode(with_instruction(instruction, text)), np.int32),
+                ex = {"inputs": np.asarray(tokenize(text), np.int32),
                       "query_row": np.int32(-1), "image_row": np.int32(i),
                       "targets": np.asarray(table.identifier(rows[image_id]), np.int32)}
                 out.append(_image_fields(ex, zeros, False))
@@ -144,21 +140,24 @@ def repeat_at_rate(examples: list[Example], rate: float, seed: int) -> list[Exam
     return [ex for ex, e in zip(examples, extra, strict=True) for _ in range(whole + int(e))]
 
 
-def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, mixture: TrainMixture,
-                  image_dim: int | None, seed: int) -> tuple[list[Example], list[Example]]:
-    """(memorize-stage examples, main-stream examples); the first list is empty unless sequential."""
+def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tokenize: Tokenize,
+                  mixture: TrainMixture, image_dim: int | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """(memorize-stage examples, main-stream examples); the first list is empty unless sequential.
+
+    Query and pseudo-query inputs are `tokenize(text)` (the model's query tokenization, which applies
+    `mixture.retrieve_instruction`); memorize inputs are `vocab.encode(mixture.memorize_instruction)`."""
     if mixture.uses_images and image_dim is None:
         raise ValueError("TrainMixture uses learning-to-memorize but T5Config.num_image_tokens is 0: set "
                          "T5Config.num_image_tokens (the image prefix length)")
-    stream = repeat_at_rate(retrieve_examples(corpus, table, vocab, "train", mixture.retrieve_instruction,
-                                              image_dim), mixture.retrieve_rate, seed)
+    stream = repeat_at_rate(retrieve_examples(corpus, table, tokenize, "train", image_dim), mixture.retrieve_rate,
+                            seed)
     memorize: list[Example] = []
     if mixture.uses_images:
         memorize = memorize_examples(corpus, table, vocab, mixture.memorize_splits, mixture.memorize_instruction)
         stream += repeat_at_rate(memorize, mixture.memorize_rate, seed + 1)
     if mixture.pseudo_query_rate > 0:
-        pseudo = pseudo_query_examples(corpus, table, vocab, mixture.memorize_splits,
-                                       mixture.pseudo_queries_per_image, mixture.retrieve_instruction, image_dim)
+        pseudo = pseudo_query_examples(corpus, table, tokenize, mixture.memorize_splits,
+                                       mixture.pseudo_queries_per_image, image_dim)
         stream += repeat_at_rate(pseudo, mixture.pseudo_query_rate, seed + 2)
     if not stream:
         raise ValueError("TrainMixture yields no training examples (all rates are 0?)")

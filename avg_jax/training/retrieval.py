@@ -1,162 +1,234 @@
-"""The generative-retrieval training task: T5 maps a query (or, for GRACE's learning-to-memorize, an image
-feature prefix plus an instruction) to the identifier of its image.
+"""Training T5 generative retrieval (AVG / GRACE) on a corpus and its identifier table: `train_retrieval`,
+the library function behind `avg-jax train`, the demo and the sweep.
 
-Loss per step (AVG eq. 10 with a weight and a warm-up): L = L_gen + λ(step) · L_dis.
-  L_gen (eq. 7): teacher-forced negative log-likelihood of the positive identifier.
-  L_dis (eqs. 8-9): a constrained beam search over the TRAIN image set's trie (no gradient) proposes
-    b candidates per query; the positive replaces one of them when missing; duplicates are masked; all b
-    candidates are teacher-forced in ONE [batch * b, length] decoder pass and the listwise cross-entropy
-    of their summed token log-probabilities is taken. Only query rows (not memorize rows) count.
-While λ(step) = 0 only the positive is decoded (`lax.cond`), so a warm-up stage costs no beam search.
+Inputs: a corpus directory, an identifier table directory (its metadata names the SentencePiece model).
+The run directory receives:
+  checkpoints/            orbax: train state, data-iterator state, operative gin config (resumed on restart)
+  metrics.jsonl, tb/      training and periodic-evaluation metrics (JSONL and TensorBoard events)
+  operative_config.gin    the gin config in use
+  run.json                inputs, T5Config, sequence lengths, the retrieve instruction
+  ranked_<split>.jsonl    final ranked outputs of the evaluation split (`avg-jax eval --ranked` format)
+  eval_<split>.json       final image-level R@1/5/10 of that split
+  retrieval/              the trained `RetrievalModel` as a retrieval checkpoint (`avg-jax retrieve --checkpoint`)
+                          over the evaluation split's images (all images without an evaluation split)
+Everything that turns a query into model input or a ranking is the `RetrievalModel`'s (avg_jax.retrieval.model).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
-from avg_jax.data.vocab import PAD_ID
+from avg_jax.data.corpus import Corpus
+from avg_jax.data.pipeline import make_batch_iterator
+from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import t5_beam_search
+from avg_jax.decoding.trie import build_trie
+from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.json_io import finite
+from avg_jax.retrieval.model import TRAIN_TRIE, RetrievalLossConfig, RetrievalModel, model_window, table_vocabulary
 from avg_jax.t5.configs import T5Config
-from avg_jax.t5.model import T5, encoder_input_mask
-from avg_jax.training import losses
+from avg_jax.t5.hf_io import load_hf_t5
+from avg_jax.t5.model import init_params
+from avg_jax.t5.vocab_expand import expand_vocab
+from avg_jax.training.evaluator import RetrievalEvaluator
+from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
+from avg_jax.training.trainer import train_loop
 
-TRAIN_TRIE = "train_trie"
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class RetrievalLossConfig:
-    """Weights of eq. 10 and the discriminative loss' beam (gin: `RetrievalLossConfig.beam_size = 10`)."""
-
-    discriminative_weight: float = 0.0  # λ; 0 = generative training only
-    discriminative_start_step: int = 0  # λ(step) = 0 before this step (the authors' second stage)
-    discriminative_warmup_steps: int = 0  # then λ rises linearly over this many steps
-    beam_size: int = 10  # b candidates per query
-    z_loss: float = 0.0
-
-    def __post_init__(self):
-        if self.discriminative_weight < 0:
-            raise ValueError(f"RetrievalLossConfig.discriminative_weight must be >= 0, got "
-                             f"{self.discriminative_weight}")
-        if self.discriminative_start_step < 0 or self.discriminative_warmup_steps < 0:
-            raise ValueError("RetrievalLossConfig: discriminative_start_step and discriminative_warmup_steps "
-                             "must be >= 0")
-        if self.beam_size < 1:
-            raise ValueError(f"RetrievalLossConfig.beam_size must be >= 1, got {self.beam_size}")
-
-    def weight_at(self, step: jax.Array) -> jax.Array:
-        """λ(step): 0 before the start step, linear warm-up, then `discriminative_weight`."""
-        ramp = (step - self.discriminative_start_step + 1) / max(self.discriminative_warmup_steps, 1)
-        ramp = jnp.where(step >= self.discriminative_start_step, jnp.clip(ramp, 0.0, 1.0), 0.0)
-        return jnp.asarray(self.discriminative_weight, jnp.float32) * ramp.astype(jnp.float32)
+RUN_FILE = "run.json"
+RETRIEVAL_DIR = "retrieval"
+VOKEN_INITS = ("none", "random", "codebook")
 
 
-def shift_right(targets: jax.Array) -> jax.Array:
-    """Decoder inputs: targets shifted right with the decoder start id PAD (0), as in T5: [..., T]."""
-    return jnp.concatenate([jnp.full_like(targets[..., :1], PAD_ID), targets[..., :-1]], axis=-1)
+def load_vocabulary(table: IdentifierTable, table_dir: str | Path) -> Vocabulary:
+    """The vocabulary of a tokenizer's identifier table: the SentencePiece model its metadata names (or a copy
+    beside the table when the directory was moved) through `table_vocabulary`."""
+    recorded = table.metadata.get("sentencepiece_model")
+    if not recorded:
+        raise ValueError(f"{table_dir}: identifier table metadata has no 'sentencepiece_model'")
+    path = Path(recorded)
+    if not path.exists() and (Path(table_dir) / path.name).exists():
+        path = Path(table_dir) / path.name
+    return table_vocabulary(table, path)
 
 
-def _encode_rows(module: T5, input_ids: jax.Array, image_features: jax.Array, has_image: jax.Array,
-                 deterministic: bool) -> tuple[jax.Array, jax.Array]:
-    """Encode a batch mixing memorize rows (image prefix) and query rows (prefix masked out)."""
-    k = module.config.num_image_tokens
-    mask = encoder_input_mask(input_ids, k).at[:, :k].set(has_image[:, None])  # [batch, k + length]
-    return module.encoder(module.token_embedder(input_ids), mask, image_features, deterministic), mask
+def codebook_rows(table: IdentifierTable, table_dir: str | Path) -> np.ndarray:
+    """[num_new_tokens, code_dim] embedding seeds of the table's new tokens: the tokenizer's voken vectors in
+    token order (per-level codebooks flattened level-major), zero rows for disambiguation suffix tokens."""
+    name = table.metadata.get("codebook_file")
+    if not name:
+        raise ValueError(f"{table_dir}: voken_embedding_init='codebook' needs a voken table with a codebook "
+                         f"(scheme {table.scheme!r} has none)")
+    path = Path(table_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"codebook file missing: {path}")
+    codebook = np.load(path, allow_pickle=False)  # [C, N, code_dim]
+    vokens = codebook.reshape(-1, codebook.shape[-1]).astype(np.float32)
+    if vokens.shape[0] > table.num_new_tokens:
+        raise ValueError(f"{path}: {vokens.shape[0]} voken vectors but the table has {table.num_new_tokens} new "
+                         "tokens")
+    return np.concatenate([vokens, np.zeros((table.num_new_tokens - vokens.shape[0], vokens.shape[1]),
+                                            np.float32)])
 
 
-class RetrievalTask:
-    """`TrainTask` for T5 generative retrieval; batches carry "inputs" [b, L], "targets" [b, T] (identifier
-    ids, PAD-padded), "valid" [b], "query_row" [b] (-1 on memorize and pseudo-query rows) and, with an image
-    prefix, "image_features" [b, d] and "has_image" [b]."""
+@gin.configurable(denylist=["model_config", "vocab", "table", "table_dir"])
+def initial_t5_params(model_config: T5Config, vocab: Vocabulary, table: IdentifierTable, table_dir: str | Path,
+                      voken_embedding_init: str = "none", pretrained_t5: str | None = None,
+                      seed: int = 0) -> tuple[dict | None, T5Config]:
+    """Starting parameters: None (the trainer's fresh init of the whole vocabulary) or a text-vocabulary T5
+    (a HuggingFace checkpoint directory, or fresh) whose embedding gets the new tokens by `expand_vocab`:
+    'codebook' = the paper's voken embedding (tokenizer codebook rows), 'random' = its ablation."""
+    if voken_embedding_init not in VOKEN_INITS:
+        raise ValueError(f"initial_t5_params.voken_embedding_init must be one of {VOKEN_INITS}, got "
+                         f"{voken_embedding_init!r}")
+    if voken_embedding_init == "none":
+        if pretrained_t5:
+            raise ValueError("initial_t5_params: a pretrained_t5 needs voken_embedding_init 'codebook' or 'random'")
+        return None, model_config
+    text_config = model_config.replace(vocab_size=vocab.text_size)
+    if pretrained_t5:
+        params, loaded = load_hf_t5(pretrained_t5)
+        if loaded.vocab_size < vocab.text_size:
+            raise ValueError(f"{pretrained_t5}: vocabulary {loaded.vocab_size} < the SentencePiece model's "
+                             f"{vocab.text_size} text ids")
+        text_config = loaded.replace(dropout_rate=model_config.dropout_rate, dtype=model_config.dtype,
+                                     num_image_tokens=model_config.num_image_tokens,
+                                     image_feature_dim=model_config.image_feature_dim, remat=model_config.remat)
+    else:
+        params = init_params(text_config, jax.random.key(seed))
+    codebook = codebook_rows(table, table_dir) if voken_embedding_init == "codebook" else None
+    params, config = expand_vocab(params, text_config, table.num_new_tokens, init=voken_embedding_init,
+                                  codebook=codebook, rng=jax.random.key(seed + 1), text_size=vocab.text_size)
+    if config.vocab_size != vocab.size:
+        raise ValueError(f"expanded vocabulary {config.vocab_size} != {vocab.size} (text + new tokens, padded)")
+    if config.num_image_tokens:  # the image-prefix projection is new: fresh weights beside the loaded ones
+        params = _fill_missing(params, init_params(config, jax.random.key(seed + 2)))
+    return params, config
 
-    def __init__(self, config: T5Config, loss: RetrievalLossConfig, window: tuple[int, int] | None = None,
-                 target_length: int = 8, input_length: int = 8):
-        self.config = config
-        self.model = T5(config)
-        self.loss_config = loss
-        self.window = window  # identifier vocabulary window of the beam-search head (t5_decode)
-        self.target_length = target_length
-        self.input_length = input_length
 
-    def init_params(self, rng: jax.Array) -> Any:
-        ids = jnp.ones((1, self.input_length), jnp.int32)
-        image = (jnp.zeros((1, self.config.image_feature_dim), jnp.float32) if self.config.num_image_tokens
-                 else None)
-        return self.model.init(rng, ids, jnp.ones((1, self.target_length), jnp.int32), image)["params"]
+def _fill_missing(params: dict, fresh: dict) -> dict:
+    """`params` plus every entry of `fresh` that `params` lacks (nested dicts)."""
+    out = dict(params)
+    for k, v in fresh.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _fill_missing(out[k], v)
+    return out
 
-    def encode(self, params: Any, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """Encoder states and key mask of a batch (dropout on when `rng` is given)."""
-        deterministic = rng is None
-        rngs = None if rng is None else {"dropout": rng}
-        if self.config.num_image_tokens:
-            return self.model.apply({"params": params}, batch["inputs"], batch["image_features"],
-                                    batch["has_image"], deterministic, method=_encode_rows, rngs=rngs)
-        encoded = self.model.apply({"params": params}, batch["inputs"], None, deterministic, method=T5.encode,
-                                   rngs=rngs)
-        return encoded, encoder_input_mask(batch["inputs"])
 
-    def decode(self, params: Any, encoded: jax.Array, mask: jax.Array, targets: jax.Array,
-               rng: jax.Array | None) -> jax.Array:
-        """Teacher-forced logits [rows, T, vocab] of `targets` [rows, T]."""
-        return self.model.apply({"params": params}, encoded, mask, shift_right(targets), False, rng is None,
-                                method=T5.decode, rngs=None if rng is None else {"dropout": rng})
+def _round_up(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
 
-    def candidates(self, params: Any, input_ids: jax.Array, tables: Any) -> tuple[jax.Array, jax.Array]:
-        """Eq. 8: the top-b train identifiers of each query by constrained beam search, no gradient.
 
-        Returns tokens [b, beam, T] (PAD-padded to the target length) and validity [b, beam].
-        """
-        options = BeamSearchOptions(beam_size=self.loss_config.beam_size, score_normalization="vocab")
-        result = t5_beam_search(jax.lax.stop_gradient(params), self.config, input_ids, tables, options=options,
-                                window=self.window)
-        tokens = result.tokens
-        if tokens.shape[-1] > self.target_length:
-            raise ValueError(f"trie identifiers have {tokens.shape[-1]} tokens > target length {self.target_length}")
-        tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, self.target_length - tokens.shape[-1])))
-        return jax.lax.stop_gradient(tokens), result.groups >= 0
+@gin.configurable(denylist=["corpus_dir", "identifiers_dir", "run_dir"])
+def train_retrieval(
+    corpus_dir: str,
+    identifiers_dir: str,
+    run_dir: str,
+    train_batch_size: int = 32,
+    seed: int = 0,
+    input_length: int | None = None,
+    eval_split: str | None = "test",
+    eval_beam_size: int = 10,
+    eval_batch_size: int = 32,
+    eval_max_queries: int | None = None,
+    eval_constrained: bool = True,
+) -> dict[str, Any]:
+    """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
+    periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
+    `eval_constrained=False` evaluates by free generation (GRACE's "w/o constrained generation").
+    `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
+    length cuts longer inputs (training and evaluation alike); the number cut is printed."""
+    corpus = Corpus.load(corpus_dir)
+    table = IdentifierTable.load(identifiers_dir)
+    vocab = load_vocabulary(table, identifiers_dir)
+    # The vocabulary and the corpus fix these two fields; gin sets the rest.
+    model_config = T5Config(image_feature_dim=int(corpus.image_features.shape[1])).replace(vocab_size=vocab.size)
+    initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
+    mixture = TrainMixture()
+    train_ids = [corpus.images[i].id for i in corpus.image_rows("train")]
+    train_trie = build_trie(table.subset(train_ids))
+    search = BeamSearchOptions()  # the score normalisation and first-step sharing the model decodes with
+    model = RetrievalModel(model_config, vocab, window=model_window(table, vocab.size),
+                           input_length=input_length or 1, target_length=table.max_len,
+                           retrieve_instruction=mixture.retrieve_instruction,
+                           score_normalization=search.score_normalization, share_first_step=search.share_first_step,
+                           loss=RetrievalLossConfig())
+    image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
+    memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed)
+    if input_length is None:
+        longest = max(len(ex["inputs"]) for ex in stream + memorize_stage)
+        if eval_split is not None:
+            longest = max(longest, *(len(model.tokenize(corpus.queries[j].text))
+                                     for j in corpus.query_rows(eval_split)))
+        model = model.replace(input_length=_round_up(longest))
+    cut = sum(len(ex["inputs"]) > model.input_length for ex in stream + memorize_stage)
+    if cut and jax.process_index() == 0:
+        print(f"train_retrieval: {cut} of {len(stream) + len(memorize_stage)} training inputs are longer than "
+              f"input_length {model.input_length} and are cut", flush=True)
+    stream, memorize_stage = ([{**ex, "inputs": np.asarray(model.truncate(ex["inputs"]), np.int32)} for ex in part]
+                              for part in (stream, memorize_stage))
+    lengths = {"inputs": model.input_length, "targets": model.target_length}
+    if train_batch_size % jax.process_count():
+        raise ValueError(f"train_retrieval.train_batch_size {train_batch_size} is not divisible by "
+                         f"{jax.process_count()} processes")
+    local_batch = train_batch_size // jax.process_count()
+    iterator = make_batch_iterator(stream, local_batch, seed, lengths)
+    if memorize_stage:
+        first = make_batch_iterator(memorize_stage, local_batch, seed + 1, lengths)
+        iterator = SequentialIterator(first, iterator, mixture.memorize_steps)
+    constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else None
 
-    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array, constants: Any
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        cfg = self.loss_config
-        weights = batch["valid"].astype(jnp.float32)  # [b]
-        query_weights = weights * (batch["query_row"] >= 0)  # L_dis on real TRAIN queries only
-        targets = batch["targets"]  # [b, T]
-        encoded, mask = self.encode(params, batch, jax.random.fold_in(rng, 0))
-        decode_rng = jax.random.fold_in(rng, 1)
-        lam = cfg.weight_at(step)
+    run_path = epath.Path(run_dir)  # local or gs://
+    evaluator = None
+    if eval_split is not None:
+        evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
+                                       batch_size=eval_batch_size, max_queries=eval_max_queries,
+                                       constrained=eval_constrained)
+    if jax.process_index() == 0:
+        run_path.mkdir(parents=True, exist_ok=True)
+        (run_path / RUN_FILE).write_text(json.dumps({
+            "corpus": str(Path(corpus_dir).resolve()), "identifiers": str(Path(identifiers_dir).resolve()),
+            "sentencepiece_model": str(vocab.path.resolve()), "t5_config": model_config.to_dict(),
+            **model.spec(), "train_examples": len(stream), "memorize_stage_examples": len(memorize_stage),
+        }, indent=2) + "\n")
+    result = train_loop(model, iterator, run_path, evaluate=evaluator, constants=constants,
+                        initial_params=initial_params)
+    final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
+    if not result.preempted:
+        image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
+        export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
+    if evaluator is not None and not result.preempted:
+        ranked = run_path / f"ranked_{eval_split}.jsonl"
+        if jax.process_index() == 0:
+            scores = evaluator.write_ranked(result.state.params, ranked)
+        else:  # the same sharded searches, nothing written
+            scores = evaluator.score(evaluator.rankings(result.state.params))
+        final.update(split=eval_split, beam_size=eval_beam_size, **scores)
+        if jax.process_index() == 0:
+            (run_path / f"eval_{eval_split}.json").write_text(json.dumps(finite(final), indent=2) + "\n")
+            print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
+                                               if isinstance(v, float)), flush=True)
+    return final
 
-        def generative_only(_):
-            logits = self.decode(params, encoded, mask, targets, decode_rng)
-            total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss)
-            return total, {**metrics, "dis_loss": jnp.zeros(()), "positive_in_beam": jnp.zeros(())}
 
-        def with_discriminative(_):
-            cands, valid = self.candidates(params, batch["inputs"], constants[TRAIN_TRIE])  # [b, k, T], [b, k]
-            cands, positive, valid, found = losses.inject_positive(cands, valid, targets,
-                                                                   jax.random.fold_in(rng, 2))
-            keep = losses.duplicate_free(cands, valid)
-            b, k, t = cands.shape
-            # All b*k candidates in one teacher-forced pass: [b*k, T, vocab].
-            logits = self.decode(params, jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0),
-                                 cands.reshape(b * k, t), decode_rng).reshape(b, k, t, -1)
-            scores = losses.sequence_scores(logits, cands)  # [b, k]
-            dis = losses.listwise_loss(scores, positive, keep)  # [b]
-            denom = jnp.maximum(query_weights.sum(), 1e-9)
-            dis_loss = jnp.sum(query_weights * dis) / denom
-            positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
-            gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss)
-            metrics.update(dis_loss=dis_loss, positive_in_beam=jnp.sum(query_weights * found) / denom)
-            return gen + lam * dis_loss, metrics
-
-        if cfg.discriminative_weight == 0:
-            total, metrics = generative_only(None)
-        else:
-            total, metrics = jax.lax.cond(lam > 0, with_discriminative, generative_only, None)
-        return total, {**metrics, "dis_weight": lam}
-
+def export_retrieval_checkpoint(out_dir: epath.PathLike, model: RetrievalModel, params: Any,
+                                table: IdentifierTable) -> None:
+    """`model.save_checkpoint` from a (possibly sharded, multi-process) training state: all processes gather,
+    process 0 writes."""
+    params = multihost_utils.process_allgather(params, tiled=True)  # host numpy on every process
+    if jax.process_index() != 0:
+        return
+    if str(out_dir).startswith(("gs://", "s3://")):
+        print(f"retrieval checkpoint not exported: {out_dir} is not a local path (the layout's writers are "
+              "local-file only); export from the orbax checkpoint after copying the run", flush=True)
+        return
+    model.save_checkpoint(out_dir, params, table)

@@ -1,4 +1,4 @@
-"""`avg-jax retrieve`: ranked images for text queries from a retrieval checkpoint (see retrieve.py).
+"""`avg-jax retrieve`: ranked images for text queries from a retrieval checkpoint (`RetrievalModel`'s layout).
 
   --query TEXT    prints `rank<TAB>image_id<TAB>score` lines
   --queries FILE  JSONL (objects with "text", optional "query_row" echoed) or plain text (one query per
@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from avg_jax import cli, config
-from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.retrieve import Retriever
+from avg_jax.retrieval.model import Retriever
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="images per query")
     p.add_argument("--out", help="JSONL output for --queries (default stdout); the gin config is saved beside it")
     p.add_argument("--identifiers", help="identifier table dir to search instead of the checkpoint's")
+    p.add_argument("--beam_size", type=int, default=None,
+                   help="beam width (default: gin BeamSearchOptions.beam_size); at least --k is used")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of the search (bfloat16: float32 accumulation, faster on TPU and AMX CPUs)")
@@ -63,7 +64,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    retriever = Retriever.load(args.checkpoint, args.identifiers, dtype=args.dtype, options=BeamSearchOptions(),
+    retriever = Retriever.load(args.checkpoint, args.identifiers, dtype=args.dtype, beam_size=args.beam_size,
                                batch_size=args.batch_size)
     if args.query is not None:
         (result,) = retriever.retrieve([args.query], k=args.k)

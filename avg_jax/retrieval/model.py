@@ -1,0 +1,498 @@
+"""The generative-retrieval model: ONE object owns the whole query -> ranking path and the training loss.
+
+As t5x's `EncoderDecoderModel` owns loss / predict / score, `RetrievalModel` owns
+  * what the model is: the T5 config, the vocabulary (text + new tokens), the identifier-token window of
+    the output head, the beam-search score normalisation;
+  * how a query becomes encoder input: the retrieve instruction (GRACE inst-r), tokenization, the input
+    length and the ONE truncation rule (`truncate`: cut to `input_length`, keeping the final EOS), and the
+    checks on what it is given (an empty query is an error; cut queries are reported once);
+  * the training loss (AVG eq. 10): L = L_gen + λ(step) · L_dis (`loss`, the trainer's `TrainTask`);
+  * prediction: constrained (trie) or free beam search (`beam_search`, pure and jit-able) and ranking
+    (`rank`: identifier groups -> images over a `SearchIndex`).
+Training, the periodic evaluator, `avg-jax retrieve`, the demo, the sweep and the benchmarks all go through
+it, and a retrieval checkpoint (`save_checkpoint` / `load_checkpoint`) stores everything it needs, so a
+checkpoint ranks the same everywhere.
+
+Loss per step (AVG eq. 10 with a weight and a warm-up): L = L_gen + λ(step) · L_dis.
+  L_gen (eq. 7): teacher-forced negative log-likelihood of the positive identifier.
+  L_dis (eqs. 8-9): a constrained beam search over the TRAIN image set's trie (no gradient) proposes
+    b candidates per query; the positive replaces one of them when missing; duplicates are masked; all b
+    candidates are teacher-forced in ONE [batch * b, length] decoder pass and the listwise cross-entropy
+    of their summed token log-probabilities is taken. Only query rows (not memorize rows) count.
+While λ(step) = 0 only the positive is decoded (`lax.cond`), so a warm-up stage costs no beam search.
+
+Retrieval checkpoint layout (every file read without executing anything):
+  DIR/model/                 HuggingFace T5 directory (config.json + model.safetensors)
+  DIR/identifiers/           the identifier table of the image set to search
+  DIR/spiece.model           the SentencePiece model of the text vocabulary
+  DIR/retrieval_model.json   input length, instruction, head window, score normalisation, extra ids
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avg_jax.data.vocab import EOS_ID, PAD_ID, Vocabulary
+from avg_jax.decoding.beam_search import BeamSearchOptions, BeamSearchResult
+from avg_jax.decoding.trie import Trie, build_trie, identifier_window
+from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.json_io import read_json
+from avg_jax.t5.configs import T5Config
+from avg_jax.t5.decoding import t5_beam_search
+from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
+from avg_jax.t5.model import T5, encoder_input_mask
+from avg_jax.training import losses
+
+TRAIN_TRIE = "train_trie"  # key of the train image set's trie tables in the loss' `constants`
+MODEL_DIR = "model"
+IDENTIFIERS_DIR = "identifiers"
+SENTENCEPIECE_FILE = "spiece.model"
+SPEC_FILE = "retrieval_model.json"
+Identifier = tuple[int, ...]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RetrievalLossConfig:
+    """Weights of eq. 10 and the discriminative loss' beam (gin: `RetrievalLossConfig.beam_size = 10`)."""
+
+    discriminative_weight: float = 0.0  # λ; 0 = generative training only
+    discriminative_start_step: int = 0  # λ(step) = 0 before this step (the authors' second stage)
+    discriminative_warmup_steps: int = 0  # then λ rises linearly over this many steps
+    beam_size: int = 10  # b candidates per query
+    z_loss: float = 0.0
+
+    def __post_init__(self):
+        if self.discriminative_weight < 0:
+            raise ValueError(f"RetrievalLossConfig.discriminative_weight must be >= 0, got "
+                             f"{self.discriminative_weight}")
+        if self.discriminative_start_step < 0 or self.discriminative_warmup_steps < 0:
+            raise ValueError("RetrievalLossConfig: discriminative_start_step and discriminative_warmup_steps "
+                             "must be >= 0")
+        if self.beam_size < 1:
+            raise ValueError(f"RetrievalLossConfig.beam_size must be >= 1, got {self.beam_size}")
+
+    def weight_at(self, step: jax.Array) -> jax.Array:
+        """λ(step): 0 before the start step, linear warm-up, then `discriminative_weight`."""
+        ramp = (step - self.discriminative_start_step + 1) / max(self.discriminative_warmup_steps, 1)
+        ramp = jnp.where(step >= self.discriminative_start_step, jnp.clip(ramp, 0.0, 1.0), 0.0)
+        return jnp.asarray(self.discriminative_weight, jnp.float32) * ramp.astype(jnp.float32)
+
+
+def shift_right(targets: jax.Array) -> jax.Array:
+    """Decoder inputs: targets shifted right with the decoder start id PAD (0), as in T5: [..., T]."""
+    return jnp.concatenate([jnp.full_like(targets[..., :1], PAD_ID), targets[..., :-1]], axis=-1)
+
+
+def with_instruction(instruction: str, text: str) -> str:
+    """GRACE-style instruction prefix (none when empty)."""
+    return f"{instruction} {text}" if instruction else text
+
+
+def table_vocabulary(table: IdentifierTable, sentencepiece_model: str | Path) -> Vocabulary:
+    """The model vocabulary of `table`: its SentencePiece pieces, T5 sentinel ids up to the table's
+    `text_vocab_size`, then the table's new tokens (the one way a vocabulary is rebuilt)."""
+    pieces = Vocabulary(sentencepiece_model).text_size
+    extra = table.text_vocab_size - pieces
+    recorded = table.metadata.get("num_extra_ids")
+    if extra < 0 or (recorded is not None and int(recorded) != extra):
+        raise ValueError(f"{sentencepiece_model} has {pieces} pieces, but the identifier table's text_vocab_size "
+                         f"is {table.text_vocab_size} (metadata num_extra_ids={recorded})")
+    return Vocabulary(sentencepiece_model, num_extra_ids=extra, num_new=table.num_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchIndex:
+    """The searchable image set: its trie (constrained search) and identifier -> images (free generation).
+
+    `other_identifiers`: identifiers of images outside the set (e.g. training images), so free generation
+    can tell an out-of-set identifier from an invalid sequence.
+    """
+
+    trie: Trie
+    groups: dict[Identifier, list[str]]
+    other_identifiers: frozenset[Identifier]
+
+    @classmethod
+    def from_table(cls, table: IdentifierTable, full_table: IdentifierTable | None = None) -> SearchIndex:
+        groups = table.groups()
+        others = frozenset(full_table.groups()) - frozenset(groups) if full_table is not None else frozenset()
+        return cls(build_trie(table), groups, others)
+
+    @property
+    def max_length(self) -> int:
+        """Longest identifier of the set or of the other images (free generation runs this many steps)."""
+        return max(len(x) for x in (*self.groups, *self.other_identifiers))
+
+
+class Rankings(NamedTuple):
+    """Per query, best first: ranked image ids with their identifier's score, the identifiers they came
+    from with their scores and (free generation only, else None) every generated sequence."""
+
+    images: list[list[str]]
+    image_scores: list[list[float]]
+    identifiers: list[list[Identifier]]
+    identifier_scores: list[list[float]]
+    generated: list[list[Identifier]] | None
+
+
+def generated_sequence(row: Sequence[int]) -> Identifier:
+    """A free-generation output row `[max_length]` as a sequence: cut after its first EOS, else all of it
+    (PAD after an EOS is the search's filler; a PAD before one was generated and stays)."""
+    row = [int(t) for t in row]
+    return tuple(row[: row.index(EOS_ID) + 1] if EOS_ID in row else row)
+
+
+class RetrievalModel:
+    """T5 generative retrieval: query encoding, loss, beam search and ranking (see the module docstring).
+
+    `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`).
+    Batches of `loss` carry "inputs" [b, L], "targets" [b, T] (identifier ids, PAD-padded), "valid" [b],
+    "query_row" [b] (-1 on memorize and pseudo-query rows) and, with an image prefix
+    (`config.num_image_tokens`), "image_features" [b, d] and "has_image" [b].
+    """
+
+    def __init__(self, config: T5Config, vocab: Vocabulary | None, *, window: tuple[int, int], input_length: int,
+                 target_length: int, retrieve_instruction: str = "", score_normalization: str = "vocab",
+                 share_first_step: bool = True, loss: RetrievalLossConfig | None = None):
+        """`vocab` None: a model over already tokenized inputs (benchmarks); it cannot encode texts or save."""
+        if vocab is not None and config.vocab_size < vocab.size:
+            raise ValueError(f"model vocabulary {config.vocab_size} is smaller than the text vocabulary + new "
+                             f"tokens ({vocab.text_size} + {vocab.num_new})")
+        if input_length < 1 or target_length < 1:
+            raise ValueError(f"input_length and target_length must be >= 1, got {input_length}, {target_length}")
+        start, size = window
+        if start < 0 or size < 1 or start + size > config.vocab_size:
+            raise ValueError(f"identifier window {tuple(window)} is outside the model vocabulary {config.vocab_size}")
+        BeamSearchOptions(score_normalization=score_normalization)  # validates the name
+        self.config, self.vocab, self.window = config, vocab, (int(start), int(size))
+        self.input_length, self.target_length = input_length, target_length
+        self.retrieve_instruction, self.score_normalization = retrieve_instruction, score_normalization
+        self.share_first_step = share_first_step
+        self.loss_config = loss or RetrievalLossConfig()
+        self.module = T5(config)
+        self._fields = {"window": self.window, "input_length": input_length, "target_length": target_length,
+                        "retrieve_instruction": retrieve_instruction, "score_normalization": score_normalization,
+                        "share_first_step": share_first_step, "loss": self.loss_config}
+        self._searches: dict[tuple, Any] = {}  # search settings -> jitted search
+
+    def replace(self, **changes: Any) -> RetrievalModel:
+        """A copy with some constructor fields changed (e.g. `input_length`, `score_normalization`)."""
+        fields = {"config": self.config, "vocab": self.vocab, **self._fields, **changes}
+        return RetrievalModel(fields.pop("config"), fields.pop("vocab"), **fields)
+
+    # ------------------------------------------------------------------------------------------------ queries
+
+    def tokenize(self, text: str) -> list[int]:
+        """Instruction + query text as EOS-terminated token ids, not yet cut to the input length."""
+        if self.vocab is None:
+            raise ValueError("this RetrievalModel has no vocabulary (built over token ids): it cannot encode text")
+        return self.vocab.encode(with_instruction(self.retrieve_instruction, text))
+
+    def truncate(self, ids: Sequence[int]) -> list[int]:
+        """The one truncation rule: ids longer than `input_length` keep their first `input_length - 1` tokens
+        and their last one (the EOS), so a cut query still ends like every training input."""
+        ids = list(ids)
+        return ids if len(ids) <= self.input_length else ids[: self.input_length - 1] + ids[-1:]
+
+    def encode_queries(self, texts: Sequence[str], source: str = "query") -> np.ndarray:
+        """`[len(texts), input_length]` int32 encoder inputs (PAD-padded) of query texts.
+
+        An empty or whitespace-only query is an error naming its position; queries cut to the input length
+        are reported once per call (count and the first one's position)."""
+        out = np.zeros((len(texts), self.input_length), np.int32)
+        cut = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{source} {i}: empty query {text!r}; a query needs at least one non-space "
+                                 "character")
+            ids = self.tokenize(text)
+            if len(ids) > self.input_length:
+                cut.append(i)
+            ids = self.truncate(ids)
+            out[i, : len(ids)] = ids
+        if cut:
+            print(f"{len(cut)} of {len(texts)} {source} texts are longer than the model's input length "
+                  f"{self.input_length} tokens and were cut (first: {source} {cut[0]})", file=sys.stderr, flush=True)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- training
+
+    def init_params(self, rng: jax.Array) -> Any:
+        ids = jnp.ones((1, self.input_length), jnp.int32)
+        image = (jnp.zeros((1, self.config.image_feature_dim), jnp.float32) if self.config.num_image_tokens
+                 else None)
+        return self.module.init(rng, ids, jnp.ones((1, self.target_length), jnp.int32), image)["params"]
+
+    def encode(self, params: Any, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Encoder states and key mask of a batch (dropout on when `rng` is given); rows with an image
+        prefix (memorize rows) keep it, query rows mask it out."""
+        deterministic = rng is None
+        rngs = None if rng is None else {"dropout": rng}
+        if self.config.num_image_tokens:
+            return self.module.apply({"params": params}, batch["inputs"], batch["image_features"],
+                                     batch["has_image"], deterministic, method=_encode_rows, rngs=rngs)
+        encoded = self.module.apply({"params": params}, batch["inputs"], None, deterministic, method=T5.encode,
+                                    rngs=rngs)
+        return encoded, encoder_input_mask(batch["inputs"])
+
+    def decode(self, params: Any, encoded: jax.Array, mask: jax.Array, targets: jax.Array,
+               rng: jax.Array | None) -> jax.Array:
+        """Teacher-forced logits [rows, T, vocab] of `targets` [rows, T]."""
+        return self.module.apply({"params": params}, encoded, mask, shift_right(targets), deterministic=rng is None,
+                                 method=T5.decode, rngs=None if rng is None else {"dropout": rng})
+
+    def candidates(self, params: Any, input_ids: jax.Array, tables: Any) -> tuple[jax.Array, jax.Array]:
+        """Eq. 8: the top-b train identifiers of each query by constrained beam search, no gradient.
+
+        Returns tokens [b, beam, T] (PAD-padded to the target length) and validity [b, beam].
+        """
+        result = self.beam_search(jax.lax.stop_gradient(params), input_ids, tables,
+                                  beam_size=self.loss_config.beam_size)
+        tokens = result.tokens
+        if tokens.shape[-1] > self.target_length:
+            raise ValueError(f"trie identifiers have {tokens.shape[-1]} tokens > target length {self.target_length}")
+        tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, self.target_length - tokens.shape[-1])))
+        return jax.lax.stop_gradient(tokens), result.groups >= 0
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array, constants: Any
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Eq. 10 for one batch; `constants[TRAIN_TRIE]` are the train trie's tables (L_dis only)."""
+        cfg = self.loss_config
+        weights = batch["valid"].astype(jnp.float32)  # [b]
+        query_weights = weights * (batch["query_row"] >= 0)  # L_dis on real TRAIN queries only
+        targets = batch["targets"]  # [b, T]
+        encoded, mask = self.encode(params, batch, jax.random.fold_in(rng, 0))
+        decode_rng = jax.random.fold_in(rng, 1)
+        lam = cfg.weight_at(step)
+
+        def generative_only(_):
+            logits = self.decode(params, encoded, mask, targets, decode_rng)
+            total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss)
+            return total, {**metrics, "dis_loss": jnp.zeros(()), "positive_in_beam": jnp.zeros(())}
+
+        def with_discriminative(_):
+            cands, valid = self.candidates(params, batch["inputs"], constants[TRAIN_TRIE])  # [b, k, T], [b, k]
+            cands, positive, valid, found = losses.inject_positive(cands, valid, targets,
+                                                                   jax.random.fold_in(rng, 2))
+            keep = losses.duplicate_free(cands, valid)
+            b, k, t = cands.shape
+            # All b*k candidates in one teacher-forced pass: [b*k, T, vocab].
+            logits = self.decode(params, jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0),
+                                 cands.reshape(b * k, t), decode_rng).reshape(b, k, t, -1)
+            scores = losses.sequence_scores(logits, cands)  # [b, k]
+            dis = losses.listwise_loss(scores, positive, keep)  # [b]
+            denom = jnp.maximum(query_weights.sum(), 1e-9)
+            dis_loss = jnp.sum(query_weights * dis) / denom
+            positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
+            gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss)
+            metrics.update(dis_loss=dis_loss, positive_in_beam=jnp.sum(query_weights * found) / denom)
+            return gen + lam * dis_loss, metrics
+
+        if cfg.discriminative_weight == 0:
+            total, metrics = generative_only(None)
+        else:
+            total, metrics = jax.lax.cond(lam > 0, with_discriminative, generative_only, None)
+        return total, {**metrics, "dis_weight": lam}
+
+    # --------------------------------------------------------------------------------------------- prediction
+
+    def beam_search(self, params: Any, input_ids: jax.Array, tables: Any, *, beam_size: int,
+                    max_length: int | None = None, eos_id: int | None = None, **decode_options: Any
+                    ) -> BeamSearchResult:
+        """Pure (jit-able) beam search for `input_ids [batch, input_length]`: trie-constrained over `tables`,
+        or free generation with `tables=None` for `max_length` steps, a beam ending at `eos_id`.
+        `decode_options` go to `t5_beam_search` (e.g. `head_chunk_size`)."""
+        options = BeamSearchOptions(beam_size=beam_size, score_normalization=self.score_normalization,
+                                    share_first_step=self.share_first_step)
+        return t5_beam_search(params, self.config, input_ids, tables, options=options, window=self.window,
+                              max_length=max_length, eos_id=eos_id, **decode_options)
+
+    def search_fn(self, beam_size: int, *, max_length: int | None = None, eos_id: int | None = None,
+                  out_sharding: Any = None, **decode_options: Any) -> Callable[[Any, Any, jax.Array], BeamSearchResult]:
+        """`jit(beam_search)(params, tables, input_ids)`, compiled once per setting (params and tables are
+        inputs, so other image sets and other weights reuse it)."""
+        key = (beam_size, max_length, eos_id, out_sharding, tuple(sorted(decode_options.items())))
+        if key not in self._searches:
+            def search(params, tables, input_ids):
+                return self.beam_search(params, input_ids, tables, beam_size=beam_size, max_length=max_length,
+                                        eos_id=eos_id, **decode_options)
+
+            self._searches[key] = jax.jit(search, out_shardings=out_sharding)
+        return self._searches[key]
+
+    def rank(self, params: Any, input_ids: np.ndarray, index: SearchIndex, *, beam_size: int,
+             constrained: bool = True, batch_size: int = 32, out_sharding: Any = None) -> Rankings:
+        """Ranked images of encoded queries `input_ids [n, input_length]` over `index`.
+
+        Constrained: identifier groups of the trie expanded to their images (table order within a group).
+        Free generation (GRACE's "w/o constrained generation"): each sequence, cut after its EOS, retrieves
+        images only when it is exactly an identifier of the set. Queries go through in fixed batches of
+        `batch_size` (one compiled shape)."""
+        lo_tok, hi_tok = index.trie.token_range
+        start, size = self.window
+        if index.trie.num_identifiers and (lo_tok < start or hi_tok > start + size):
+            raise ValueError(f"the image set's identifier tokens [{lo_tok}, {hi_tok}) lie outside the model's "
+                             f"identifier window [{start}, {start + size})")
+        if constrained:
+            search, tables = self.search_fn(beam_size, out_sharding=out_sharding), index.trie.tables
+        else:
+            search = self.search_fn(beam_size, max_length=index.max_length, eos_id=EOS_ID, out_sharding=out_sharding)
+            tables = None
+        out = Rankings([], [], [], [], None if constrained else [])
+        for lo in range(0, len(input_ids), batch_size):
+            chunk = input_ids[lo:lo + batch_size]
+            padded = np.zeros((batch_size, input_ids.shape[1]), np.int32)  # one compiled shape
+            padded[: len(chunk)] = chunk
+            result = jax.device_get(search(params, tables, jnp.asarray(padded)))
+            for q in range(len(chunk)):
+                if constrained:
+                    self._rank_constrained(out, index.trie, result.groups[q], result.scores[q])
+                else:
+                    self._rank_generated(out, index, result.tokens[q], result.scores[q])
+        return out
+
+    @staticmethod
+    def _rank_constrained(out: Rankings, trie: Trie, groups: np.ndarray, scores: np.ndarray) -> None:
+        ranked = trie.ranked_images(groups.tolist(), scores.tolist())
+        out.images.append([image for image, _ in ranked])
+        out.image_scores.append([score for _, score in ranked])
+        valid = groups >= 0
+        out.identifiers.append([tuple(int(t) for t in trie.group_tokens[g][:trie.group_lengths[g]])
+                                for g in groups[valid]])
+        out.identifier_scores.append([float(s) for s in scores[valid]])
+
+    @staticmethod
+    def _rank_generated(out: Rankings, index: SearchIndex, rows: np.ndarray, scores: np.ndarray) -> None:
+        generated = [(generated_sequence(row), float(s)) for row, s in zip(rows, scores, strict=True)
+                     if np.isfinite(s)]
+        valid = [(seq, s) for seq, s in generated if seq in index.groups]
+        out.generated.append([seq for seq, _ in generated])
+        out.identifiers.append([seq for seq, _ in valid])
+        out.identifier_scores.append([s for _, s in valid])
+        out.images.append([image for seq, _ in valid for image in index.groups[seq]])
+        out.image_scores.append([s for seq, s in valid for _ in index.groups[seq]])
+
+    # --------------------------------------------------------------------------------------------- checkpoint
+
+    def spec(self) -> dict[str, Any]:
+        """What a retrieval checkpoint stores beside the weights, table and SentencePiece model."""
+        return {"input_length": self.input_length, "target_length": self.target_length,
+                "retrieve_instruction": self.retrieve_instruction, "window": list(self.window),
+                "score_normalization": self.score_normalization, "share_first_step": self.share_first_step,
+                "num_extra_ids": self.vocab.num_extra_ids}
+
+    def save_checkpoint(self, out_dir: str | Path, params: Any, table: IdentifierTable) -> Path:
+        """Write the retrieval checkpoint layout (module docstring) for searching `table`'s images.
+
+        An image prefix (GRACE memorize rows) is only used in training; queries are text, so its projection
+        is left out of the exported model."""
+        if self.vocab is None:
+            raise ValueError("a RetrievalModel without a vocabulary cannot be saved as a retrieval checkpoint")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        if config.num_image_tokens:
+            params = {**params, "encoder": {k: v for k, v in params["encoder"].items()
+                                            if not k.startswith("image_projection")}}
+            config = config.replace(num_image_tokens=0, image_feature_dim=0)
+        save_hf_t5(params, config, out / MODEL_DIR)
+        table.save(out / IDENTIFIERS_DIR)
+        shutil.copyfile(self.vocab.path, out / SENTENCEPIECE_FILE)
+        (out / SPEC_FILE).write_text(json.dumps(self.spec(), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load_checkpoint(cls, checkpoint: str | Path, identifiers: str | Path | None = None,
+                        dtype: str = "float32") -> tuple[RetrievalModel, Any, IdentifierTable]:
+        """(model, params on device, table) of a retrieval checkpoint; `identifiers` overrides its image set
+        (e.g. another split's table). `dtype` is the compute dtype ('bfloat16': float32 parameters, bf16
+        activations, float32 accumulation and scores)."""
+        root = Path(checkpoint)
+        if not root.is_dir():
+            raise FileNotFoundError(f"retrieval checkpoint directory not found: {root}")
+        for name in (SENTENCEPIECE_FILE, SPEC_FILE):
+            if not (root / name).exists():
+                raise FileNotFoundError(f"retrieval checkpoint has no {name}: {root / name}")
+        spec = read_json(root / SPEC_FILE, "retrieval model spec")
+        missing = [k for k in ("input_length", "target_length", "retrieve_instruction", "window",
+                               "score_normalization") if k not in spec]
+        if missing:
+            raise ValueError(f"{root / SPEC_FILE}: missing field(s) {missing}")
+        params, config = load_hf_t5(root / MODEL_DIR, dropout_rate=0.0, dtype=dtype)
+        table = IdentifierTable.load(identifiers if identifiers is not None else root / IDENTIFIERS_DIR)
+        vocab = table_vocabulary(table, root / SENTENCEPIECE_FILE)
+        if "num_extra_ids" in spec and int(spec["num_extra_ids"]) != vocab.num_extra_ids:
+            raise ValueError(f"{root / SPEC_FILE}: num_extra_ids {spec['num_extra_ids']} but the identifier table "
+                             f"implies {vocab.num_extra_ids}")
+        model = cls(config, vocab, window=tuple(spec["window"]), input_length=int(spec["input_length"]),
+                    target_length=int(spec["target_length"]), retrieve_instruction=spec["retrieve_instruction"],
+                    score_normalization=spec["score_normalization"],
+                    share_first_step=bool(spec.get("share_first_step", True)))
+        return model, jax.device_put(params), table
+
+
+def _encode_rows(module: T5, input_ids: jax.Array, image_features: jax.Array, has_image: jax.Array,
+                 deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    """Encode a batch mixing memorize rows (image prefix) and query rows (prefix masked out)."""
+    k = module.config.num_image_tokens
+    mask = encoder_input_mask(input_ids, k).at[:, :k].set(has_image[:, None])  # [batch, k + length]
+    return module.encoder(module.token_embedder(input_ids), mask, image_features, deterministic), mask
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalResult:
+    """One query's ranking: images (identifier groups expanded in table order) and identifiers."""
+
+    text: str
+    image_ids: list[str]
+    scores: list[float]  # of each image's identifier
+    identifiers: list[Identifier]  # ranked identifiers (before expansion to images)
+    identifier_scores: list[float]
+
+
+class Retriever:
+    """A loaded model, its weights and one image set: text queries -> top-k images (`avg-jax retrieve`)."""
+
+    def __init__(self, model: RetrievalModel, params: Any, table: IdentifierTable, beam_size: int | None = None,
+                 batch_size: int = 32):
+        """`beam_size` None: `BeamSearchOptions.beam_size` (gin)."""
+        self.beam_size = BeamSearchOptions().beam_size if beam_size is None else beam_size
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        self.model, self.params, self.table = model, params, table
+        self.index = SearchIndex.from_table(table)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, identifiers: str | Path | None = None, dtype: str = "float32",
+             **kwargs: Any) -> Retriever:
+        """From a retrieval checkpoint (`RetrievalModel.load_checkpoint`)."""
+        model, params, table = RetrievalModel.load_checkpoint(checkpoint, identifiers, dtype)
+        return cls(model, params, table, **kwargs)
+
+    def retrieve(self, texts: Sequence[str], k: int = 10) -> list[RetrievalResult]:
+        """Top-k images per text. The beam is max(beam_size, k), so k identifiers are always reachable."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        ids = self.model.encode_queries(texts)
+        ranked = self.model.rank(self.params, ids, self.index, beam_size=max(self.beam_size, k),
+                                 batch_size=self.batch_size)
+        return [RetrievalResult(text, ranked.images[q][:k], ranked.image_scores[q][:k], ranked.identifiers[q],
+                                ranked.identifier_scores[q]) for q, text in enumerate(texts)]
+
+
+def model_window(table: IdentifierTable, vocab_size: int) -> tuple[int, int]:
+    """The output-head window of a model whose identifiers are `table`'s (`identifier_window`)."""
+    return identifier_window(build_trie(table), vocab_size, table.text_vocab_size)
