@@ -21,16 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.evaluation import metrics
+from avg_jax.partitioning import make_device_mesh
 
 Projection = Callable[[np.ndarray], np.ndarray]
 BACKENDS = ("jax", "faiss")
-
-
-def search_mesh(axis: str = "data") -> Mesh:
-    """A mesh with every device on `axis` (the image-sharding axis) and size 1 on the other axis."""
-    other = "model" if axis == "data" else "data"
-    shape = {axis: jax.device_count(), other: 1}
-    return jax.make_mesh((shape["data"], shape["model"]), ("data", "model"))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mesh", "axis"))
@@ -66,7 +60,7 @@ class JaxExactIndex:
     def __init__(self, image_embeddings: np.ndarray, mesh: Mesh | None = None, axis: str = "data",
                  dtype: jnp.dtype = jnp.float32):
         image_embeddings = _check_matrix(image_embeddings, "image embeddings")
-        self.mesh = mesh or search_mesh(axis)
+        self.mesh = mesh or (make_device_mesh(-1, 1) if axis == "data" else make_device_mesh(1, -1))
         self.axis = axis
         self.num_images, self.dim = image_embeddings.shape
         shards = self.mesh.shape[axis]

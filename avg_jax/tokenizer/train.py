@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from avg_jax.data.corpus import Corpus, queries_by_image
+from avg_jax.partitioning import make_device_mesh
 from avg_jax.tokenizer.kmeans import kmeans_numpy
 from avg_jax.tokenizer.losses import TokenizerLossWeights, info_nce, tokenizer_losses
 from avg_jax.tokenizer.model import RQTokenizer, RQTokenizerConfig, embed_images, init_params
@@ -97,15 +98,6 @@ class RQTrainState:
     params: Any
     opt_state: Any
     code_counts: jax.Array  # [C, N] uses of each voken since the last re-seeding
-
-
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A ('data', 'model') mesh over the first `num_devices` devices (all by default), model axis size 1."""
-    devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"num_devices={num_devices} but {len(devices)} device(s) are available")
-    return Mesh(np.array(devices[:n]).reshape(n, 1), ("data", "model"))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
@@ -242,7 +234,10 @@ def train_tokenizer(
     weights = loss_weights or TokenizerLossWeights()
     if codebook_init not in CODEBOOK_INITS:
         raise ValueError(f"train_tokenizer.codebook_init must be one of {list(CODEBOOK_INITS)}, got {codebook_init!r}")
-    mesh = make_mesh(num_devices)
+    devices = jax.devices()
+    if num_devices is not None and not 1 <= num_devices <= len(devices):
+        raise ValueError(f"num_devices={num_devices} but {len(devices)} device(s) are available")
+    mesh = make_device_mesh(-1, 1, devices[:num_devices])
     if batch_size % mesh.shape["data"]:
         raise ValueError(f"train_tokenizer.batch_size {batch_size} is not divisible by the {mesh.shape['data']} "
                          "data-parallel devices")

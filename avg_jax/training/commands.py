@@ -33,8 +33,8 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.retrieve import save_retrieval_checkpoint
 from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
+from avg_jax.distributed import initialize_distributed
 from avg_jax.identifiers.table import IdentifierTable
-from avg_jax.launch import initialize_distributed
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params

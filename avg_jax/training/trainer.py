@@ -28,7 +28,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from avg_jax import config, partitioning
-from avg_jax.launch import make_device_mesh
 from avg_jax.training.checkpointing import Checkpointer
 from avg_jax.training.metrics import MetricWriter
 from avg_jax.training.optimizer import make_optimizer
@@ -224,7 +223,7 @@ def train_loop(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train_loop.compute_dtype: {compute_dtype!r} not one of {COMPUTE_DTYPES}")
     run_dir = epath.Path(run_dir)  # local or gs://
-    mesh = make_device_mesh()
+    mesh = partitioning.make_device_mesh()
     rules = partitioning.logical_axis_rules()
     tx, schedule = make_optimizer()
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
