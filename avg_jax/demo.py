@@ -43,7 +43,7 @@ from avg_jax.decoding.trie import Trie, build_trie
 from avg_jax.evaluation import dense, metrics
 from avg_jax.evaluation.commands import evaluate_ranked, read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable
-from avg_jax.tokenizer.commands import tokenize_corpus
+from avg_jax.tokenizer.pipeline import tokenize_corpus
 from avg_jax.training.commands import RETRIEVAL_DIR, RUN_FILE, train_retrieval
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
 from avg_jax.training.retrieval import RetrievalLossConfig

@@ -224,7 +224,7 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     from avg_jax.data.corpus import Corpus
     from avg_jax.evaluation import commands as evaluation
     from avg_jax.identifiers.table import IdentifierTable
-    from avg_jax.tokenizer.commands import tokenize_corpus
+    from avg_jax.tokenizer.pipeline import tokenize_corpus
     from avg_jax.training.commands import train_retrieval  # the trainer; imported here so tables load without it
     from avg_jax.training.evaluator import GENERATION_METRICS
 

@@ -18,7 +18,7 @@ HAS_TRAINER = importlib.util.find_spec("avg_jax.training.commands") is not None
 NEEDS_TRAINER = pytest.mark.skipif(not HAS_TRAINER, reason="avg_jax.training.commands (`avg-jax train`, the "
                                    "trainer branch) is not on this branch yet: train-stage configurables unknown")
 # Modules whose configurables the building blocks bind without importing them themselves.
-BASE_MODULES = ("avg_jax.tokenizer.commands", "avg_jax.t5.configs", "avg_jax.distributed", "avg_jax.partitioning",
+BASE_MODULES = ("avg_jax.tokenizer.pipeline", "avg_jax.t5.configs", "avg_jax.distributed", "avg_jax.partitioning",
                 "avg_jax.data.synthetic", "avg_jax.training.optimizer", "avg_jax.demo")
 
 
