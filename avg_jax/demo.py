@@ -41,7 +41,7 @@ from avg_jax.decoding.retrieve import Retriever
 from avg_jax.decoding.t5_decode import identifier_window, make_t5_searcher
 from avg_jax.decoding.trie import Trie, build_trie
 from avg_jax.evaluation import dense, metrics
-from avg_jax.evaluation.commands import evaluate_ranked, read_ranked_jsonl
+from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.tokenizer.pipeline import tokenize_corpus
 from avg_jax.training.commands import RETRIEVAL_DIR, RUN_FILE, train_retrieval

@@ -222,7 +222,7 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     Expects the row's gin config to be parsed (`parse_row`). Returns the image-level metrics.
     """
     from avg_jax.data.corpus import Corpus
-    from avg_jax.evaluation import commands as evaluation
+    from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl, write_metrics
     from avg_jax.identifiers.table import IdentifierTable
     from avg_jax.tokenizer.pipeline import tokenize_corpus
     from avg_jax.training.commands import train_retrieval  # the trainer; imported here so tables load without it
@@ -246,14 +246,14 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     corpus = Corpus.load(plan.corpus_dir)
     table = IdentifierTable.load(plan.identifiers_dir)
     split_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
-    outputs = evaluation.read_ranked_jsonl(ranked, corpus, split)
+    outputs = read_ranked_jsonl(ranked, corpus, split)
     # A beam b returns b identifiers: R@K for K > b is inapplicable (the paper's "-") and left out.
-    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
-                                        num_results=result["beam_size"])
+    scores = evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
+                             num_results=result["beam_size"])
     scores.update({k: result[k] for k in GENERATION_METRICS if k in result})  # free generation's failures
     plan.row_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ranked, plan.row_dir / ranked.name)
-    evaluation.write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
+    write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
     config.write_operative_config(plan.row_dir)
     (plan.row_dir / ROW_FILE).write_text(json.dumps(_row_record(plan), indent=2) + "\n")
     return scores
