@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import gin
-import numpy as np
 
 from avg_jax import cli, config
+from avg_jax.evaluation.metrics import pct
 
 METRICS_FILE = "metrics.json"
 ROW_FILE = "row.json"
@@ -284,10 +284,6 @@ def _dataset_of(metrics: dict[str, Any]) -> str | None:
     return next((d for d in DATASETS if d in name), None)
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.{digits}f}"
-
-
 def _paper(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -340,9 +336,9 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
     for r in rows:
         if r["status"] == "done":
             m = r["metrics"]
-            cells = [_pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
-                _pct(m.get("mrr@10")), _pct(m.get("identifier_recall@10")), _pct(m.get("collision_rate"), 2)]
-            cells += [_pct(m.get("invalid_rate"))] if show_invalid else []
+            cells = [pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
+                pct(m.get("mrr@10")), pct(m.get("identifier_recall@10")), pct(m.get("collision_rate"), 2)]
+            cells += [pct(m.get("invalid_rate"))] if show_invalid else []
         else:
             cells = [r["status"]] + [""] * (num_ours - 1)
             if r["status"] == "failed":
@@ -426,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
             (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
             print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
             continue
-        print(f"{head}: " + " ".join(f"R@{k}={_pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
+        print(f"{head}: " + " ".join(f"R@{k}={pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
     if args.dry_run:
         return 0
     path = write_table(table, args.out)

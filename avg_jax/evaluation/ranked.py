@@ -11,14 +11,14 @@ Every query of the split must appear exactly once: a missing or duplicated query
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from avg_jax.data.corpus import Corpus, read_jsonl
+from avg_jax.data.corpus import Corpus
 from avg_jax.evaluation import metrics
+from avg_jax.json_io import read_jsonl, write_json, write_jsonl
 
 METRICS_FILE = "metrics.json"
 
@@ -119,16 +119,13 @@ def write_metrics(out_dir: str | Path, corpus: Corpus, corpus_dir: str, split: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / METRICS_FILE
-    path.write_text(json.dumps({"corpus": str(corpus_dir), "corpus_name": corpus.name,
-                                "synthetic": corpus.synthetic, "split": split, "systems": systems},
-                               indent=2) + "\n")
+    write_json(path, {"corpus": str(corpus_dir), "corpus_name": corpus.name, "synthetic": corpus.synthetic,
+                      "split": split, "systems": systems})
     return path
 
 
 def write_ranked_jsonl(path: str | Path, corpus: Corpus, query_rows: Sequence[int], ranked: Sequence[list[str]]
                        ) -> None:
     """The ranked-output JSONL of `ranked` image ids per corpus query row (no identifiers)."""
-    with Path(path).open("w") as f:
-        for j, ids in zip(query_rows, ranked, strict=True):
-            f.write(json.dumps({"query_row": int(j), "text": corpus.queries[j].text, "image_ids": ids},
-                               ensure_ascii=False) + "\n")
+    write_jsonl(path, ({"query_row": int(j), "text": corpus.queries[j].text, "image_ids": ids}
+                       for j, ids in zip(query_rows, ranked, strict=True)))

@@ -35,6 +35,7 @@ from avg_jax.decoding.t5_decode import identifier_window
 from avg_jax.decoding.trie import build_trie
 from avg_jax.distributed import initialize_distributed
 from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.json_io import write_json
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params
@@ -238,7 +239,7 @@ def train_retrieval(
             scores = evaluator.score(evaluator.rankings(result.state.params))
         final.update(split=eval_split, beam_size=eval_beam_size, **scores)
         if jax.process_index() == 0:
-            (run_path / f"eval_{eval_split}.json").write_text(json.dumps(_finite(final), indent=2) + "\n")
+            write_json(run_path / f"eval_{eval_split}.json", final)
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
@@ -261,7 +262,3 @@ def export_retrieval_checkpoint(out_dir: epath.PathLike, params: Any, config: T5
                                         if not k.startswith("image_projection")}}
         config = config.replace(num_image_tokens=0, image_feature_dim=0)
     save_retrieval_checkpoint(out_dir, params, config, table, vocab.path)
-
-
-def _finite(d: dict) -> dict:
-    return {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v)) for k, v in d.items()}
