@@ -85,7 +85,6 @@ def make_device_mesh(data_parallelism: int = -1, model_parallelism: int = 1,
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
     """Scope in which the models' `nn.with_logical_constraint` calls become real sharding constraints."""
