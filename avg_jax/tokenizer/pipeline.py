@@ -4,6 +4,7 @@ What `avg-jax tokenize` (avg_jax/tokenizer/commands.py), the demo and the sweep 
   identifiers.json, tokens.npy, lengths.npy   the IdentifierTable (all images, train + val + test)
   spm.model                                   the text vocabulary, when none was given (trained on TRAIN captions)
   checkpoint/, tokenizer_config.json          tokenizer params (orbax) and shapes (schemes that train heads)
+  tokenizer_checkpoints/                      the training runs (resumable: rerun with the same --out)
   codebook.npy                                float32 [C, N, code_dim] vokens (rq; C = 1 shared or M)
   stats.json                                  statistics
 """
@@ -24,7 +25,14 @@ from avg_jax.identifiers import grace
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table, position_usage_stats
 from avg_jax.tokenizer.model import embed_images, embed_texts
 from avg_jax.tokenizer.stats import caption_neighbour_prefix_sharing, codebook_usage, reconstruction_and_alignment
-from avg_jax.tokenizer.train import CODEBOOK_FILE, TokenizerData, encode_images, save_tokenizer, train_tokenizer
+from avg_jax.tokenizer.train import (
+    CODEBOOK_FILE,
+    TOKENIZER_RUN_DIR,
+    TokenizerData,
+    encode_images,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 SCHEMES = ("rq", "grace_numeric", "grace_string", "grace_semantic", "grace_structured", "grace_atomic")
 SPM_NAME = "spm"
@@ -91,7 +99,7 @@ def tokenize_corpus(
 
 def _rq_table(corpus: Corpus, out: Path, text_vocab_size: int, collision_policy: str, seed: int,
               ) -> tuple[IdentifierTable, dict[str, Any]]:
-    tok = train_tokenizer(TokenizerData.from_corpus(corpus, "train"), seed=seed)
+    tok = train_tokenizer(TokenizerData.from_corpus(corpus, "train"), seed=seed, run_dir=out / TOKENIZER_RUN_DIR)
     save_tokenizer(tok, out)
     enc = encode_images(tok, corpus.image_features)
     cfg = tok.config
@@ -120,7 +128,8 @@ def _rq_table(corpus: Corpus, out: Path, text_vocab_size: int, collision_policy:
 def _semantic_table(corpus: Corpus, out: Path, vocab: Vocabulary, collision_policy: str, seed: int,
                     ) -> IdentifierTable:
     """Heads-only training (InfoNCE on train pairs), then own / nearest training captions (see grace.py)."""
-    tok = train_tokenizer(TokenizerData.from_corpus(corpus, "train"), seed=seed, steps=0)
+    tok = train_tokenizer(TokenizerData.from_corpus(corpus, "train"), seed=seed, steps=0,
+                          run_dir=out / TOKENIZER_RUN_DIR)
     save_tokenizer(tok, out)
     train_rows = corpus.query_rows("train")
     image_emb = np.asarray(embed_images(tok.config, tok.params, corpus.image_features))
