@@ -17,10 +17,11 @@ CORE = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
+    "safetensors==0.8.0",  # HF T5 checkpoints (avg_jax/t5/hf_io.py, imported by `avg-jax train`); no torch
 ]
 EXTRAS = {
     # torch: ALWAYS this exact pin (a CPU wheel); a plain `torch` pulls a multi-GB CUDA build.
-    "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0"],
+    "hf": ["torch==2.13.0", "transformers==5.23.0"],
     # TFDS coco_captions adapter. seqio already pulls tensorflow (2.21 via tensorflow-text); do not add
     # tensorflow-cpu. Installs in about 50 s on the dev machine.
     "seqio": ["seqio==0.0.20", "tensorflow-datasets==4.9.10"],

@@ -11,6 +11,8 @@ Stages (each one the library function its own CLI command calls, configured by g
   6. examples    a few test queries with their ranked images, AVG and dense
   7. efficiency  queries/s against image-set size: our constrained decode (the trained T5) vs dense exact search
 Writes OUT/report.md, OUT/metrics.json, OUT/*.png and every stage's operative gin config under OUT/configs/.
+Timing lives in avg_jax/evaluation/efficiency.py (shared with benchmarks/efficiency.py), the report and plots in
+avg_jax/evaluation/report.py, chance level in `avg_jax.evaluation.metrics.chance_metrics`.
 """
 
 from __future__ import annotations
@@ -18,30 +20,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from avg_jax import cli, config
-from avg_jax.data.corpus import Corpus, normalize_rows
+from avg_jax.data.corpus import Corpus
 from avg_jax.data.synthetic import make_synthetic_corpus
-from avg_jax.decoding.trie import Trie, build_trie
 from avg_jax.evaluation import dense, metrics
-from avg_jax.evaluation.commands import evaluate_ranked, read_ranked_jsonl
+from avg_jax.evaluation.efficiency import TIMING, dense_search_qps, generative_qps, random_unit_rows
+from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl
+from avg_jax.evaluation.report import PLOTS, plot_beam_sweep, plot_efficiency, plot_training, render_report
 from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.json_io import read_jsonl, write_json
 from avg_jax.retrieval.model import RetrievalLossConfig, Retriever
-from avg_jax.tokenizer.commands import tokenize_corpus
+from avg_jax.tokenizer.pipeline import tokenize_corpus
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
 from avg_jax.training.retrieval import RETRIEVAL_DIR, train_retrieval
 from avg_jax.training.trainer import CHECKPOINT_DIR
@@ -49,7 +50,6 @@ from avg_jax.training.trainer import CHECKPOINT_DIR
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
 CONFIG_DIR = "configs"
-PLOTS = {"training": "training_curves.png", "beam": "recall_vs_beam.png", "efficiency": "qps_vs_images.png"}
 SPLIT = "test"
 RETRIEVAL_CHECKPOINT = f"t5_run/{RETRIEVAL_DIR}"  # the trainer's export: `avg-jax retrieve` over the test images
 
@@ -146,7 +146,8 @@ def run_demo(
         text_head, image_head = dense.tokenizer_head_projections(str(ids_dir))
         dense_metrics, dense_ranked = dense.dense_baseline(corpus, split=SPLIT, text_projection=text_head,
                                                            image_projection=image_head)
-        chance = chance_recall(corpus, SPLIT)
+        chance = metrics.chance_metrics(len(test_ids), [len(corpus.queries[j].image_ids)
+                                                        for j in corpus.query_rows(SPLIT)])
         stages.done()
 
         stages.start("beam_sweep")
@@ -167,7 +168,7 @@ def run_demo(
         stages.done()
 
         stages.start("report")
-        train_rows = _read_jsonl(run_dir / TRAIN_METRICS_FILE)
+        train_rows = [row for _, row in read_jsonl(run_dir / TRAIN_METRICS_FILE)]
         result = {
             "corpus": {"name": corpus.name, "synthetic": corpus.synthetic, "num_images": corpus.num_images,
                        "num_test_images": len(test_ids), "num_test_queries": int(corpus.query_rows(SPLIT).size),
@@ -189,28 +190,12 @@ def run_demo(
         result["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
         result["wall_seconds"] = {**{k: round(v, 2) for k, v in stages.seconds.items()},
                                   "total": round(time.perf_counter() - total_start, 2)}
-        (out / METRICS_FILE).write_text(json.dumps(_finite(result), indent=2) + "\n")
-        (out / REPORT_FILE).write_text(render_report(result, train_rows))
+        write_json(out / METRICS_FILE, result)
+        (out / REPORT_FILE).write_text(render_report(result, train_rows, CONFIG_DIR, RETRIEVAL_CHECKPOINT))
         config.write_operative_config(out / CONFIG_DIR, "demo.gin")  # the whole run, run_demo included
         return result
     finally:
         stages.close()
-
-
-def chance_recall(corpus: Corpus, split: str, ks: Sequence[int] = metrics.DEFAULT_KS) -> dict[str, float]:
-    """Expected R@K and MRR@10 of a uniformly random ranking of the split's images (exact, per query)."""
-    n = int(corpus.image_rows(split).size)
-    relevant = [len(corpus.queries[j].image_ids) for j in corpus.query_rows(split)]
-
-    def miss_first(r: int, k: int) -> float:  # P(no relevant image among the first k of n)
-        return math.comb(n - r, k) / math.comb(n, k) if k <= n - r else 0.0
-
-    out = {f"recall@{k}": float(np.mean([1.0 - miss_first(r, min(k, n)) for r in relevant])) for k in ks}
-    # P(first relevant at position p) = miss_first(r, p - 1) - miss_first(r, p)
-    cutoff = min(metrics.MRR_CUTOFF, n)
-    out[f"mrr@{metrics.MRR_CUTOFF}"] = float(np.mean([
-        sum((miss_first(r, p - 1) - miss_first(r, p)) / p for p in range(1, cutoff + 1)) for r in relevant]))
-    return out
 
 
 def load_retriever(run_dir: Path) -> Retriever:
@@ -261,257 +246,22 @@ def _image_descriptions(corpus: Corpus) -> dict[str, str]:
     return out
 
 
-def _median_seconds(fn: Callable[[int], Any], repeats: int) -> float:
-    """Median wall time of fn(i) over `repeats` calls after one warm-up (compilation) call."""
-    jax.block_until_ready(fn(-1))
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def random_identifier_trie(n: int, levels: int, codebook_size: int, text_vocab_size: int, seed: int) -> Trie:
-    """A trie of `n` distinct random voken identifiers [n, levels] (model ids `text_vocab_size + code`)."""
-    if n > codebook_size ** levels:
-        raise ValueError(f"efficiency size {n} exceeds the {codebook_size}^{levels} distinct identifiers of the "
-                         "demo's codebook; lower run_demo.efficiency_sizes")
-    flat = np.random.default_rng([seed, n]).choice(codebook_size ** levels, size=n, replace=False)
-    codes = np.stack(np.unravel_index(flat, (codebook_size,) * levels), axis=1)  # [n, levels]
-    tokens = (text_vocab_size + codes).astype(np.int32)
-    return build_trie(tokens=tokens, lengths=np.full(n, levels, np.int32), fixed_length=True)
-
-
 def measure_efficiency(retriever: Retriever, table: IdentifierTable, sizes: Sequence[int], code_dim: int,
                        batch: int, beam: int, repeats: int, seed: int, query_tokens: int = 16) -> dict[str, Any]:
-    """Queries/s of the trained T5's (`retriever.params`) constrained decode (incl. its encoder) and of dense exact
-    search (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch` of
+    """Queries/s of the trained model's (`retriever.params`) constrained decode (incl. its encoder) and of dense
+    exact search (jit matmul + top_k over `code_dim` embeddings, search only) at each image-set size, batch `batch` of
     `query_tokens`-token queries."""
     levels = int(table.metadata.get("num_levels", table.max_len))
     codebook = int(table.metadata.get("codebook_size", table.num_new_tokens))
+    gen, _ = generative_qps(retriever.model, retriever.params, retriever.model.vocab.text_size, sizes, levels,
+                            codebook, batch, beam, query_tokens, repeats, seed)
     rng = np.random.default_rng([seed, 11])
-    queries = [normalize_rows(rng.standard_normal((batch, code_dim)).astype(np.float32)) for _ in range(4)]
-    inputs = [jnp.asarray(rng.integers(3, retriever.model.vocab.text_size, (batch, query_tokens)), jnp.int32)
-              for _ in range(4)]
-    gen, dense_qps = {}, {}
-    for n in tqdm.tqdm(sizes, desc="efficiency", leave=False):
-        trie = random_identifier_trie(int(n), levels, codebook, retriever.model.vocab.text_size, seed)
-        search = retriever.model.search_fn(beam)
-        sec = _median_seconds(lambda i, s=search, t=trie: s(retriever.params, t.tables, inputs[i % 4]), repeats)
-        gen[str(n)] = batch / sec
-        index = dense.JaxExactIndex(normalize_rows(rng.standard_normal((int(n), code_dim)).astype(np.float32)))
-        k = min(10, int(n))
-        sec = _median_seconds(lambda i, ix=index, k=k: ix.search(queries[i % 4], k, batch_size=batch), repeats)
-        dense_qps[str(n)] = batch / sec
-        del index
+    queries = [random_unit_rows(rng, batch, code_dim) for _ in range(4)]
+    dense_qps = {str(n): dense_search_qps(random_unit_rows(rng, int(n), code_dim), queries, min(10, int(n)), repeats)[0]
+                 for n in tqdm.tqdm(sizes, desc="efficiency", leave=False)}
     return {"sizes": [int(n) for n in sizes], "batch": batch, "beam": beam, "levels": levels,
-            "codebook_size": codebook, "dim": code_dim, "query_tokens": query_tokens, "generative_qps": gen,
+            "codebook_size": codebook, "dim": code_dim, "query_tokens": query_tokens,
+            "generative_qps": {str(n): v for n, v in gen.items()},
             "dense_search_qps": dense_qps,
             "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
-            "timing": f"median of {repeats} batches after one warm-up batch; q/s = batch / median"}
-
-
-# ----------------------------------------------------------------------------------------------- plots + report
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_training(rows: list[dict[str, Any]], dense_metrics: dict[str, float], chance: dict[str, float],
-                  path: Path) -> None:
-    """Training loss and periodic test R@K against step, with the dense baseline and chance for reference."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 5.2))
-    train = [r for r in rows if "loss" in r]
-    for key, label in (("loss", "total loss"), ("gen_loss", "generative loss"), ("dis_loss", "discriminative loss")):
-        pts = [(r["step"], r[key]) for r in train if key in r and (key != "dis_loss" or r.get("dis_weight", 0) > 0)]
-        if pts:
-            ax_loss.plot(*zip(*pts, strict=True), label=label)
-    ax_loss.set_xlabel("training step")
-    ax_loss.set_ylabel("loss (nats per identifier)")
-    ax_loss.set_title("T5 training loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    evals = [r for r in rows if "eval/recall@10" in r]
-    for i, k in enumerate(metrics.DEFAULT_KS):
-        colour = f"C{i}"
-        if evals:
-            ax_rec.plot([r["step"] for r in evals], [r[f"eval/recall@{k}"] for r in evals], "o-", color=colour,
-                        label=f"AVG R@{k}")
-        ax_rec.axhline(dense_metrics[f"recall@{k}"], color=colour, ls="--", lw=1, label=f"dense R@{k}")
-        ax_rec.axhline(chance[f"recall@{k}"], color=colour, ls=":", lw=1, label=f"chance R@{k}")
-    ax_rec.set_xlabel("training step")
-    ax_rec.set_ylabel("recall (test queries)")
-    ax_rec.set_ylim(0, 1)
-    ax_rec.set_title("test recall during training")
-    ax_rec.grid(alpha=0.3)
-    ax_rec.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_beam_sweep(sweep: dict[str, Any], dense_metrics: dict[str, float], chance: dict[str, float],
-                    path: Path) -> None:
-    """Image-level R@K of the trained model against beam size."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    beams = sweep["beam_sizes"]
-    for i, k in enumerate(metrics.DEFAULT_KS):
-        colour = f"C{i}"
-        ax.plot(beams, [sweep["per_beam"][str(b)].get(f"recall@{k}", math.nan) for b in beams], "o-", color=colour,
-                label=f"AVG R@{k}")
-        ax.axhline(dense_metrics[f"recall@{k}"], color=colour, ls="--", lw=1, label=f"dense R@{k}")
-    ax.axhline(chance["recall@10"], color="grey", ls=":", lw=1, label="chance R@10")
-    ax.set_xscale("log")
-    ax.set_xticks(beams, [str(b) for b in beams])
-    ax.set_xticks([], minor=True)
-    ax.set_xlabel("beam size")
-    ax.set_ylabel("image-level recall")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"recall vs beam size ({sweep['num_queries']} test queries)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_efficiency(eff: dict[str, Any], path: Path) -> None:
-    """Queries/s against image-set size, log-log, both systems measured in the same run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    sizes = eff["sizes"]
-    ax.plot(sizes, [eff["dense_search_qps"][str(n)] for n in sizes], "o-", color="C0",
-            label=f"dense exact search (jit matmul + top_k, d={eff['dim']})")
-    ax.plot(sizes, [eff["generative_qps"][str(n)] for n in sizes], "o-", color="C3",
-            label=f"AVG constrained beam search (demo T5, beam {eff['beam']})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("image-set size (identifiers)")
-    ax.set_ylabel("queries / second")
-    ax.set_title(f"{eff['device']}, batch {eff['batch']}, M={eff['levels']}, N={eff['codebook_size']}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _pct(x: float | None) -> str:
-    return f"{100 * x:.1f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
-
-
-def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]]) -> str:
-    """report.md: setup, retrieval table, beam sweep, examples, efficiency, timings."""
-    c, ident, t5 = r["corpus"], r["identifiers"], r["t5"]
-    cfg = t5["config"]
-    ks = metrics.DEFAULT_KS
-    lines = [
-        "# avg-jax demo report", "",
-        "**SYNTHETIC benchmark** (generated scenes, fixed random-network features; not real photos): "
-        f"{c['num_images']} images, {c['num_train_queries']} training queries; evaluation on the "
-        f"{c['num_test_queries']} test queries against the {c['num_test_images']} test images, which no "
-        "training query describes.", "",
-        f"- identifiers: {ident['scheme']} vokens, up to {ident['max_len']} tokens, {ident['num_new_tokens']} new "
-        f"tokens; {_pct(ident['collision_rate_before_policy'])}% of images collide before the collision policy "
-        f"'{ident['collision_policy']}' is applied",
-        f"- T5 from scratch: d_model {cfg['d_model']}, {cfg['num_encoder_layers']}+{cfg['num_decoder_layers']} "
-        f"layers, {cfg['num_heads']} heads, vocab {cfg['vocab_size']}, {t5['num_params']:,} parameters, "
-        f"{t5['steps']} steps: {_loss_description(t5['loss'], t5['steps'])}",
-        "- dense baseline: the tokenizer's contrastive projection heads (two towers), exact inner-product search",
-        "", "## Retrieval (test split, values in %)", "",
-        "| system | " + " | ".join(f"R@{k}" for k in ks) + " | MRR@10 | empty | id-level " +
-        " | id-level ".join(f"R@{k}" for k in ks) + " | collision rate |",
-        "|---" * (len(ks) * 2 + 4) + "|",
-    ]
-    for name, m in (("AVG (constrained beam search)", r["avg"]), ("dense two-tower", r["dense"]),
-                    ("chance (random ranking)", r["chance"])):
-        cells = [_pct(m.get(f"recall@{k}", float("nan"))) for k in ks] + [
-            _pct(m.get("mrr@10", float("nan"))), _pct(m.get("empty_rate", float("nan")))]
-        cells += [_pct(m.get(f"identifier_recall@{k}", float("nan"))) for k in ks]
-        cells.append(_pct(m.get("collision_rate", float("nan"))))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Image level: a hit if a relevant image is among the first K images after each generated "
-              "identifier is expanded to the images sharing it. Identifier level (what the official AVG code "
-              "reports): a hit if a generated identifier equals a relevant image's identifier.", ""]
-    evals = [row for row in train_rows if "eval/recall@10" in row]
-    if evals:
-        lines += ["## Training", "", f"![training curves]({PLOTS['training']})", "",
-                  "| step | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-        lines += [f"| {row['step']} | " + " | ".join(_pct(row[f'eval/recall@{k}']) for k in ks) + " |"
-                  for row in evals]
-        lines.append("")
-    sweep = r["beam_sweep"]
-    lines += ["## Recall vs beam size", "", f"![recall vs beam]({PLOTS['beam']})", "",
-              f"{sweep['num_queries']} test queries.", "",
-              "| beam | " + " | ".join(f"R@{k}" for k in ks) + " | MRR@10 | seconds |", "|---" * (len(ks) + 3) + "|"]
-    for b in sweep["beam_sizes"]:
-        m = sweep["per_beam"][str(b)]
-        lines.append(f"| {b} | " + " | ".join(_pct(m.get(f'recall@{k}')) for k in ks) +
-                     f" | {_pct(m.get('mrr@10'))} | {m['seconds']:.1f} |")
-    lines += ["", "## Example queries", ""]
-    for ex in r["examples"]:
-        lines += [f"**\"{ex['query']}\"** (relevant: {', '.join(ex['relevant'])})", "",
-                  "| rank | AVG | hit | dense | hit |", "|---|---|---|---|---|"]
-        for i in range(max(len(ex["avg"]), len(ex["dense"]))):
-            a = ex["avg"][i] if i < len(ex["avg"]) else None
-            d = ex["dense"][i] if i < len(ex["dense"]) else None
-
-            def cell(x):
-                return (f"{x['image_id']}: {x['caption']}", "**yes**" if x["relevant"] else "") if x else ("", "")
-
-            lines.append(f"| {i + 1} | {' | '.join(cell(a))} | {' | '.join(cell(d))} |")
-        lines.append("")
-    eff = r["efficiency"]
-    lines += ["## Efficiency (queries/s)", "", f"![queries/s vs image-set size]({PLOTS['efficiency']})", "",
-              f"{eff['device']}, batch {eff['batch']}; AVG: the demo's trained T5 (encoder + constrained beam "
-              f"search, beam {eff['beam']}, {eff['query_tokens']}-token queries) over random {eff['levels']}-voken "
-              f"identifiers from N="
-              f"{eff['codebook_size']}; dense: exact search over random d={eff['dim']} embeddings, search only "
-              f"(the query encoder here is a linear head over precomputed features). {eff['timing']}.", "",
-              "| images | AVG q/s | dense q/s |", "|---|---|---|"]
-    for n in eff["sizes"]:
-        lines.append(f"| {n:,} | {eff['generative_qps'][str(n)]:.1f} | {eff['dense_search_qps'][str(n)]:.1f} |")
-    wall = r["wall_seconds"]
-    load = r["load_average_1min"]
-    lines += ["", "## Wall time (seconds)", "",
-              f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end, on "
-              f"{load['cpus']} CPUs (other processes on shared cores slow every stage down).", "",
-              "| stage | s |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in wall.items()]
-    lines += ["", f"Operative gin configs of every stage: `{CONFIG_DIR}/`. The trained model over the test images, "
-              f"as a retrieval checkpoint: `avg-jax retrieve --checkpoint {RETRIEVAL_CHECKPOINT} --query "
-              f"\"{r['examples'][0]['query'] if r['examples'] else 'two red circles'}\"` (run in this directory).",
-              ""]
-    return "\n".join(lines)
-
-
-def _loss_description(loss: dict[str, Any], steps: int) -> str:
-    if loss["discriminative_weight"] == 0 or loss["discriminative_start_step"] >= steps:
-        return "generative loss only"
-    start = loss["discriminative_start_step"]
-    return (f"generative loss for {start} steps, then L_gen + {loss['discriminative_weight']:g} L_dis (listwise over "
-            f"the top-{loss['beam_size']} constrained-beam candidates) for {steps - start} steps")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _finite(x: Any) -> Any:
-    """JSON-safe: non-finite floats become null."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+            "timing": f"{TIMING} ({repeats} batches)"}

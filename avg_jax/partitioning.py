@@ -17,9 +17,9 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from avg_jax.launch import MESH_AXES, make_device_mesh
+MESH_AXES = ("data", "model")
 
 LogicalRules = tuple[tuple[str, str | None], ...]
 
@@ -54,11 +54,35 @@ def logical_axis_rules(name: str = "model_parallel", overrides: Sequence[tuple[s
     return rules
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'model') mesh of `shape` (one entry may be -1) via `avg_jax.launch.make_device_mesh`."""
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {tuple(shape)}")
-    return make_device_mesh(int(shape[0]), int(shape[1]), None if devices is None else list(devices))
+@gin.configurable
+def make_device_mesh(data_parallelism: int = -1, model_parallelism: int = 1,
+                     devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ('data', 'model') mesh over `devices` (default: all); -1 on one axis takes what the other leaves.
+
+    The one mesh builder: the trainer (gin-configured shape), the tokenizer (a device subset, data only) and
+    dense search (every device on one axis) all call it.
+
+    Uses `jax.make_mesh`, which orders TPU devices along the physical torus, so a `model` axis of up to the
+    chips of one host stays on the fastest links. Axis types are Auto (pjit-style NamedSharding semantics).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_device_mesh: no devices given")
+    sizes = {"data_parallelism": data_parallelism, "model_parallelism": model_parallelism}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"make_device_mesh: {name}={size} must be a positive integer or -1")
+    if data_parallelism == -1 and model_parallelism == -1:
+        raise ValueError("make_device_mesh: only one of data_parallelism / model_parallelism may be -1")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if len(devices) % known:
+        raise ValueError(f"make_device_mesh: data_parallelism={data_parallelism} x model_parallelism="
+                         f"{model_parallelism} does not divide the {len(devices)} devices")
+    shape = tuple(len(devices) // known if s == -1 else s for s in sizes.values())
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"make_device_mesh: mesh {dict(zip(MESH_AXES, shape, strict=True))} uses "
+                         f"{math.prod(shape)} devices but there are {len(devices)} (no device may be left idle)")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 @contextlib.contextmanager

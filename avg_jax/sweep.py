@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import gin
-import numpy as np
 
 from avg_jax import cli, config
+from avg_jax.evaluation.metrics import pct
 
 METRICS_FILE = "metrics.json"
 ROW_FILE = "row.json"
@@ -222,9 +222,9 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     Expects the row's gin config to be parsed (`parse_row`). Returns the image-level metrics.
     """
     from avg_jax.data.corpus import Corpus
-    from avg_jax.evaluation import commands as evaluation
+    from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl, write_metrics
     from avg_jax.identifiers.table import IdentifierTable
-    from avg_jax.tokenizer.commands import tokenize_corpus
+    from avg_jax.tokenizer.pipeline import tokenize_corpus
     from avg_jax.training.evaluator import GENERATION_METRICS
     from avg_jax.training.retrieval import train_retrieval  # the trainer; imported here so tables load without it
 
@@ -246,14 +246,14 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     corpus = Corpus.load(plan.corpus_dir)
     table = IdentifierTable.load(plan.identifiers_dir)
     split_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
-    outputs = evaluation.read_ranked_jsonl(ranked, corpus, split)
+    outputs = read_ranked_jsonl(ranked, corpus, split)
     # A beam b returns b identifiers: R@K for K > b is inapplicable (the paper's "-") and left out.
-    scores = evaluation.evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
-                                        num_results=result["beam_size"])
+    scores = evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
+                             num_results=result["beam_size"])
     scores.update({k: result[k] for k in GENERATION_METRICS if k in result})  # free generation's failures
     plan.row_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ranked, plan.row_dir / ranked.name)
-    evaluation.write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
+    write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
     config.write_operative_config(plan.row_dir)
     (plan.row_dir / ROW_FILE).write_text(json.dumps(_row_record(plan), indent=2) + "\n")
     return scores
@@ -282,10 +282,6 @@ def _dataset_of(metrics: dict[str, Any]) -> str | None:
         return None
     name = re.sub(r"[^a-z0-9]", "", str(metrics.get("corpus_name", "")).lower())
     return next((d for d in DATASETS if d in name), None)
-
-
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.{digits}f}"
 
 
 def _paper(value: float | None) -> str:
@@ -340,9 +336,9 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
     for r in rows:
         if r["status"] == "done":
             m = r["metrics"]
-            cells = [_pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
-                _pct(m.get("mrr@10")), _pct(m.get("identifier_recall@10")), _pct(m.get("collision_rate"), 2)]
-            cells += [_pct(m.get("invalid_rate"))] if show_invalid else []
+            cells = [pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
+                pct(m.get("mrr@10")), pct(m.get("identifier_recall@10")), pct(m.get("collision_rate"), 2)]
+            cells += [pct(m.get("invalid_rate"))] if show_invalid else []
         else:
             cells = [r["status"]] + [""] * (num_ours - 1)
             if r["status"] == "failed":
@@ -426,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
             (plan.row_dir / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
             print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
             continue
-        print(f"{head}: " + " ".join(f"R@{k}={_pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
+        print(f"{head}: " + " ".join(f"R@{k}={pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
     if args.dry_run:
         return 0
     path = write_table(table, args.out)

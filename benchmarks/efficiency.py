@@ -22,37 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-
-def median_seconds(fn: Callable[[int], object], min_repeats: int, min_seconds: float) -> tuple[float, int]:
-    """Median wall time of fn(i) over at least `min_repeats` calls and `min_seconds` in total (after 1 warm-up)."""
-    fn(-1)
-    times: list[float] = []
-    while len(times) < min_repeats or sum(times) < min_seconds:
-        t0 = time.perf_counter()
-        fn(len(times))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
-
-
-def jax_search_qps(images: np.ndarray, queries: list[np.ndarray], k: int, args) -> tuple[float, int]:
-    """Search-only q/s of our jit jnp.dot + top_k index (`avg_jax.evaluation.dense.JaxExactIndex`)."""
-    import jax
-
-    from avg_jax.evaluation import dense
-
-    batch = queries[0].shape[0]
-    index = dense.JaxExactIndex(images, dtype=args.dtype)
-    sec, reps = median_seconds(
-        lambda i: jax.block_until_ready(index.search(queries[i % len(queries)], k, batch_size=batch)),
-        args.repeats, args.min_seconds)
-    return batch / sec, reps
+from avg_jax.evaluation.efficiency import TIMING, dense_search_qps, generative_qps, median_seconds, random_unit_rows
+from avg_jax.evaluation.report import plot_qps
 
 
 def faiss_search_qps(images: np.ndarray, queries: list[np.ndarray], k: int, args) -> tuple[float, int]:
@@ -66,9 +41,10 @@ def faiss_search_qps(images: np.ndarray, queries: list[np.ndarray], k: int, args
     return queries[0].shape[0] / sec, reps
 
 
-def dense_search_qps(images: np.ndarray, queries: list[np.ndarray], k: int, args) -> dict[str, float]:
+def both_dense_qps(images: np.ndarray, queries: list[np.ndarray], k: int, args) -> dict[str, float]:
     """Both dense backends on the same vectors (each index is freed before the next is built)."""
-    out = dict(zip(("jax_search_qps", "jax_repeats"), jax_search_qps(images, queries, k, args), strict=True))
+    qps = dense_search_qps(images, queries, k, args.repeats, args.min_seconds, args.dtype)
+    out = dict(zip(("jax_search_qps", "jax_repeats"), qps, strict=True))
     if not args.no_faiss:
         out.update(zip(("faiss_search_qps", "faiss_repeats"), faiss_search_qps(images, queries, k, args),
                        strict=True))
@@ -93,26 +69,12 @@ def query_encoder_qps(args) -> dict:
             "framework": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
 
 
-def random_identifiers(n: int, levels: int, codebook: int, text_vocab: int, rng: np.random.Generator
-                       ) -> np.ndarray:
-    """n distinct fixed-length voken identifiers [n, levels] int32 (model ids: text_vocab + code)."""
-    if n > codebook ** levels:
-        raise ValueError(f"{n} distinct identifiers need codebook ** levels >= n, got {codebook} ** {levels}")
-    codes = np.empty((0, levels), np.int64)
-    while len(codes) < n:  # redraw the few duplicates (1024^4 codes: collisions are rare)
-        extra = rng.integers(0, codebook, (n - len(codes), levels))
-        codes = np.unique(np.concatenate([codes, extra]), axis=0)
-    return (rng.permutation(codes)[:n] + text_vocab).astype(np.int32)
-
-
-def generative_qps(sizes: list[int], args) -> tuple[dict[int, float], dict]:
+def generative_model_qps(sizes: list[int], args) -> tuple[dict[int, float], dict]:
     """Our constrained decode's q/s per image-set size (T5-small-size model, random weights, one compiled
     search per size) and the model's description."""
     import jax
 
     from avg_jax.data.vocab import pad_vocab_size
-    from avg_jax.decoding import trie
-    from avg_jax.decoding.beam_search import BeamSearchOptions
     from avg_jax.retrieval.model import RetrievalModel
     from avg_jax.t5 import configs, model
 
@@ -120,33 +82,16 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float], dict]:
     config = configs.named_t5_config(args.t5_size, vocab_size=pad_vocab_size(text_vocab + args.codebook),
                                      dropout_rate=0.0, dtype=args.dtype)
     params = model.init_params(config, jax.random.PRNGKey(args.seed))
-    options = BeamSearchOptions(beam_size=args.beam)
-    rng = np.random.default_rng(args.seed + 1)
-    input_ids = [jax.numpy.asarray(rng.integers(2, text_vocab, (args.batch, args.query_tokens)), jax.numpy.int32)
-                 for _ in range(4)]
-    out, details = {}, {}
-    for n in sizes:
-        tokens = random_identifiers(n, args.levels, args.codebook, text_vocab, rng)
-        t0 = time.perf_counter()
-        built = trie.build_trie(tokens=tokens, lengths=np.full(n, args.levels, np.int32), fixed_length=True)
-        build_s = time.perf_counter() - t0
-        model = RetrievalModel(config, None, window=trie.identifier_window(built, config.vocab_size, text_vocab),
-                               input_length=args.query_tokens, target_length=args.levels,
-                               score_normalization=options.score_normalization)
-        search = model.search_fn(options.beam_size)
-        sec, reps = median_seconds(
-            lambda i, search=search, built=built: jax.block_until_ready(
-                search(params, built.tables, input_ids[i % len(input_ids)])),
-            args.gen_repeats, 0.0)
-        out[n] = args.batch / sec
-        details[str(n)] = {"repeats": reps, "trie_build_s": round(build_s, 2),
-                           "bytes_per_identifier": round(built.bytes_per_identifier(), 1)}
+    retrieval_model = RetrievalModel(config, None, window=(text_vocab, config.vocab_size - text_vocab),
+                                     input_length=args.query_tokens, target_length=args.levels)
+    out, details = generative_qps(retrieval_model, params, text_vocab, sizes, args.levels, args.codebook, args.batch,
+                                  args.beam, args.query_tokens, args.gen_repeats, args.seed)
     model_info = {"model": f"T5-{args.t5_size} size (d_model {config.d_model}, {config.num_encoder_layers}+"
                            f"{config.num_decoder_layers} layers, random weights)",
                   "vocab": config.vocab_size, "beam": args.beam, "levels_M": args.levels,
-                  "codebook_N": args.codebook, "score_normalization": options.score_normalization,
-                  "dtype": config.dtype,
-                  "query_tokens": args.query_tokens, "per_size": details}
+                  "codebook_N": args.codebook,
+                  "score_normalization": retrieval_model.score_normalization,
+                  "dtype": config.dtype, "query_tokens": args.query_tokens, "per_size": details}
     return out, model_info
 
 
@@ -160,38 +105,18 @@ def crossover(sizes: list[int], generative: dict[int, float], dense: dict[int, f
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = result["sizes"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     series = [("dense_jax_search_qps", "dense exact, jit jnp.dot + top_k (search only)", "C0", "-"),
               ("dense_faiss_search_qps", "dense exact, faiss IndexFlatIP (search only)", "C1", "-"),
               ("dense_with_encoder_qps", "dense best + query encoder (CLIP-L text tower)", "C2", "--"),
               ("generative_qps", "generative: constrained beam search", "C3", "-")]
-    for key, label, colour, style in series:
-        values = result.get(key)
-        if values:
-            if key == "generative_qps":
-                gen = result["generative_model"]
-                label = f"{label} ({gen['model'].split(' (')[0]}, beam {gen['beam']}, M={gen['levels_M']})"
-            ax.plot(sizes, [values[str(n)] for n in sizes], style, marker="o", color=colour, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("image-set size (identifiers)")
-    ax.set_ylabel("queries / second")
+    gen = result["generative_model"]
+    gen_label = f" ({gen['model'].split(' (')[0]}, beam {gen['beam']}, M={gen['levels_M']})"
     enc = result.get("query_encoder") or {}
-    ax.set_title(f"{result['device']}: d={result['dim']}, batch {result['batch']}, k={result['k']}"
-                 + (f", encoder {enc['tokens']} tokens" if enc else ""), fontsize=10)
-    if result["crossover_images"]:
-        ax.axvline(result["crossover_images"], color="grey", ls=":", label="crossover")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_qps(path, result["sizes"],
+             [(label + (gen_label if key == "generative_qps" else ""), result[key], colour, style)
+              for key, label, colour, style in series if result.get(key)],
+             f"{result['device']}: d={result['dim']}, batch {result['batch']}, k={result['k']}"
+             + (f", encoder {enc['tokens']} tokens" if enc else ""), crossover=result["crossover_images"])
 
 
 def main() -> None:
@@ -219,26 +144,17 @@ def main() -> None:
 
     import jax
 
-    from avg_jax.data.corpus import normalize_rows
-
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rng = np.random.default_rng(args.seed)
-    queries = [normalize_rows(rng.standard_normal((args.batch, args.dim), dtype=np.float32)) for _ in range(8)]
-    per_size: dict[int, dict] = {}
-    for n in sizes:
-        images = np.empty((n, args.dim), np.float32)
-        for start in range(0, n, 100_000):  # chunked: 1M x 768 is 3 GB
-            images[start:start + 100_000] = normalize_rows(
-                rng.standard_normal((min(100_000, n - start), args.dim), dtype=np.float32))
-        per_size[n] = dense_search_qps(images, queries, args.k, args)
-        del images
+    queries = [random_unit_rows(rng, args.batch, args.dim) for _ in range(8)]
+    per_size = {n: both_dense_qps(random_unit_rows(rng, n, args.dim), queries, args.k, args) for n in sizes}
     dense_jax = {n: per_size[n]["jax_search_qps"] for n in sizes}
     dense_faiss = {n: per_size[n]["faiss_search_qps"] for n in sizes} if not args.no_faiss else None
     best = {n: max(dense_jax[n], dense_faiss[n] if dense_faiss else 0.0) for n in sizes}
     encoder = None if args.no_encoder else query_encoder_qps(args)
     # Encoder and search run one after the other on the same cores: times add.
     with_encoder = {n: 1.0 / (1.0 / best[n] + 1.0 / encoder["qps"]) for n in sizes} if encoder else None
-    generative, generative_model = generative_qps(sizes, args)
+    generative, generative_model = generative_model_qps(sizes, args)
     cross = crossover(sizes, generative, best)
     cross_enc = crossover(sizes, generative, with_encoder) if with_encoder else {"measured": None,
                                                                                   "extrapolated": None}
@@ -258,7 +174,7 @@ def main() -> None:
         "generative_qps": table(generative), "generative_model": generative_model, "dtype": args.dtype,
         "query_encoder": encoder,
         "repeats": {str(n): {k: v for k, v in per_size[n].items() if k.endswith("repeats")} for n in sizes},
-        "timing": "median wall time per batch after one warm-up batch; q/s = batch / median",
+        "timing": TIMING,
         "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(),
     }

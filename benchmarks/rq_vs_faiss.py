@@ -46,7 +46,7 @@ def ours(data: TokenizerData, x_all: np.ndarray, config: RQTokenizerConfig, alig
                           seed=args.seed, log_every=max(args.steps, 1))
     enc = encode_images(tok, x_all)
     return {"mse": float(np.mean(enc.quantization_error)), "decoder_mse": float(np.mean(
-        np.sum((enc.v_i - enc.v_hat) ** 2, axis=1))), "tokenizer": tok}
+        np.sum((x_all - enc.v_hat) ** 2, axis=1))), "tokenizer": tok}
 
 
 def main() -> None:

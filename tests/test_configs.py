@@ -1,7 +1,6 @@
 """Every gin file parses against the real configurables, every experiment runs a few steps on a tiny corpus,
 and `avg-jax sweep` lays metrics out like the paper's tables."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -14,34 +13,15 @@ from avg_jax import cli, config, sweep
 GIN_DIR = config.GIN_CONFIG_DIR
 ALL_GIN = sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin"))
 EXPERIMENTS = sorted(f for f in ALL_GIN if f.startswith("experiments/"))
-HAS_TRAINER = importlib.util.find_spec("avg_jax.training.commands") is not None
-NEEDS_TRAINER = pytest.mark.skipif(not HAS_TRAINER, reason="avg_jax.training.commands (`avg-jax train`, the "
-                                   "trainer branch) is not on this branch yet: train-stage configurables unknown")
 # Modules whose configurables the building blocks bind without importing them themselves.
-BASE_MODULES = ("avg_jax.tokenizer.commands", "avg_jax.t5.configs", "avg_jax.launch", "avg_jax.partitioning",
+BASE_MODULES = ("avg_jax.tokenizer.pipeline", "avg_jax.t5.configs", "avg_jax.distributed", "avg_jax.partitioning",
                 "avg_jax.data.synthetic", "avg_jax.training.optimizer", "avg_jax.demo")
-
-
-def _uses_trainer(path: str, seen: set | None = None) -> bool:
-    """Whether the file or one of its includes imports the trainer's modules."""
-    text = (GIN_DIR / path).read_text()
-    if "import avg_jax.training.retrieval" in text or "import avg_jax.training.examples" in text:
-        return True
-    seen = seen if seen is not None else set()
-    for inc in (line.split("'")[1] for line in text.splitlines() if line.startswith("include ")):
-        if inc not in seen and (GIN_DIR / inc).exists():
-            seen.add(inc)
-            if _uses_trainer(inc, seen):
-                return True
-    return False
 
 
 @pytest.mark.parametrize("path", ALL_GIN)
 def test_every_gin_file_parses(path):
     for module in BASE_MODULES:
         __import__(module)
-    if not HAS_TRAINER and _uses_trainer(path):
-        pytest.skip("imports avg_jax.training.commands/examples, not on this branch yet")
     config.parse_gin([path])  # unknown configurables, parameters, macros or includes raise
     gin.clear_config()
 
@@ -58,7 +38,7 @@ def test_parsing_an_experiment_logs_no_error_and_keeps_cwd_includes(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     with caplog.at_level(logging.DEBUG):
-        config.parse_gin(["experiments/avg/flickr30k_table3_full.gin"] if HAS_TRAINER else ["mesh/cpu.gin"])
+        config.parse_gin(["experiments/avg/flickr30k_table3_full.gin"])
         config.parse_gin(["mine.gin"])
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert gin.get_bindings("T5Config")["d_model"] == 24
@@ -85,7 +65,6 @@ def _q(name):
     return gin.get_bindings(configurable)[param]
 
 
-@NEEDS_TRAINER
 def test_experiments_bind_the_papers_settings():
     config.parse_gin(["experiments/avg/flickr30k_main.gin"])
     assert _q("%CORPUS_DIR") == "data/flickr30k"
@@ -247,7 +226,6 @@ def test_tokenize_takes_the_corpus_from_the_data_config(corpus_dir, tmp_path, ca
     assert "--corpus not given and no gin macro CORPUS_DIR is bound" in capsys.readouterr().err
 
 
-@NEEDS_TRAINER
 def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     out = tmp_path / "sweeps"
     assert cli.main(["sweep", "--table", "avg_table3", "--corpus", str(corpus_dir), "--out", str(out),
@@ -286,7 +264,6 @@ DEFAULT_RUNS = {"experiments/avg/flickr30k_table3_full.gin", "experiments/avg/fl
                 "experiments/grace/flickr30k_structured_no_constrained.gin"}  # re-evaluates structured's run
 
 
-@NEEDS_TRAINER
 @pytest.mark.parametrize("path", [pytest.param(p, marks=() if p in DEFAULT_RUNS else pytest.mark.slow)
                                   for p in EXPERIMENTS])
 def test_every_experiment_runs_a_few_steps(path, corpus_dir, shared_out):
@@ -311,7 +288,6 @@ def test_every_experiment_runs_a_few_steps(path, corpus_dir, shared_out):
     assert "train_loop.num_steps = %TRAIN_STEPS" in (plan.row_dir / "operative_config.gin").read_text()
 
 
-@NEEDS_TRAINER
 def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     out = shared_out
     code = cli.main(["sweep", "--table", "avg_table7", "--corpus", str(corpus_dir), "--out", str(out),

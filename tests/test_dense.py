@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from avg_jax import partitioning
 from avg_jax.data.corpus import normalize_rows
 from avg_jax.evaluation import dense, metrics
 
@@ -32,7 +33,7 @@ def test_sharded_search_matches_brute_force(mesh_shape, axis, num_images, k):
     rng = np.random.default_rng(num_images)
     images = rng.standard_normal((num_images, 32)).astype(np.float32)
     queries = rng.standard_normal((37, 32)).astype(np.float32)
-    mesh = jax.make_mesh(mesh_shape, ("data", "model"))
+    mesh = partitioning.make_device_mesh(*mesh_shape)
     index = dense.JaxExactIndex(images, mesh=mesh, axis=axis)
     assert len(index.images.sharding.device_set) == 8
     scores, rows = index.search(queries, k, batch_size=16)  # 37 queries: the last batch is padded

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from avg_jax import cli
-from avg_jax.evaluation import commands, metrics
+from avg_jax.evaluation import metrics
+from avg_jax.evaluation import ranked as ranked_io
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +53,13 @@ def test_ranked_file_validation(tiny_corpus, tmp_path):
     rows = tiny_corpus.query_rows("test")
     test_images = [tiny_corpus.images[i].id for i in tiny_corpus.image_rows("test")]
     good = [{"query_row": int(j), "image_ids": test_images[:3]} for j in rows]
-    parsed = commands.read_ranked_jsonl(_write(tmp_path / "ok.jsonl", good), tiny_corpus, "test")
+    parsed = ranked_io.read_ranked_jsonl(_write(tmp_path / "ok.jsonl", good), tiny_corpus, "test")
     assert parsed.query_rows.tolist() == rows.tolist() and parsed.identifiers is None
     texts = [tiny_corpus.queries[j].text for j in rows]
     dup = next(t for t in texts if texts.count(t) > 1)  # synthetic captions repeat within a split
     by_text = [{"text": t, "image_ids": []} if texts.count(t) == 1 else {"query_row": int(j), "image_ids": []}
                for j, t in zip(rows, texts, strict=True)]
-    assert commands.read_ranked_jsonl(_write(tmp_path / "t.jsonl", by_text), tiny_corpus, "test").query_rows.tolist() \
+    assert ranked_io.read_ranked_jsonl(_write(tmp_path / "t.jsonl", by_text), tiny_corpus, "test").query_rows.tolist() \
         == rows.tolist()
     cases = {
         "have no ranking": good[1:],
@@ -73,9 +74,9 @@ def test_ranked_file_validation(tiny_corpus, tmp_path):
     }
     for message, records in cases.items():
         with pytest.raises(ValueError, match=message):
-            commands.read_ranked_jsonl(_write(tmp_path / "bad.jsonl", records), tiny_corpus, "test")
+            ranked_io.read_ranked_jsonl(_write(tmp_path / "bad.jsonl", records), tiny_corpus, "test")
     with pytest.raises(FileNotFoundError, match="ranked-output file missing"):
-        commands.read_ranked_jsonl(tmp_path / "absent.jsonl", tiny_corpus, "test")
+        ranked_io.read_ranked_jsonl(tmp_path / "absent.jsonl", tiny_corpus, "test")
 
 
 def test_evaluate_ranked_with_identifier_groups(tiny_corpus):
@@ -88,8 +89,8 @@ def test_evaluate_ranked_with_identifier_groups(tiny_corpus):
     other = next(im.id for im in tiny_corpus.images if im.split == "test" and im.id not in rel)
     groups = {(1, 2): [other, rel[0], rel[1]], (3, 4): [rel[2]], (5, 6): [rel[3]]}
     idents = [[(1, 2)], [(3, 4), (1, 2)], [(3, 4)], [(5, 6)]]
-    outputs = commands.RankedOutputs(rows, [metrics.expand_identifiers(r, groups) for r in idents], idents)
-    m = commands.evaluate_ranked(tiny_corpus, outputs, groups, ks=(1, 2))
+    outputs = ranked_io.RankedOutputs(rows, [metrics.expand_identifiers(r, groups) for r in idents], idents)
+    m = ranked_io.evaluate_ranked(tiny_corpus, outputs, groups, ks=(1, 2))
     assert m["recall@1"] == pytest.approx(2 / 4)           # queries 2, 3
     assert m["identifier_recall@1"] == pytest.approx(3 / 4)  # queries 0, 2, 3
     assert m["collision_rate"] == pytest.approx(3 / 5)

@@ -1,4 +1,5 @@
-"""avg_jax.launch in one process: mesh shapes, bad settings. (Multi-process: tests/test_tpu_scripts.py.)"""
+"""`avg-jax launch-check`'s library in one process: mesh shapes (avg_jax.partitioning), cluster start-up settings
+(avg_jax.distributed). (Multi-process: tests/test_tpu_scripts.py.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from avg_jax import launch
+from avg_jax import distributed, partitioning
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
@@ -16,7 +17,7 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--x
     (-1, 1, (8, 1)), (4, 2, (4, 2)), (-1, 2, (4, 2)), (2, -1, (2, 4)), (1, 8, (1, 8)), (8, -1, (8, 1)),
 ])
 def test_mesh_shapes(data, model, shape):
-    mesh = launch.make_device_mesh(data_parallelism=data, model_parallelism=model)
+    mesh = partitioning.make_device_mesh(data_parallelism=data, model_parallelism=model)
     assert mesh.axis_names == ("data", "model")
     assert mesh.devices.shape == shape
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
@@ -34,11 +35,11 @@ def test_mesh_shapes(data, model, shape):
 ])
 def test_mesh_bad_shapes(data, model, message):
     with pytest.raises(ValueError, match=message):
-        launch.make_device_mesh(data_parallelism=data, model_parallelism=model)
+        partitioning.make_device_mesh(data_parallelism=data, model_parallelism=model)
 
 
 def test_mesh_on_a_device_subset():
-    mesh = launch.make_device_mesh(devices=jax.devices()[:1])
+    mesh = partitioning.make_device_mesh(devices=jax.devices()[:1])
     assert mesh.devices.shape == (1, 1)
 
 
@@ -52,7 +53,7 @@ def test_sharded_sum_over_the_mesh_single_process():
         gin.bind_parameter("make_device_mesh.model_parallelism", 2)
         gin.bind_parameter("initialize_distributed.num_processes", 1)  # launch_check enables; 1 = alone
     try:
-        result = launch.launch_check(rows_per_device=2, columns=5)
+        result = distributed.launch_check(rows_per_device=2, columns=5)
     finally:
         gin.clear_config()
     rows = np.arange(8 * 2 * 5).reshape(-1, 5) % 1009
@@ -68,12 +69,12 @@ def test_sharded_sum_over_the_mesh_single_process():
     ({}, {"num_processes": 0}, "num_processes=0 must be >= 1"),
 ])
 def test_initialize_distributed_rejects_bad_settings(monkeypatch, env, kwargs, message):
-    for name in (launch.ENV_COORDINATOR_ADDRESS, launch.ENV_NUM_PROCESSES, launch.ENV_PROCESS_ID):
+    for name in (distributed.ENV_COORDINATOR_ADDRESS, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
-        launch.initialize_distributed(enabled=True, **kwargs)
+        distributed.initialize_distributed(enabled=True, **kwargs)
     assert not jax.distributed.is_initialized()
 
 
@@ -94,33 +95,33 @@ def test_mesh_gin_files(name, chips):
         model = gin.query_parameter("make_device_mesh.model_parallelism")
         if chips is None:
             assert (data, model) == (-1, 1)
-            mesh = launch.make_device_mesh()
+            mesh = partitioning.make_device_mesh()
             assert mesh.devices.shape == (jax.device_count(), 1)
         else:
             assert data * model == chips
             if jax.device_count() >= chips:
-                assert launch.make_device_mesh(devices=jax.devices()[:chips]).devices.shape == (data, model)
+                assert partitioning.make_device_mesh(devices=jax.devices()[:chips]).devices.shape == (data, model)
     finally:
         gin.clear_config()
 
 
 def test_initialize_distributed_disabled_reports_the_single_process(monkeypatch):
-    monkeypatch.setenv(launch.ENV_NUM_PROCESSES, "not even read")
-    info = launch.initialize_distributed(enabled=False)
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "not even read")
+    info = distributed.initialize_distributed(enabled=False)
     assert (info.process_id, info.num_processes) == (0, 1)
     assert info.device_count == jax.device_count() and not jax.distributed.is_initialized()
 
 
 def test_initialize_distributed_unconfigured_stays_single_process(monkeypatch):
-    for name in (launch.ENV_COORDINATOR_ADDRESS, launch.ENV_NUM_PROCESSES, launch.ENV_PROCESS_ID):
+    for name in (distributed.ENV_COORDINATOR_ADDRESS, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(name, raising=False)
-    info = launch.initialize_distributed()
+    info = distributed.initialize_distributed()
     assert info.num_processes == 1 and not jax.distributed.is_initialized()
 
 
 def test_initialize_distributed_configured_process_count_enables(monkeypatch):
     """With enabled=None a configured (here: invalid) process count means "join": it is validated."""
-    monkeypatch.setenv(launch.ENV_NUM_PROCESSES, "2")
-    monkeypatch.setenv(launch.ENV_PROCESS_ID, "5")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "2")
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "5")
     with pytest.raises(ValueError, match=r"process_id=5 is outside \[0, 2\)"):
-        launch.initialize_distributed()
+        distributed.initialize_distributed()

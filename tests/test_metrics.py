@@ -1,5 +1,6 @@
 """Retrieval metrics against a hand-computed example, trec_eval (pytrec_eval) and a numpy re-formulation."""
 
+import itertools
 import json
 
 import numpy as np
@@ -157,3 +158,25 @@ def test_format_table_lists_systems():
     m = metrics.evaluate_identifiers([[(1,)]], [{"a"}], {(1,): ["a", "b"]})
     text = metrics.format_table({"avg": m, "dense": metrics.evaluate_images([["b", "a"]], [{"a"}])})
     assert "avg" in text and "dense" in text and "id_R@1" in text and "100.00" in text
+
+
+@pytest.mark.parametrize("num_images,relevant_counts", [(6, [1, 2]), (7, [3]), (4, [1, 4]), (12, [2, 5])])
+def test_chance_metrics_match_enumeration_and_sampling(num_images, relevant_counts):
+    """Expected R@K / MRR@10 of a random ranking vs every permutation of the images (small n) or 20000 sampled
+    permutations (n = 12), with r relevant images per query (R@K = 1 - C(n-r, K) / C(n, K), not min(K, n) / n)."""
+    got = metrics.chance_metrics(num_images, relevant_counts)
+    if num_images <= 7:
+        perms, tol = np.array(list(itertools.permutations(range(num_images)))), 1e-9
+    else:
+        rng = np.random.default_rng(0)
+        perms, tol = np.array([rng.permutation(num_images) for _ in range(20000)]), 0.015
+    expected = {}
+    for r in relevant_counts:  # images 0..r-1 are relevant; first relevant position of every permutation
+        firsts = np.argmax(perms < r, axis=1) + 1
+        for k in metrics.DEFAULT_KS:
+            expected.setdefault(f"recall@{k}", []).append(np.mean(firsts <= k))
+        expected.setdefault("mrr@10", []).append(np.mean(np.where(firsts <= 10, 1.0 / firsts, 0.0)))
+    for key, values in expected.items():
+        assert got[key] == pytest.approx(np.mean(values), abs=tol), key
+    if max(relevant_counts) > 1:  # the naive min(K, n) / n is wrong when a query has several relevant images
+        assert got["recall@1"] > 1 / num_images

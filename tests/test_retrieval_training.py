@@ -19,7 +19,7 @@ from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
 from avg_jax.decoding.trie import build_trie
-from avg_jax.evaluation.commands import read_ranked_jsonl
+from avg_jax.evaluation.ranked import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
 from avg_jax.retrieval.model import (
     TRAIN_TRIE,

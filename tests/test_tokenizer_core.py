@@ -63,14 +63,14 @@ def test_squared_distances_expanded_form():
                                atol=1e-5)
 
 
-def numpy_losses(v_i, partial, v_hat, v_t, mask, w):
+def numpy_losses(x, v_i, partial, v_hat, v_hat_code, v_t, mask, w):
     """AVG eqs. 3-6 written out per image, per level, per caption."""
     recon, commit, codebook, align, with_caption = [], [], [], [], 0
     for b in range(v_i.shape[0]):
-        recon.append(np.sum((v_i[b] - v_hat[b]) ** 2))
+        recon.append(np.sum((x[b] - v_hat[b]) ** 2))
         commit.append(sum(np.sum((v_i[b] - partial[b, d]) ** 2) for d in range(partial.shape[1])))
         codebook.append(commit[-1])  # same value; only the stop-gradient side differs
-        caps = [np.sum((v_hat[b] - v_t[b, k]) ** 2) for k in range(v_t.shape[1]) if mask[b, k]]
+        caps = [np.sum((v_hat_code[b] - v_t[b, k]) ** 2) for k in range(v_t.shape[1]) if mask[b, k]]
         if caps:
             align.append(np.mean(caps))
             with_caption += 1
@@ -84,12 +84,14 @@ def numpy_losses(v_i, partial, v_hat, v_t, mask, w):
 def test_losses_match_numpy_eqs_3_to_6():
     rng = np.random.default_rng(2)
     b, m, d, k = 5, 3, 4, 3
-    v_i, v_hat = rng.standard_normal((b, d)), rng.standard_normal((b, d))
+    x, v_hat = rng.standard_normal((b, 7)), rng.standard_normal((b, 7))  # input feature dim 7 != code dim
+    v_i, v_hat_code = rng.standard_normal((b, d)), rng.standard_normal((b, d))
     partial, v_t = rng.standard_normal((b, m, d)), rng.standard_normal((b, k, d))
     mask = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]], np.float32)
     w = TokenizerLossWeights(recon=1.0, commit=0.5, codebook=2.0, align=0.3)
-    got = tokenizer_losses(*(jnp.asarray(a, jnp.float32) for a in (v_i, partial, v_hat, v_t, mask)), w)
-    expect = numpy_losses(v_i, partial, v_hat, v_t, mask, w)
+    arrays = (x, v_i, partial, v_hat, v_hat_code, v_t, mask)
+    got = tokenizer_losses(*(jnp.asarray(a, jnp.float32) for a in arrays), w)
+    expect = numpy_losses(*arrays, w)
     for name, value in expect.items():
         assert float(got[name]) == pytest.approx(value, rel=1e-5), name
 
@@ -100,7 +102,7 @@ def test_stop_gradients_route_commit_to_encoder_and_codebook_term_to_codes():
     v_t, mask = jnp.zeros((4, 1, 3)), jnp.ones((4, 1))
 
     def term(name, a, p):
-        return tokenizer_losses(a, p, a, v_t, mask, TokenizerLossWeights())[name]
+        return tokenizer_losses(a, a, p, a, a, v_t, mask, TokenizerLossWeights())[name]
 
     g_commit = jax.grad(functools.partial(term, "commit"), argnums=(0, 1))(v_i, partial)
     g_book = jax.grad(functools.partial(term, "codebook"), argnums=(0, 1))(v_i, partial)
@@ -140,7 +142,7 @@ def test_model_forward_matches_numpy_pipeline():
     params = init_params(cfg, image_dim=10, text_dim=6, seed=0)
     rng = np.random.default_rng(5)
     x, t = rng.standard_normal((20, 10)).astype(np.float32), rng.standard_normal((20, 2, 6)).astype(np.float32)
-    out = RQTokenizer(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(t))
+    out = RQTokenizer(cfg, 10).apply({"params": params}, jnp.asarray(x), jnp.asarray(t))
     p = jax.tree.map(np.asarray, params)
     v_i = x @ p["image_head"]["out"]["kernel"] + p["image_head"]["out"]["bias"]
     v_i /= np.linalg.norm(v_i, axis=1, keepdims=True)
@@ -150,10 +152,11 @@ def test_model_forward_matches_numpy_pipeline():
     clear = margin > 1e-4
     np.testing.assert_array_equal(np.asarray(out["rq"].codes)[clear], codes[clear])
     np.testing.assert_allclose(np.asarray(out["v_hat"])[clear], v_hat[clear], atol=1e-4)
+    assert out["v_hat"].shape == x.shape  # eq. 3 reconstructs the input image feature
     # Straight-through: recon reaches both the vokens (through ẑ) and the image head (through v_i).
     def recon(prm):
-        o = RQTokenizer(cfg).apply({"params": prm}, jnp.asarray(x), jnp.asarray(t))
-        return jnp.sum((o["v_hat"] - jax.lax.stop_gradient(o["v_i"])) ** 2)
+        o = RQTokenizer(cfg, 10).apply({"params": prm}, jnp.asarray(x), jnp.asarray(t))
+        return jnp.sum((o["v_hat"] - jnp.asarray(x)) ** 2)
 
     g = jax.grad(recon)(params)
     assert np.abs(g["codebooks"]).sum() > 0 and np.abs(g["image_head"]["out"]["kernel"]).sum() > 0

@@ -7,16 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from avg_jax.data.synthetic import make_synthetic_corpus
+from avg_jax.tokenizer import train as tok_train
 from avg_jax.tokenizer.model import RQTokenizerConfig
 from avg_jax.tokenizer.quantizer import RQCodes
 from avg_jax.tokenizer.train import (
     TokenizerData,
+    TrainingPreempted,
     _reseed_dead_codes,
     encode_images,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
 )
+from avg_jax.training import trainer
 
 SMALL = RQTokenizerConfig(code_dim=16, codebook_size=32, num_levels=2, decoder_hidden_dim=32)
 
@@ -110,3 +114,59 @@ def test_bad_settings_are_named(data):
         train_tokenizer(data, SMALL, steps=1, codebook_init="zeros", num_devices=1)
     with pytest.raises(ValueError, match="batch_size 100000"):
         train_tokenizer(data, SMALL, steps=1, batch_size=100000, num_devices=1)
+
+
+RESUME = dict(steps=12, batch_size=60, contrastive_steps=6, reseed_every=4, num_devices=1, log_every=1, seed=5,
+              checkpoint_every=100)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_codebook(tmp_path, data, monkeypatch):
+    full = train_tokenizer(data, SMALL, run_dir=tmp_path / "full", **RESUME)
+    # Simulated SIGTERM: once at warm-up step 3, once at RQ step 7 (one preemption per rerun).
+    for at in (3, 7):
+        monkeypatch.setattr(trainer.PreemptionWatcher, "reached", lambda self, step, at=at: step == at)
+        with pytest.raises(TrainingPreempted) as stopped:
+            train_tokenizer(data, SMALL, run_dir=tmp_path / "resumed", **RESUME)
+        assert stopped.value.code == trainer.PREEMPTED_EXIT_CODE
+        at_rq = (tmp_path / "resumed" / "rq").exists()
+        assert at_rq == (at == 7)
+    monkeypatch.undo()
+    resumed = train_tokenizer(data, SMALL, run_dir=tmp_path / "resumed", **RESUME)
+    np.testing.assert_array_equal(resumed.params["codebooks"], full.params["codebooks"])
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
+
+
+def test_rerun_over_a_finished_run_does_not_retrain(tmp_path, data, monkeypatch):
+    first = train_tokenizer(data, SMALL, run_dir=tmp_path, **RESUME)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(tok_train.RQTask, "loss", fail)
+    monkeypatch.setattr(tok_train.ContrastiveTask, "loss", fail)
+    monkeypatch.setattr(tok_train, "kmeans_init_codebooks", fail)
+    again = train_tokenizer(data, SMALL, run_dir=tmp_path, **RESUME)
+    jax.tree.map(np.testing.assert_array_equal, again.params, first.params)
+    assert again.history == first.history
+
+
+def test_reseeding_never_fires_on_the_last_step(data):
+    cfg = dataclasses.replace(SMALL, codebook_size=128)  # random init: most vokens dead
+    tok = train_tokenizer(data, cfg, steps=20, batch_size=60, contrastive_steps=0, codebook_init="random",
+                          reseed_every=10, num_devices=1, log_every=1)
+    reseeded = {int(h["step"]): h["reseeded"] for h in tok.history}
+    assert reseeded[10] > 0 and reseeded[20] == 0
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_data_parallel_steps_on_eight_host_devices_do_not_deadlock():
+    """Back-to-back data-parallel steps on 8 CPU devices: before steps were serialized on CPU, the next step's
+    launch could hold the worker the previous step's last all-reduce participant needed (fatal rendezvous
+    timeout on a 2-core host)."""
+    corpus = make_synthetic_corpus(seed=1, num_images=2200, num_val=50, num_test=50, image_dim=256, text_dim=64)
+    big = TokenizerData.from_corpus(corpus, "train")
+    cfg = RQTokenizerConfig(code_dim=256, codebook_size=256, num_levels=4, decoder_hidden_dim=512)
+    tok = train_tokenizer(big, cfg, steps=40, batch_size=2048, contrastive_steps=10, kmeans_iters=2,
+                          kmeans_init_batches=1, reseed_every=20, num_devices=8, log_every=40)
+    assert np.isfinite(tok.history[-1]["total"]) and tok.history[-1]["step"] == 40

@@ -369,18 +369,18 @@ def test_local_dry_run_sets_the_cluster_environment(no_gcloud, tmp_path):
 
 
 def test_distributed_binding_names_the_launch_configurable():
-    """The binding launch.sh adds for `train` resolves to avg_jax.launch.initialize_distributed(enabled=True)."""
+    """The binding launch.sh adds for `train` resolves to avg_jax.distributed.initialize_distributed(enabled=True)."""
     import gin
 
-    from avg_jax import launch
+    from avg_jax import distributed
 
     common = (SCRIPTS / "common.sh").read_text()
     binding = re.search(r'DISTRIBUTED_GIN_PARAM:-"([^"]+)"', common).group(1)
     gin.clear_config()
     try:
         gin.parse_config(binding)
-        assert gin.query_parameter("avg_jax.launch.initialize_distributed.enabled") is True
-        assert launch.initialize_distributed.__module__ == "avg_jax.launch"
+        assert gin.query_parameter("avg_jax.distributed.initialize_distributed.enabled") is True
+        assert distributed.initialize_distributed.__module__ == "avg_jax.distributed"
     finally:
         gin.clear_config()
 

@@ -95,7 +95,7 @@ class SlowIterator:
 
 
 def main(argv=None) -> int:
-    from avg_jax.launch import initialize_distributed
+    from avg_jax.distributed import initialize_distributed
     from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, train_loop
 
     p = argparse.ArgumentParser()

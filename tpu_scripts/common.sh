@@ -28,7 +28,7 @@ SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
 
 # --- How our entry points are told to run multi-host and where to write. THE ONE PLACE to change these. ---
-# gin binding that makes the trainer's first call, avg_jax.launch.initialize_distributed(), join the cluster.
+# gin binding that makes the trainer's first call, avg_jax.distributed.initialize_distributed(), join the cluster.
 DISTRIBUTED_GIN_PARAM=${DISTRIBUTED_GIN_PARAM:-"initialize_distributed.enabled = True"}
 # `avg-jax train` flag naming its run directory (train_loop takes run_dir from the CLI, not from gin); the
 # trainer writes orbax checkpoints there and resumes from the latest one on start.

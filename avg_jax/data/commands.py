@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import collections
-import itertools
 import json
 from pathlib import Path
 
-import numpy as np
-
 from avg_jax import cli, config
-from avg_jax.data import emoji
 from avg_jax.data.corpus import SPLITS, Corpus
+from avg_jax.data.stats import corpus_stats
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +51,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cli.add_gin_flags(p)
     p.set_defaults(func=extract)
 
-    emoji.add_parser(sub)
+    p = sub.add_parser("prepare-emoji", help="build the real emoji text-to-image benchmark (npm packages, "
+                                             "EfficientNet-Lite0 image and MiniLM text features)")
+    p.add_argument("--out", required=True, help="corpus directory to write")
+    p.add_argument("--packages_dir", help="directory holding the unpacked npm packages (each NAME/package/...); "
+                                          "default: fetch them with `npm pack` into OUT/packages")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--no_progress", action="store_true")
+    cli.add_gin_flags(p)
+    p.set_defaults(func=prepare_emoji)
 
     p = sub.add_parser("inspect", help="counts per split, feature dims, caption lengths, duplicates")
     p.add_argument("corpus_dir")
@@ -72,6 +76,20 @@ def make_synthetic(args: argparse.Namespace) -> int:
     out = corpus.save(args.out)
     config.write_operative_config(out)
     print(f"wrote SYNTHETIC corpus to {out}: {corpus.num_images} images, {corpus.num_queries} queries")
+    return 0
+
+
+def prepare_emoji(args: argparse.Namespace) -> int:
+    from avg_jax.data.emoji import prepare_emoji_corpus
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    corpus, report = prepare_emoji_corpus(args.out, args.packages_dir, args.batch_size, not args.no_progress)
+    config.write_operative_config(args.out)
+    counts = {s: (len(corpus.image_rows(s)), len(corpus.query_rows(s))) for s in ("train", "val", "test")}
+    print(f"wrote emoji corpus to {args.out}: " + ", ".join(f"{s} {i} images / {q} queries" for s, (i, q) in
+                                                             counts.items() if i) +
+          f"; skipped {report['skipped_without_google_image']} without image, "
+          f"{report['skipped_without_emojibase_label']} without label")
     return 0
 
 
@@ -159,32 +177,6 @@ def extract(args: argparse.Namespace) -> int:
     print(f"wrote features to {out}: image dim {corpus.image_features.shape[1]}, text dim "
           f"{None if corpus.text_features is None else corpus.text_features.shape[1]}")
     return 0
-
-
-def corpus_stats(corpus: Corpus) -> dict:
-    """The statistics `data inspect` prints."""
-    images = collections.Counter(im.split for im in corpus.images)
-    queries = collections.Counter(q.split for q in corpus.queries)
-    lengths = np.array([len(q.text.split()) for q in corpus.queries])
-    edges = [1, 3, 5, 8, 12, 20, 40, 10**9]
-    hist = {f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+": int(((lengths >= lo) & (lengths < hi)).sum())
-            for lo, hi in itertools.pairwise(edges)}
-    texts = collections.Counter(q.text for q in corpus.queries)
-    has_features = corpus.image_features.shape[1] > 0
-    if has_features:
-        _, first = np.unique(np.round(corpus.image_features, 5), axis=0, return_index=True)
-    return {
-        "name": corpus.name,
-        "synthetic": corpus.synthetic,
-        "images_per_split": {s: images.get(s, 0) for s in SPLITS},
-        "queries_per_split": {s: queries.get(s, 0) for s in SPLITS},
-        "image_dim": int(corpus.image_features.shape[1]),
-        "text_dim": None if corpus.text_features is None else int(corpus.text_features.shape[1]),
-        "caption_words_histogram": hist,
-        "caption_words_mean": float(lengths.mean()) if lengths.size else 0.0,
-        "duplicate_caption_texts": sum(c - 1 for c in texts.values() if c > 1),
-        "duplicate_image_features": int(corpus.num_images - first.size) if has_features else None,
-    }
 
 
 def inspect(args: argparse.Namespace) -> int:

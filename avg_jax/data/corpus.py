@@ -11,14 +11,13 @@ A corpus directory holds:
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from avg_jax.json_io import read_json
+from avg_jax.json_io import read_json, read_jsonl, write_json, write_jsonl
 
 FORMAT = "avg_jax.corpus/1"
 SPLITS = ("train", "val", "test")
@@ -109,8 +108,8 @@ class Corpus:
         self.validate()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out / IMAGES_FILE, (_drop_none(dataclasses.asdict(im)) for im in self.images))
-        _write_jsonl(out / QUERIES_FILE,
+        write_jsonl(out / IMAGES_FILE, (_drop_none(dataclasses.asdict(im)) for im in self.images))
+        write_jsonl(out / QUERIES_FILE,
                      ({"text": q.text, "split": q.split, "image_ids": list(q.image_ids)}
                       for q in self.queries))
         np.save(out / IMAGE_FEATURES_FILE, np.asarray(self.image_features, np.float32))
@@ -123,7 +122,7 @@ class Corpus:
             "text_dim": None if self.text_features is None else int(self.text_features.shape[1]),
             "metadata": self.metadata,
         }
-        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(out / META_FILE, meta)
         return out
 
     @classmethod
@@ -137,9 +136,9 @@ class Corpus:
         if meta.get("format") != FORMAT:
             raise CorpusError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         images = [_image_from_json(obj, f"{root / IMAGES_FILE} line {n}")
-                  for n, obj in read_jsonl(_require(root / IMAGES_FILE))]
+                  for n, obj in read_jsonl(_require(root / IMAGES_FILE), CorpusError)]
         image_features = load_npy(_require(root / IMAGE_FEATURES_FILE))
-        raw_queries = list(read_jsonl(_require(root / QUERIES_FILE)))
+        raw_queries = list(read_jsonl(_require(root / QUERIES_FILE), CorpusError))
         text_path = root / TEXT_FEATURES_FILE
         text_features = load_npy(text_path) if text_path.exists() else None
         if meta.get("text_dim") is not None and text_features is None:
@@ -222,27 +221,6 @@ def load_npy(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except ValueError as e:
         raise CorpusError(f"{path}: not a plain numeric .npy array ({e})") from None
-
-
-def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    """(line number, object) for each line; blank lines, bad JSON and non-objects are CorpusErrors."""
-    with path.open() as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                raise CorpusError(f"{path} line {n}: blank line (every line must be one JSON record)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _drop_none(d: dict) -> dict:

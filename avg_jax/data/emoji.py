@@ -15,7 +15,6 @@ query of one split only points at images of that split (test images are never tr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -213,51 +212,31 @@ def fetch_npm_package(name: str, version: str, dest: str | Path) -> Path:
     return target
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """`avg-jax data prepare-emoji`."""
-    from avg_jax import cli
-
-    p = sub.add_parser("prepare-emoji", help="build the real emoji text-to-image benchmark (npm packages, "
-                                             "EfficientNet-Lite0 image and MiniLM text features)")
-    p.add_argument("--out", required=True, help="corpus directory to write")
-    p.add_argument("--packages_dir", help="directory holding the unpacked npm packages (each NAME/package/...); "
-                                          "default: fetch them with `npm pack` into OUT/packages")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--no_progress", action="store_true")
-    cli.add_gin_flags(p)
-    p.set_defaults(func=prepare_emoji)
-
-
-def prepare_emoji(args: argparse.Namespace) -> int:
-    from avg_jax import config
+def prepare_emoji_corpus(out_dir: str | Path, packages_dir: str | Path | None = None, batch_size: int = 64,
+                         progress: bool = True) -> tuple[Corpus, dict]:
+    """Build and save the emoji corpus with its image and text features into `out_dir`; returns it with the
+    package report (`read_emoji_packages`). `packages_dir`: the unpacked npm packages (each NAME/package/...);
+    None fetches them with `npm pack` into OUT/packages."""
     from avg_jax.data.extract import extract_corpus_features
 
-    config.parse_gin(args.gin_file, args.gin_param)
-    out = Path(args.out)
-    packages = Path(args.packages_dir) if args.packages_dir else out / "packages"
-    if not args.packages_dir:
+    out = Path(out_dir)
+    packages = Path(packages_dir) if packages_dir else out / "packages"
+    if not packages_dir:
         for name, version in npm_package_versions().items():
             print(f"fetching {name}@{version} with npm pack")
             fetch_npm_package(name, version, packages)
     images, report = read_emoji_packages(packages / GOOGLE_PACKAGE, packages / EMOJIBASE_PACKAGE)
-    progress = not args.no_progress
     corpus = build_emoji_corpus(images, out, progress=progress)
     corpus.metadata.update(report)
     corpus.metadata["package_versions"] = _package_versions(packages)
     corpus = extract_corpus_features(corpus, EfficientNetLite0Extractor(), out, texts=False,
-                                     batch_size=args.batch_size, progress=progress)
-    corpus = extract_corpus_features(corpus, MiniLMExtractor(), out, images=False, batch_size=args.batch_size,
+                                     batch_size=batch_size, progress=progress)
+    corpus = extract_corpus_features(corpus, MiniLMExtractor(), out, images=False, batch_size=batch_size,
                                      progress=progress)
     corpus.metadata.pop("image_root")  # image paths stay relative to the corpus directory, wherever it moves
     corpus.metadata["features_aligned"] = False
     corpus.save(out)
-    config.write_operative_config(out)
-    counts = {s: (len(corpus.image_rows(s)), len(corpus.query_rows(s))) for s in ("train", "val", "test")}
-    print(f"wrote emoji corpus to {out}: " + ", ".join(f"{s} {i} images / {q} queries" for s, (i, q) in
-                                                        counts.items() if i) +
-          f"; skipped {report['skipped_without_google_image']} without image, "
-          f"{report['skipped_without_emojibase_label']} without label")
-    return 0
+    return corpus, report
 
 
 def _package_versions(packages: Path) -> dict[str, str | None]:

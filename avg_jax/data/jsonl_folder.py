@@ -18,8 +18,9 @@ from typing import Any
 
 import gin
 
-from avg_jax.data.corpus import SPLITS, Corpus, CorpusError, ImageRecord, read_jsonl
+from avg_jax.data.corpus import SPLITS, Corpus, CorpusError, ImageRecord
 from avg_jax.data.sources import BadRecords, CaptionedImages, load_caption_rows, load_feature_rows
+from avg_jax.json_io import read_jsonl
 
 
 @gin.configurable(denylist=["records_path", "image_root", "image_features", "text_features", "skip_bad_records"])
@@ -39,7 +40,7 @@ def load_jsonl_folder(
         raise FileNotFoundError(f"records file not found: {path}")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    lines = list(read_jsonl(path))  # malformed JSON lines are fatal: their captions cannot be counted
+    lines = list(read_jsonl(path, CorpusError))  # malformed JSON lines are fatal: their captions cannot be counted
     counts = [_caption_count(obj) for _, obj in lines]
     image_rows = load_feature_rows(image_features, len(lines), str(path))
     text_rows = load_caption_rows(text_features, counts, f"{path} captions",

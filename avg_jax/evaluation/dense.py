@@ -21,16 +21,11 @@ from jax.sharding import PartitionSpec as P
 
 from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.evaluation import metrics
+from avg_jax.partitioning import make_device_mesh
 
 Projection = Callable[[np.ndarray], np.ndarray]
 BACKENDS = ("jax", "faiss")
-
-
-def search_mesh(axis: str = "data") -> Mesh:
-    """A mesh with every device on `axis` (the image-sharding axis) and size 1 on the other axis."""
-    other = "model" if axis == "data" else "data"
-    shape = {axis: jax.device_count(), other: 1}
-    return jax.make_mesh((shape["data"], shape["model"]), ("data", "model"))
+PROJECTIONS = ("none", "ridge", "heads")
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mesh", "axis"))
@@ -66,7 +61,7 @@ class JaxExactIndex:
     def __init__(self, image_embeddings: np.ndarray, mesh: Mesh | None = None, axis: str = "data",
                  dtype: jnp.dtype = jnp.float32):
         image_embeddings = _check_matrix(image_embeddings, "image embeddings")
-        self.mesh = mesh or search_mesh(axis)
+        self.mesh = mesh or (make_device_mesh(-1, 1) if axis == "data" else make_device_mesh(1, -1))
         self.axis = axis
         self.num_images, self.dim = image_embeddings.shape
         shards = self.mesh.shape[axis]
@@ -151,6 +146,20 @@ def ridge_text_projection(corpus: Corpus, split: str = "train", l2: float = 1.0)
     text_rows, image_rows = (np.array(c, dtype=np.int64) for c in zip(*pairs, strict=True))
     w = fit_ridge_map(corpus.text_features[text_rows], normalize_rows(corpus.image_features[image_rows]), l2)
     return lambda text: np.asarray(text, np.float32) @ w
+
+
+def baseline_projections(corpus: Corpus, projection: str, tokenizer_dir: str | None = None
+                         ) -> tuple[Projection | None, Projection | None]:
+    """(text, image) projections of the dense baseline `projection`: 'none' (features already aligned), 'ridge'
+    (`ridge_text_projection` on the train split) or 'heads' (`tokenizer_head_projections(tokenizer_dir)`)."""
+    if projection == "none":
+        return None, None
+    if projection == "ridge":
+        return ridge_text_projection(corpus), None
+    if projection == "heads" and tokenizer_dir:
+        return tokenizer_head_projections(tokenizer_dir)
+    raise ValueError(f"dense projection {projection!r} (tokenizer {tokenizer_dir!r}): expected one of "
+                     f"{PROJECTIONS}, 'heads' with a tokenizer directory")
 
 
 @gin.configurable(denylist=["corpus", "text_projection", "image_projection"])

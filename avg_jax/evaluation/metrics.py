@@ -16,6 +16,8 @@ identifiers, as in the paper.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -167,7 +169,7 @@ def format_table(rows: Mapping[str, Mapping[str, float]], ks: Sequence[int] = DE
     headers = ["system", "queries"] + [c.replace("identifier_recall", "id_R").replace("recall", "R") for c in cols]
     lines = []
     for name, m in rows.items():
-        vals = [f"{100 * m[c]:.2f}" if c in m and np.isfinite(m[c]) else "-" for c in cols]
+        vals = [pct(m.get(c), 2) for c in cols]
         lines.append([name, str(int(m.get("num_queries", 0))), *vals])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -175,11 +177,23 @@ def format_table(rows: Mapping[str, Mapping[str, float]], ks: Sequence[int] = DE
     return "\n".join(body) + "\n(all values in %, except queries)"
 
 
-def chance_metrics(num_images, num_relevant, ks=DEFAULT_KS):  # TEMPORARY SHIM
-    import math
-    n = num_images
+def chance_metrics(num_images: int, num_relevant: Sequence[int], ks: Sequence[int] = DEFAULT_KS
+                   ) -> dict[str, float]:
+    """Expected R@K and MRR@10 of a uniformly random ranking of `num_images` images, averaged over queries with
+    `num_relevant[j]` relevant images each (exact: R@K = 1 - C(n-r, k) / C(n, k) for r relevant of n)."""
+    n = int(num_images)
 
-    def miss_first(r, k):
+    def miss_first(r: int, k: int) -> float:  # P(no relevant image among the first k of n)
         return math.comb(n - r, k) / math.comb(n, k) if k <= n - r else 0.0
 
-    return {f"recall@{k}": float(np.mean([1.0 - miss_first(r, min(k, n)) for r in num_relevant])) for k in ks}
+    out = {f"recall@{k}": float(np.mean([1.0 - miss_first(r, min(k, n)) for r in num_relevant])) for k in ks}
+    # P(first relevant at position p) = miss_first(r, p - 1) - miss_first(r, p)
+    cutoff = min(MRR_CUTOFF, n)
+    out[f"mrr@{MRR_CUTOFF}"] = float(np.mean([
+        sum((miss_first(r, p - 1) - miss_first(r, p)) / p for p in range(1, cutoff + 1)) for r in num_relevant]))
+    return out
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage with `digits` decimals; '-' for a missing (None) or non-finite value."""
+    return f"{100 * value:.{digits}f}" if isinstance(value, numbers.Real) and math.isfinite(value) else "-"

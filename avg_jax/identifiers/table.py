@@ -22,7 +22,6 @@ Collision policies (when several images would get the same identifier):
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from avg_jax.data.vocab import EOS_ID, PAD_ID
-from avg_jax.json_io import read_json
+from avg_jax.json_io import read_json, write_json
 
 FORMAT = "avg_jax.identifiers/1"
 META_FILE = "identifiers.json"
@@ -157,9 +156,9 @@ class IdentifierTable:
         np.save(out / LENGTHS_FILE, self.lengths)
         meta = {"format": FORMAT, "scheme": self.scheme, "num_new_tokens": int(self.num_new_tokens),
                 "text_vocab_size": int(self.text_vocab_size), "fixed_length": bool(self.fixed_length),
-                "num_images": self.num_images, "max_len": self.max_len, "metadata": _jsonable(self.metadata),
+                "num_images": self.num_images, "max_len": self.max_len, "metadata": self.metadata,
                 "image_ids": self.image_ids}
-        (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        write_json(out / META_FILE, meta, indent=1)
         return out
 
     @classmethod
@@ -193,21 +192,6 @@ class IdentifierTable:
         table.metadata = fields["metadata"]
         table.validate(str(root))
         return table
-
-
-def _jsonable(x: Any) -> Any:
-    """numpy scalars/arrays inside metadata -> plain JSON values."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 def group_rows(bodies: np.ndarray) -> np.ndarray:

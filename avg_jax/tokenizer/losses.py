@@ -1,9 +1,11 @@
 """Tokenizer losses, AVG eqs. 3-6, plus the codebook term that moves the vokens.
 
-  recon    = ||v_i − v̂_i||²                                    (eq. 3)
+  recon    = ||x_i − v̂_i||²: x_i the FIXED input image feature (eq. 3; Encoder_v of eq. 1 is the pretrained
+             encoder, our projection head trains, so its output v_i would be a moving target)
   commit   = Σ_d ||v_i − sg(ẑ^(d))||²                           (eq. 4)
   codebook = Σ_d ||sg(v_i) − ẑ^(d)||²   (VQ-VAE codebook term; eq. 4 alone gives the codes no gradient)
-  align    = ||v̂_i − v_t||², averaged over the captions of the image   (eq. 5)
+  align    = ||E(v̂_i) − v_t||², averaged over the captions of the image (eq. 5; E = the image head, which maps
+             the reconstructed feature into the code space of v_t)
   total    = w_recon·recon + w_commit·commit + w_codebook·codebook + w_align·align   (eq. 6: all weights 1;
              w_align = 0 is IRGen)
 Each term is averaged over the images of the batch; align over the images that have a caption.
@@ -30,20 +32,22 @@ class TokenizerLossWeights:
 
 
 def tokenizer_losses(
+    image_x: jax.Array,  # [batch, image_dim] input image feature (the reconstruction target)
     v_i: jax.Array,  # [batch, dim] image vector in code space
     partial_sums: jax.Array,  # [batch, M, dim] ẑ^(1..M)
-    v_hat: jax.Array,  # [batch, dim] decoder output
+    v_hat: jax.Array,  # [batch, image_dim] decoder output v̂_i
+    v_hat_code: jax.Array,  # [batch, dim] v̂_i mapped into the code space
     v_t: jax.Array,  # [batch, K, dim] caption vectors (K = max captions per image)
     text_mask: jax.Array,  # [batch, K] 1 for a real caption
     weights: TokenizerLossWeights,
 ) -> dict[str, jax.Array]:
-    """The four terms and their weighted sum (scalars)."""
+    """The four terms and their weighted sum (scalars), eqs. 3-6."""
     sg = jax.lax.stop_gradient
-    recon = jnp.mean(jnp.sum((v_i - v_hat) ** 2, axis=-1))
+    recon = jnp.mean(jnp.sum((image_x - v_hat) ** 2, axis=-1))
     commit = jnp.mean(jnp.sum((v_i[:, None, :] - sg(partial_sums)) ** 2, axis=(1, 2)))
     codebook = jnp.mean(jnp.sum((sg(v_i)[:, None, :] - partial_sums) ** 2, axis=(1, 2)))
     mask = text_mask.astype(v_hat.dtype)
-    per_caption = jnp.sum((v_hat[:, None, :] - v_t) ** 2, axis=-1)  # [batch, K]
+    per_caption = jnp.sum((v_hat_code[:, None, :] - v_t) ** 2, axis=-1)  # [batch, K]
     num_captions = jnp.sum(mask, axis=1)  # [batch]
     per_image = jnp.sum(per_caption * mask, axis=1) / jnp.maximum(num_captions, 1.0)
     has_caption = (num_captions > 0).astype(v_hat.dtype)

@@ -2,7 +2,9 @@
 
 Code space: image features v and caption features t are mapped by projection heads (trained by the
 InfoNCE warm-up; also the dense two-tower baseline) to L2-normalised vectors v_i, v_t of `code_dim`.
-v_i is residual-quantized into M vokens; the decoder maps ẑ^(M) back to v̂_i (eq. 3).
+v_i is residual-quantized into M vokens; the decoder maps ẑ^(M) to v̂_i, the reconstruction of the FIXED input
+image feature (eq. 3, v_i = Encoder_v(i) of eq. 1 being the pretrained encoder's output): reconstructing the
+trainable head's own output would be a moving target the head could shrink towards the decoder.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class ProjectionHead(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """Shallow MLP v̂_i = MLP(ẑ^(M)) (eq. 3)."""
+    """Shallow MLP v̂_i = MLP(ẑ^(M)) (eq. 3): [..., code_dim] -> [..., out_dim]."""
 
     out_dim: int
     hidden_dim: int
@@ -81,9 +83,11 @@ class MLPDecoder(nn.Module):
 
 
 class RQTokenizer(nn.Module):
-    """Heads + codebook(s) + decoder. Params: image_head, text_head, codebooks [C, N, code_dim], decoder."""
+    """Heads + codebook(s) + decoder. Params: image_head, text_head, codebooks [C, N, code_dim], decoder
+    (code_dim -> image_dim: it reconstructs the input image feature, eq. 3)."""
 
     config: RQTokenizerConfig
+    image_dim: int | None = None  # the decoder's output width; None: embedding / quantization only, no decoder
 
     def setup(self) -> None:
         c = self.config
@@ -93,7 +97,8 @@ class RQTokenizer(nn.Module):
         # Random init as in the paper; train_tokenizer overwrites it with k-means on residuals by default.
         self.codebooks = self.param("codebooks", nn.initializers.normal(stddev=c.code_dim ** -0.5),
                                     (c.num_codebooks, c.codebook_size, c.code_dim))
-        self.decoder = MLPDecoder(c.code_dim, c.decoder_hidden_dim, c.decoder_layers)
+        if self.image_dim is not None:
+            self.decoder = MLPDecoder(self.image_dim, c.decoder_hidden_dim, c.decoder_layers)
 
     def embed_image(self, x: jax.Array) -> jax.Array:
         """Image features [..., image_dim] -> v_i [..., code_dim]."""
@@ -110,11 +115,17 @@ class RQTokenizer(nn.Module):
     def quantize(self, v_i: jax.Array) -> RQCodes:
         return rq_encode(v_i, self.codebooks, self.config.num_levels)
 
+    def quantize_image(self, x: jax.Array) -> RQCodes:
+        """Image features [batch, image_dim] -> RQ of v_i (eqs. 1-2)."""
+        return self.quantize(self.embed_image(x))
+
     def decode(self, z_q: jax.Array) -> jax.Array:
+        """ẑ^(M) [..., code_dim] -> v̂_i [..., image_dim] (eq. 3)."""
         return self.decoder(z_q)
 
     def __call__(self, image_x: jax.Array, text_x: jax.Array) -> dict[str, Any]:
-        """image_x [batch, image_dim], text_x [batch, K, text_dim] -> v_i, v_t, RQ codes, v̂_i."""
+        """image_x [batch, image_dim], text_x [batch, K, text_dim] -> v_i, v_t [.., code_dim], RQ codes,
+        v̂_i [batch, image_dim]."""
         v_i = self.embed_image(image_x)  # [batch, code_dim]
         v_t = self.embed_text(text_x)  # [batch, K, code_dim]
         rq = self.quantize(v_i)
@@ -124,11 +135,11 @@ class RQTokenizer(nn.Module):
         return {"v_i": v_i, "v_t": v_t, "rq": rq, "v_hat": self.decode(z_q)}
 
 
-def init_params(config: RQTokenizerConfig, image_dim: int, text_dim: int, seed: int) -> dict:
-    """Fresh parameters for `RQTokenizer(config)` on features of the given dims."""
+def init_params(config: RQTokenizerConfig, image_dim: int, text_dim: int, seed: int | jax.Array) -> dict:
+    """Fresh parameters for `RQTokenizer(config, image_dim)` on features of the given dims (seed or PRNG key)."""
     config.validate(image_dim, text_dim)
-    model = RQTokenizer(config)
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_dim)), jnp.zeros((1, 1, text_dim)))
+    rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    variables = RQTokenizer(config, image_dim).init(rng, jnp.zeros((1, image_dim)), jnp.zeros((1, 1, text_dim)))
     return variables["params"]
 
 

@@ -28,7 +28,8 @@ def caption_features_per_image(corpus: Corpus, rows: np.ndarray, split: str | No
 
 def reconstruction_and_alignment(tok: TrainedTokenizer, enc: EncodedImages, corpus: Corpus,
                                  ) -> dict[str, dict[str, float]]:
-    """Per split: mean ||v_i − v̂_i||² (recon), ||v_i − ẑ^(M)||² (quantization) and eq. 5 align error."""
+    """Per split: mean ||x_i − v̂_i||² (recon of the input feature, eq. 3), ||v_i − ẑ^(M)||² (quantization) and
+    the eq. 5 align error in the code space."""
     text_emb = (np.asarray(embed_texts(tok.config, tok.params, corpus.text_features))
                 if corpus.text_features is not None else None)
     out = {}
@@ -37,10 +38,10 @@ def reconstruction_and_alignment(tok: TrainedTokenizer, enc: EncodedImages, corp
         if rows.size == 0:
             continue
         stats = {"num_images": int(rows.size),
-                 "recon_error": float(np.mean(np.sum((enc.v_i[rows] - enc.v_hat[rows]) ** 2, axis=1))),
+                 "recon_error": float(np.mean(np.sum((corpus.image_features[rows] - enc.v_hat[rows]) ** 2, axis=1))),
                  "quantization_error": float(np.mean(enc.quantization_error[rows]))}
         if text_emb is not None:
-            per_image = [np.mean(np.sum((enc.v_hat[i] - text_emb[c]) ** 2, axis=1))
+            per_image = [np.mean(np.sum((enc.v_hat_code[i] - text_emb[c]) ** 2, axis=1))
                          for i, c in zip(rows, caption_features_per_image(corpus, rows, split), strict=True)
                          if c.size]
             stats["align_error"] = float(np.mean(per_image)) if per_image else float("nan")

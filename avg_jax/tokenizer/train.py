@@ -1,8 +1,10 @@
 """Training the RQ tokenizer: InfoNCE warm-up of the heads, k-means codebook init, sharded RQ training.
 
-Data parallel on a ('data', 'model') mesh: batches are sharded over 'data', parameters and optimizer
-state are replicated (the tokenizer is small). Every step is one jit-compiled function: loss, update,
-code usage counts and dead-code re-seeding (under lax.cond) all stay on device.
+Both training stages are `TrainTask`s run by the generic `train_loop` (checkpoints in `run_dir`, resume,
+SIGTERM preemption, metrics.jsonl): data parallel on a ('data', 'model') mesh, batches sharded over 'data',
+parameters and optimizer state replicated (the tokenizer is small). Every step is one jit-compiled function:
+loss, update, code usage counts and dead-code re-seeding (under lax.cond, the task's `post_update`) all stay
+on device. Batches and RNG are functions of (seed, step), so a resumed run equals an uninterrupted one.
 
 Stages: (1) InfoNCE warm-up of both projection heads (`contrastive_steps`); (2) codebook init by k-means
 on the first `kmeans_init_batches` batches of residuals; (3) eqs. 3-6. In stage 3 the text head is frozen
@@ -13,33 +15,38 @@ change the codes (benchmarks/alignment_effect.py). `contrastive_weight` > 0 adds
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from avg_jax.data.corpus import Corpus, queries_by_image
+from avg_jax.partitioning import make_device_mesh
 from avg_jax.tokenizer.kmeans import kmeans_numpy
 from avg_jax.tokenizer.losses import TokenizerLossWeights, info_nce, tokenizer_losses
 from avg_jax.tokenizer.model import RQTokenizer, RQTokenizerConfig, embed_images, init_params
 from avg_jax.tokenizer.quantizer import RQCodes, rq_encode_codes
+from avg_jax.training.metrics import METRICS_FILE
+from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, train_loop
 
 CONFIG_FILE = "tokenizer_config.json"
 CHECKPOINT_DIR = "checkpoint"
 CODEBOOK_FILE = "codebook.npy"
 CODEBOOK_INITS = ("kmeans", "random")
+TOKENIZER_RUN_DIR = "tokenizer_checkpoints"  # train_tokenizer's run_dir inside `avg-jax tokenize --out`
+WARMUP_DIR, RQ_DIR = "warmup", "rq"  # the two train_loop runs inside run_dir
+CODE_COUNTS = "code_counts"  # RQ-stage parameter entry: voken uses since the last re-seeding, not trained
 
 
 @dataclasses.dataclass
@@ -91,32 +98,37 @@ class TrainedTokenizer:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-@flax.struct.dataclass
-class RQTrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    code_counts: jax.Array  # [C, N] uses of each voken since the last re-seeding
-
-
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A ('data', 'model') mesh over the first `num_devices` devices (all by default), model axis size 1."""
-    devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"num_devices={num_devices} but {len(devices)} device(s) are available")
-    return Mesh(np.array(devices[:n]).reshape(n, 1), ("data", "model"))
-
-
-def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless reshuffled epochs of full batches (the remainder of each epoch is left for the next shuffle)."""
+def epoch_batch(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Rows [batch_size] of 0-based training step `step`: reshuffled epochs of full batches (the remainder of an
+    epoch is left out), a pure function of (seed, step) so that a resumed run replays the same batches."""
     if batch_size > n:
         raise ValueError(f"batch_size {batch_size} is larger than the {n} training images")
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start:start + batch_size]
+    epoch, k = divmod(step, n // batch_size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[k * batch_size:(k + 1) * batch_size]
+
+
+class StepBatches:
+    """Checkpointable iterator for `train_loop`: the batch of step s is `make(s)`, so its state is just s."""
+
+    def __init__(self, make: Callable[[int], dict[str, np.ndarray]]):
+        self._make, self._step = make, 0
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._make(self._step)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"step": self._step}
+
+    def set_state(self, state: bytes | dict[str, int]) -> None:
+        self._step = int((json.loads(state) if isinstance(state, bytes) else state)["step"])
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; batches are made on demand."""
 
 
 def kmeans_init_codebooks(v_i: np.ndarray, config: RQTokenizerConfig, seed: int, num_iters: int) -> np.ndarray:
@@ -134,8 +146,9 @@ def kmeans_init_codebooks(v_i: np.ndarray, config: RQTokenizerConfig, seed: int,
 
 
 def _param_labels(params: dict, finetune_image_head: bool) -> dict:
-    """'train' / 'freeze' per top-level module: the text head never trains in the RQ stage (it would chase v̂)."""
-    frozen = {"text_head"} | (set() if finetune_image_head else {"image_head"})
+    """'train' / 'freeze' per top-level entry: the text head never trains in the RQ stage (it would chase v̂),
+    nor do the code counts."""
+    frozen = {"text_head", CODE_COUNTS} | (set() if finetune_image_head else {"image_head"})
     return {k: jax.tree.map(lambda _, k=k: "freeze" if k in frozen else "train", v) for k, v in params.items()}
 
 
@@ -163,59 +176,104 @@ def _reseed_dead_codes(codebooks: jax.Array, counts: jax.Array, rq: RQCodes, thr
     return jnp.stack(new_books), num_dead
 
 
-def _rq_step(state: RQTrainState, batch: dict, *, model: RQTokenizer, tx: optax.GradientTransformation,
-             weights: TokenizerLossWeights, reseed_every: int, threshold: float, contrastive_weight: float,
-             temperature: float) -> tuple[RQTrainState, dict[str, jax.Array]]:
-    def loss_fn(params):
-        out = model.apply({"params": params}, batch["image"], batch["text"])
-        losses = tokenizer_losses(out["v_i"], out["rq"].partial_sums, out["v_hat"], out["v_t"],
-                                  batch["text_mask"], weights)
-        if contrastive_weight > 0:  # keeps a fine-tuned image head discriminative (first caption per image)
-            losses["contrastive"] = info_nce(out["v_i"], out["v_t"][:, 0], temperature, batch["text_mask"][:, 0])
-            losses["total"] = losses["total"] + contrastive_weight * losses["contrastive"]
-        return losses["total"], (losses, out["rq"])
+class ContrastiveTask:
+    """Stage 1 as a `TrainTask`: InfoNCE warm-up of both heads; batches: image [b, image_dim], caption [b, text_dim]
+    (one caption per image)."""
 
-    (_, (losses, rq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    num_books, n = state.code_counts.shape
-    book_of_level = jnp.zeros((rq.codes.shape[1],), jnp.int32) if num_books == 1 else jnp.arange(rq.codes.shape[1])
-    flat = (book_of_level[None, :] * n + rq.codes).reshape(-1)
-    counts = state.code_counts + jnp.bincount(flat, length=num_books * n).reshape(num_books, n)
-    step = state.step + 1
+    def __init__(self, config: RQTokenizerConfig, image_dim: int, text_dim: int, temperature: float):
+        self.config, self.image_dim, self.text_dim, self.temperature = config, image_dim, text_dim, temperature
+        self.model = RQTokenizer(config, image_dim)
 
-    def reseed(args):
-        books, cnt = args
-        books, num_dead = _reseed_dead_codes(books, cnt, rq, threshold)
-        return books, jnp.zeros_like(cnt), num_dead
+    def init_params(self, rng: jax.Array) -> dict:
+        return init_params(self.config, self.image_dim, self.text_dim, rng)
 
-    def keep(args):
-        return args[0], args[1], jnp.zeros((), jnp.int32)
-
-    due = (step % reseed_every == 0) if reseed_every > 0 else jnp.zeros((), bool)
-    books, counts, num_dead = jax.lax.cond(due, reseed, keep, (params["codebooks"], counts))
-    params = {**params, "codebooks": books}
-    metrics = {**losses, "reseeded": num_dead.astype(jnp.float32)}
-    return RQTrainState(step=step, params=params, opt_state=opt_state, code_counts=counts), metrics
+    def loss(self, params: dict, batch: dict, rng: jax.Array, step: jax.Array, constants: Any
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        v_i = self.model.apply({"params": params}, batch["image"], method=RQTokenizer.embed_image)
+        v_t = self.model.apply({"params": params}, batch["caption"], method=RQTokenizer.embed_text)
+        loss = info_nce(v_i, v_t, self.temperature)
+        return loss, {"contrastive": loss}
 
 
-def _contrastive_step(params: dict, opt_state: Any, batch: dict, *, model: RQTokenizer,
-                      tx: optax.GradientTransformation, temperature: float) -> tuple[dict, Any, jax.Array]:
-    def loss_fn(p):
-        v_i = model.apply({"params": p}, batch["image"], method=RQTokenizer.embed_image)
-        v_t = model.apply({"params": p}, batch["caption"], method=RQTokenizer.embed_text)
-        return info_nce(v_i, v_t, temperature)
+class RQTask:
+    """Stage 3 (eqs. 3-6) as a `TrainTask`; batches as `TokenizerData.batch`.
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    The parameters are the tokenizer's plus CODE_COUNTS [C, N], the uses of each voken since the last
+    re-seeding (never trained: checkpointed with the rest). `post_update` counts the codes of the updated
+    model and, every `reseed_every` updates but never after the last one (an untrained re-seeded voken would
+    end up in the codebook), re-seeds the dead vokens.
+    """
+
+    def __init__(self, config: RQTokenizerConfig, image_dim: int, text_dim: int, weights: TokenizerLossWeights,
+                 num_steps: int, reseed_every: int, threshold: float, contrastive_weight: float, temperature: float):
+        self.config, self.image_dim, self.text_dim, self.weights = config, image_dim, text_dim, weights
+        self.num_steps, self.reseed_every, self.threshold = num_steps, reseed_every, threshold
+        self.contrastive_weight, self.temperature = contrastive_weight, temperature
+        self.model = RQTokenizer(config, image_dim)
+
+    def init_params(self, rng: jax.Array) -> dict:
+        counts = jnp.zeros((self.config.num_codebooks, self.config.codebook_size), jnp.float32)
+        return {**init_params(self.config, self.image_dim, self.text_dim, rng), CODE_COUNTS: counts}
+
+    def loss(self, params: dict, batch: dict, rng: jax.Array, step: jax.Array, constants: Any
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        params = {k: v for k, v in params.items() if k != CODE_COUNTS}
+        out = self.model.apply({"params": params}, batch["image"], batch["text"])
+        # eq. 5 compares v̂_i with captions in the code space; the head's parameters get no gradient from it
+        v_hat_code = self.model.apply({"params": jax.lax.stop_gradient(params)}, out["v_hat"],
+                                      method=RQTokenizer.embed_image)
+        losses = tokenizer_losses(batch["image"], out["v_i"], out["rq"].partial_sums, out["v_hat"], v_hat_code,
+                                  out["v_t"], batch["text_mask"], self.weights)
+        if self.contrastive_weight > 0:  # keeps a fine-tuned image head discriminative (first caption per image)
+            losses["contrastive"] = info_nce(out["v_i"], out["v_t"][:, 0], self.temperature,
+                                             batch["text_mask"][:, 0])
+            losses["total"] = losses["total"] + self.contrastive_weight * losses["contrastive"]
+        return losses["total"], losses
+
+    def post_update(self, params: dict, batch: dict, rng: jax.Array, step: jax.Array, constants: Any
+                    ) -> tuple[dict, dict[str, jax.Array]]:
+        """Count the codes of the batch; re-seed dead vokens after update `step` + 1 when it is a re-seeding
+        step other than the last."""
+        counts = params[CODE_COUNTS]
+        num_books, n = counts.shape
+        model_params = {k: v for k, v in params.items() if k != CODE_COUNTS}
+        rq = self.model.apply({"params": model_params}, batch["image"], method=RQTokenizer.quantize_image)
+        m = rq.codes.shape[1]
+        book_of_level = jnp.zeros((m,), jnp.int32) if num_books == 1 else jnp.arange(m)
+        flat = (book_of_level[None, :] * n + rq.codes).reshape(-1)
+        counts = counts + jnp.bincount(flat, length=num_books * n).reshape(num_books, n)
+
+        def reseed(args):
+            books, cnt = args
+            books, num_dead = _reseed_dead_codes(books, cnt, rq, self.threshold)
+            return books, jnp.zeros_like(cnt), num_dead
+
+        def keep(args):
+            return args[0], args[1], jnp.zeros((), jnp.int32)
+
+        done = step + 1
+        due = ((done % self.reseed_every == 0) & (done < self.num_steps) if self.reseed_every > 0
+               else jnp.zeros((), bool))
+        books, counts, num_dead = jax.lax.cond(due, reseed, keep, (params["codebooks"], counts))
+        return {**params, "codebooks": books, CODE_COUNTS: counts}, {"reseeded": num_dead.astype(jnp.float32)}
 
 
-def _to_history(step: int, metrics: dict) -> dict[str, float]:
-    return {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+class TrainingPreempted(SystemExit):
+    """SIGTERM stopped tokenizer training at a checkpoint. Uncaught, the process exits with PREEMPTED_EXIT_CODE;
+    rerunning with the same `run_dir` resumes."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.run_dir = run_dir
 
 
-@gin.configurable(denylist=["data"])
+def _history(run_dir: Path, stage: float) -> list[dict[str, float]]:
+    """The logged rows of a `train_loop` run (without its timing) tagged with the tokenizer stage."""
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    return [{k: float(v) for k, v in row.items() if k != "steps_per_sec"} | {"stage": stage} for row in rows]
+
+
+@gin.configurable(denylist=["data", "run_dir"])
 def train_tokenizer(
     data: TokenizerData,
     config: RQTokenizerConfig | None = None,
@@ -236,64 +294,82 @@ def train_tokenizer(
     contrastive_weight: float = 0.0,
     num_devices: int | None = None,
     log_every: int = 100,
+    checkpoint_every: int = 500,
+    run_dir: str | Path | None = None,
 ) -> TrainedTokenizer:
-    """Warm up the heads (InfoNCE), initialise the codebook, train eqs. 3-6; fully set by gin + seed."""
+    """Warm up the heads (InfoNCE), initialise the codebook, train eqs. 3-6; fully set by gin + seed.
+
+    Both training stages run through `train_loop`, checkpointed in `run_dir`/{warmup,rq} (a temporary
+    directory when None): rerunning with the same `run_dir` resumes a killed run where it stopped and gives the
+    same parameters as an uninterrupted run (batches and RNG are functions of (seed, step)); a finished run is
+    restored, not retrained. SIGTERM saves a checkpoint and raises `TrainingPreempted`.
+    """
     config = config or RQTokenizerConfig()
     weights = loss_weights or TokenizerLossWeights()
     if codebook_init not in CODEBOOK_INITS:
         raise ValueError(f"train_tokenizer.codebook_init must be one of {list(CODEBOOK_INITS)}, got {codebook_init!r}")
-    mesh = make_mesh(num_devices)
+    devices = jax.devices()
+    if num_devices is not None and not 1 <= num_devices <= len(devices):
+        raise ValueError(f"num_devices={num_devices} but {len(devices)} device(s) are available")
+    mesh = make_device_mesh(-1, 1, devices[:num_devices])
     if batch_size % mesh.shape["data"]:
         raise ValueError(f"train_tokenizer.batch_size {batch_size} is not divisible by the {mesh.shape['data']} "
                          "data-parallel devices")
+    epoch_batch(data.num_images, batch_size, seed, 0)  # checks the batch size
     image_dim, text_dim = data.image_features.shape[1], data.text_features.shape[1]
-    model = RQTokenizer(config)
-    params = init_params(config, image_dim, text_dim, seed)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    rng = np.random.default_rng([seed, 1])
-    history: list[dict[str, float]] = []
+    config.validate(image_dim, text_dim)
+    loop = functools.partial(train_loop, mesh=mesh, seed=seed, accum_steps=1, compute_dtype="float32",
+                             checkpoint_every=checkpoint_every, keep_checkpoints=2, async_checkpoints=True,
+                             log_every=log_every, eval_every=0, progress_bar=False, tensorboard=False)
+    with contextlib.ExitStack() as stack:
+        root = Path(run_dir) if run_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        history: list[dict[str, float]] = []
+        if config.projection_heads and contrastive_steps > 0:
+            has_caption = np.flatnonzero((data.caption_rows >= 0).any(axis=1))
 
-    if config.projection_heads and contrastive_steps > 0:
-        has_caption = np.flatnonzero((data.caption_rows >= 0).any(axis=1))
-        tx = optax.adam(contrastive_learning_rate)
-        step_fn = jax.jit(functools.partial(_contrastive_step, model=model, tx=tx, temperature=temperature),
-                          in_shardings=(replicated, replicated, sharded), out_shardings=replicated)
-        params, opt_state = jax.device_put((params, tx.init(params)), replicated)
-        batches = epoch_batches(has_caption.size, batch_size, seed)
-        for step in range(1, contrastive_steps + 1):
-            idx = has_caption[next(batches)]
-            rows = data.caption_rows[idx]
-            pick = rows[np.arange(idx.size), rng.integers(0, (rows >= 0).sum(1))]
-            batch = {"image": data.image_features[idx], "caption": data.text_features[pick]}
-            params, opt_state, loss = step_fn(params, opt_state, jax.device_put(batch, sharded))
-            if step % log_every == 0 or step == contrastive_steps:
-                history.append(_to_history(step, {"contrastive": loss}) | {"stage": 0.0})
+            def warmup_batch(step: int) -> dict[str, np.ndarray]:
+                idx = has_caption[epoch_batch(has_caption.size, batch_size, seed, step)]
+                rows = data.caption_rows[idx]
+                pick = np.random.default_rng([seed, 1, step]).integers(0, (rows >= 0).sum(1))
+                return {"image": data.image_features[idx], "caption": data.text_features[rows[np.arange(idx.size),
+                                                                                               pick]]}
 
-    if steps == 0:  # heads only (GRACE semantic identifiers, dense two-tower baseline)
-        return TrainedTokenizer(config=config, params=jax.device_get(params), image_dim=image_dim,
-                                text_dim=text_dim, loss_weights=weights, history=history)
-    if codebook_init == "kmeans":
-        init_rows = np.arange(min(data.num_images, kmeans_init_batches * batch_size))
-        v_i = np.asarray(embed_images(config, params, jnp.asarray(data.image_features[init_rows])))
-        books = kmeans_init_codebooks(v_i, config, seed, kmeans_iters)
-        params = {**params, "codebooks": jnp.asarray(books)}
+            lr = contrastive_learning_rate
+            result = loop(ContrastiveTask(config, image_dim, text_dim, temperature), StepBatches(warmup_batch),
+                          root / WARMUP_DIR, num_steps=contrastive_steps,
+                          optimizer=(optax.adam(lr), optax.constant_schedule(lr)),
+                          initial_params=lambda: init_params(config, image_dim, text_dim, seed))
+            if result.preempted:
+                raise TrainingPreempted(root)
+            params = jax.device_get(result.state.params)
+            history += _history(root / WARMUP_DIR, stage=0.0)
+        else:
+            params = init_params(config, image_dim, text_dim, seed)
+        if steps == 0:  # heads only (GRACE semantic identifiers, dense two-tower baseline)
+            return TrainedTokenizer(config=config, params=params, image_dim=image_dim, text_dim=text_dim,
+                                    loss_weights=weights, history=history)
 
-    schedule = optax.cosine_decay_schedule(learning_rate, max(steps, 1), alpha=0.05)
-    tx = optax.multi_transform({"train": optax.adam(schedule), "freeze": optax.set_to_zero()},
-                               _param_labels(params, finetune_image_head))
-    state = RQTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                         code_counts=jnp.zeros((config.num_codebooks, config.codebook_size), jnp.float32))
-    state = jax.device_put(state, replicated)
-    step_fn = jax.jit(functools.partial(_rq_step, model=model, tx=tx, weights=weights, reseed_every=reseed_every,
-                                        threshold=dead_code_threshold, contrastive_weight=contrastive_weight,
-                                        temperature=temperature),
-                      in_shardings=(replicated, sharded), out_shardings=replicated, donate_argnums=0)
-    batches = epoch_batches(data.num_images, batch_size, seed + 1)
-    for step in range(1, steps + 1):
-        state, metrics = step_fn(state, jax.device_put(data.batch(next(batches)), sharded))
-        if step % log_every == 0 or step == steps:
-            history.append(_to_history(step, metrics) | {"stage": 1.0})
-    params = jax.device_get(state.params)
+        def rq_initial_params() -> dict:
+            books = params["codebooks"]
+            if codebook_init == "kmeans":
+                init_rows = np.arange(min(data.num_images, kmeans_init_batches * batch_size))
+                v_i = np.asarray(embed_images(config, params, jnp.asarray(data.image_features[init_rows])))
+                books = kmeans_init_codebooks(v_i, config, seed, kmeans_iters)
+            counts = np.zeros((config.num_codebooks, config.codebook_size), np.float32)
+            return {**params, "codebooks": np.asarray(books, np.float32), CODE_COUNTS: counts}
+
+        schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05)
+        tx = optax.multi_transform({"train": optax.adam(schedule), "freeze": optax.set_to_zero()},
+                                   functools.partial(_param_labels, finetune_image_head=finetune_image_head))
+        task = RQTask(config, image_dim, text_dim, weights, steps, reseed_every, dead_code_threshold,
+                      contrastive_weight, temperature)
+        result = loop(task, StepBatches(lambda step: data.batch(epoch_batch(data.num_images, batch_size, seed + 1,
+                                                                            step))),
+                      root / RQ_DIR, num_steps=steps, optimizer=(tx, schedule), initial_params=rq_initial_params)
+        if result.preempted:
+            raise TrainingPreempted(root)
+        history += _history(root / RQ_DIR, stage=1.0)
+    params = {k: v for k, v in jax.device_get(result.state.params).items() if k != CODE_COUNTS}
     return TrainedTokenizer(config=config, params=params, image_dim=image_dim, text_dim=text_dim,
                             loss_weights=weights, history=history)
 
@@ -303,7 +379,8 @@ class EncodedImages:
     codes: np.ndarray  # [n, M] int32
     v_i: np.ndarray  # [n, code_dim]
     z_q: np.ndarray  # [n, code_dim] ẑ^(M)
-    v_hat: np.ndarray  # [n, code_dim] decoder output
+    v_hat: np.ndarray  # [n, image_dim] decoder output: the reconstructed image feature (eq. 3)
+    v_hat_code: np.ndarray  # [n, code_dim] v̂_i through the image head, compared with captions (eq. 5)
 
     @property
     def quantization_error(self) -> np.ndarray:
@@ -313,10 +390,11 @@ class EncodedImages:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _encode_chunk(config: RQTokenizerConfig, params: dict, x: jax.Array) -> tuple[jax.Array, ...]:
-    model = RQTokenizer(config)
+    model = RQTokenizer(config, x.shape[-1])
     v_i = model.apply({"params": params}, x, method=RQTokenizer.embed_image)
     codes, z_q = rq_encode_codes(v_i, params["codebooks"], config.num_levels)
-    return codes, v_i, z_q, model.apply({"params": params}, z_q, method=RQTokenizer.decode)
+    v_hat = model.apply({"params": params}, z_q, method=RQTokenizer.decode)
+    return codes, v_i, z_q, v_hat, model.apply({"params": params}, v_hat, method=RQTokenizer.embed_image)
 
 
 def encode_images(tok: TrainedTokenizer, image_features: np.ndarray, chunk: int = 4096) -> EncodedImages:
@@ -330,8 +408,8 @@ def encode_images(tok: TrainedTokenizer, image_features: np.ndarray, chunk: int 
             x = np.concatenate([x, np.zeros((chunk - size, x.shape[1]), np.float32)])
         out = _encode_chunk(tok.config, tok.params, jnp.asarray(x))
         parts.append(tuple(np.asarray(o)[:size] for o in out))
-    codes, v_i, z_q, v_hat = (np.concatenate([p[k] for p in parts]) for k in range(4))
-    return EncodedImages(codes=codes.astype(np.int32), v_i=v_i, z_q=z_q, v_hat=v_hat)
+    codes, v_i, z_q, v_hat, v_hat_code = (np.concatenate([p[k] for p in parts]) for k in range(5))
+    return EncodedImages(codes=codes.astype(np.int32), v_i=v_i, z_q=z_q, v_hat=v_hat, v_hat_code=v_hat_code)
 
 
 def save_tokenizer(tok: TrainedTokenizer, out_dir: str | Path) -> Path:

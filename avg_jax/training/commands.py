@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from avg_jax import cli, config
-from avg_jax.launch import initialize_distributed
+from avg_jax.distributed import initialize_distributed
 from avg_jax.training.retrieval import train_retrieval
 from avg_jax.training.trainer import PREEMPTED_EXIT_CODE
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping
 
 import jax
 import tqdm
 from etils import epath
+
+from avg_jax.json_io import jsonable
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -55,7 +56,7 @@ class MetricWriter:
         """One JSONL row and one TensorBoard scalar per metric at `step`."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{prefix + k: jsonable(float(v)) for k, v in metrics.items()}}
         self._rows.append(json.dumps(row))
         self._path.write_text("".join(line + "\n" for line in self._rows))
         if self._tb is not None:
@@ -77,8 +78,3 @@ class MetricWriter:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def _jsonable(v: float) -> float | str:
-    v = float(v)
-    return v if math.isfinite(v) else str(v)

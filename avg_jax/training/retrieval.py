@@ -32,7 +32,7 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
 from avg_jax.identifiers.table import IdentifierTable
-from avg_jax.json_io import finite
+from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import TRAIN_TRIE, RetrievalLossConfig, RetrievalModel, model_window, table_vocabulary
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
@@ -214,7 +214,7 @@ def train_retrieval(
             scores = evaluator.score(evaluator.rankings(result.state.params))
         final.update(split=eval_split, beam_size=eval_beam_size, **scores)
         if jax.process_index() == 0:
-            (run_path / f"eval_{eval_split}.json").write_text(json.dumps(finite(final), indent=2) + "\n")
+            write_json(run_path / f"eval_{eval_split}.json", final)
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final

@@ -28,7 +28,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from avg_jax import config, partitioning
-from avg_jax.launch import make_device_mesh
 from avg_jax.training.checkpointing import Checkpointer
 from avg_jax.training.metrics import MetricWriter
 from avg_jax.training.optimizer import make_optimizer
@@ -53,6 +52,10 @@ class TrainTask(Protocol):
              ) -> tuple[jax.Array, Metrics]:
         """(mean loss over the batch, scalar metrics); `step` is the number of updates done so far;
         `constants` are the loop's per-run arrays (e.g. trie tables), jit inputs of every step."""
+
+    # Optional: `post_update(params, batch, rng, step, constants) -> (params, metrics)`, applied inside the
+    # jitted step to the parameters after the optimizer update of step `step` (e.g. codebook re-seeding,
+    # non-trained statistics kept in the parameters); its scalar metrics join the step's.
 
 
 @flax.struct.dataclass
@@ -121,6 +124,9 @@ def make_train_step(task: TrainTask, tx: optax.GradientTransformation, schedule:
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
+        if hasattr(task, "post_update"):
+            params, extra = task.post_update(params, batch, rng, state.step, constants)
+            metrics |= extra
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -190,7 +196,8 @@ def _check_batch(batch: Batch, mesh: Mesh, accum_steps: int) -> None:
                          f"x accum_steps {accum_steps} = {need}")
 
 
-@gin.configurable(denylist=["task", "train_iterator", "run_dir", "evaluate", "constants", "initial_params"])
+@gin.configurable(denylist=["task", "train_iterator", "run_dir", "evaluate", "constants", "initial_params", "mesh",
+                            "optimizer"])
 def train_loop(
     task: TrainTask,
     train_iterator: Iterator[Batch],
@@ -209,13 +216,17 @@ def train_loop(
     evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
     constants: Any = None,
     initial_params: Any = None,
+    mesh: Mesh | None = None,
+    optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
 ) -> TrainResult:
     """Train `task` on batches of `train_iterator` (this process's rows) for `num_steps` updates.
 
     Resumes automatically from the newest readable checkpoint in `run_dir/checkpoints`. The iterator must
     support `get_state`/`set_state` (grain) so a resumed run sees exactly the batches it would have seen.
-    A fresh run starts from `initial_params` (host arrays, e.g. an imported checkpoint) when given, else from
-    `task.init_params(key(seed))`.
+    A fresh run starts from `initial_params` (host arrays, e.g. an imported checkpoint, or a zero-argument
+    callable returning them, called only when there is no checkpoint to resume) when given, else from
+    `task.init_params(key(seed))`. `mesh` and `optimizer` (transformation, schedule) default to the gin-configured
+    `make_device_mesh()` and `make_optimizer()`.
     """
     if num_steps <= 0:
         raise ValueError(f"train_loop.num_steps must be > 0, got {num_steps}")
@@ -224,15 +235,17 @@ def train_loop(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train_loop.compute_dtype: {compute_dtype!r} not one of {COMPUTE_DTYPES}")
     run_dir = epath.Path(run_dir)  # local or gs://
-    mesh = make_device_mesh()
+    mesh = partitioning.make_device_mesh() if mesh is None else mesh
     rules = partitioning.logical_axis_rules()
-    tx, schedule = make_optimizer()
+    tx, schedule = make_optimizer() if optimizer is None else optimizer
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
                         async_save=async_checkpoints)
     with partitioning.sharding_context(mesh, rules):
         abstract, shardings = abstract_train_state(task, tx, mesh, rules)
         restored = ckpt.restore_latest(abstract, train_iterator)
         if restored is None and initial_params is not None:
+            if callable(initial_params):
+                initial_params = initial_params()
             params = jax.device_put(_check_like(initial_params, abstract.params), shardings.params)
             opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
             state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
@@ -290,6 +303,12 @@ def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_step
     """The host loop. Metrics of step t are fetched after step t+1 is dispatched (keeps the device busy),
     except before a checkpoint, which is only written once its step's loss is known to be finite."""
     batch_sharding = _batch_sharding(mesh, rules)
+    # XLA:CPU launches each device's share of a step on a small worker pool and runs a step with collectives
+    # only once the device's previous step is done: a step dispatched while the previous one still runs can
+    # hold workers the previous one's last participant needs, and its all-reduce never completes (fatal
+    # rendezvous timeout, e.g. 8 host devices on 2 cores). CPU devices share the host's cores anyway, so
+    # overlapping steps gains nothing there.
+    serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     pending: tuple[int, Metrics] | None = None
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
@@ -335,6 +354,8 @@ def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_step
                              "repeat (num_epochs=None)") from None
         _check_batch(local, mesh, accum_steps)
         state, metrics = step_fn(state, _global_batch(local, batch_sharding), constants)
+        if serialize:
+            jax.block_until_ready(state)
         step += 1
         settle()
         pending = (step, metrics)
