@@ -38,11 +38,11 @@ from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.data.synthetic import make_synthetic_corpus
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.retrieve import Retriever
-from avg_jax.decoding.t5_decode import identifier_window, make_t5_searcher
-from avg_jax.decoding.trie import Trie, build_trie
+from avg_jax.decoding.trie import Trie, build_trie, identifier_window
 from avg_jax.evaluation import dense, metrics
 from avg_jax.evaluation.commands import evaluate_ranked, read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.tokenizer.commands import tokenize_corpus
 from avg_jax.training.commands import RETRIEVAL_DIR, RUN_FILE, train_retrieval
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
@@ -303,7 +303,9 @@ def measure_efficiency(model: Retriever, table: IdentifierTable, sizes: Sequence
     for n in tqdm.tqdm(sizes, desc="efficiency", leave=False):
         trie = random_identifier_trie(int(n), levels, codebook, model.vocab.text_size, seed)
         window = identifier_window(trie, model.config.vocab_size, model.vocab.text_size)
-        search = make_t5_searcher(model.config, BeamSearchOptions(beam_size=beam), window)
+        options = BeamSearchOptions(beam_size=beam)
+        search = jax.jit(lambda params, tables, ids, options=options, window=window: t5_beam_search(
+            params, model.config, ids, tables, options=options, window=window))
         sec = _median_seconds(lambda i, s=search, t=trie: s(model.params, t.tables, inputs[i % 4]), repeats)
         gen[str(n)] = batch / sec
         index = dense.JaxExactIndex(normalize_rows(rng.standard_normal((int(n), code_dim)).astype(np.float32)))

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import make_t5_searcher
 from avg_jax.decoding.trie import build_trie
 from avg_jax.t5.configs import T5Config, named_t5_config
+from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.hf_io import save_hf_t5
 from avg_jax.t5.model import init_params
 
@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     config_bf16 = dataclasses.replace(config, dtype="bfloat16")
 
     def searcher(options, tables, window=window, model_config=config, **kw):
-        search = make_t5_searcher(model_config, options, window=window, **kw)
+        search = jax.jit(lambda params, tables, ids: t5_beam_search(
+            params, model_config, ids, tables, options=options, window=window, **kw))
         return lambda: jax.block_until_ready(search(params, tables, queries))
 
     vocab = BeamSearchOptions(beam, "vocab")

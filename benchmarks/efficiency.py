@@ -111,9 +111,10 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float], dict]:
     import jax
 
     from avg_jax.data.vocab import pad_vocab_size
-    from avg_jax.decoding import t5_decode, trie
+    from avg_jax.decoding import trie
     from avg_jax.decoding.beam_search import BeamSearchOptions
     from avg_jax.t5 import configs, model
+    from avg_jax.t5.decoding import t5_beam_search
 
     text_vocab = 32128
     config = configs.named_t5_config(args.t5_size, vocab_size=pad_vocab_size(text_vocab + args.codebook),
@@ -129,8 +130,9 @@ def generative_qps(sizes: list[int], args) -> tuple[dict[int, float], dict]:
         t0 = time.perf_counter()
         built = trie.build_trie(tokens=tokens, lengths=np.full(n, args.levels, np.int32), fixed_length=True)
         build_s = time.perf_counter() - t0
-        window = t5_decode.identifier_window(built, config.vocab_size, text_vocab)
-        search = t5_decode.make_t5_searcher(config, options, window)
+        window = trie.identifier_window(built, config.vocab_size, text_vocab)
+        search = jax.jit(lambda params, tables, ids, window=window: t5_beam_search(
+            params, config, ids, tables, options=options, window=window))
         sec, reps = median_seconds(
             lambda i, search=search, built=built: jax.block_until_ready(
                 search(params, built.tables, input_ids[i % len(input_ids)])),

@@ -20,8 +20,7 @@ from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.retrieve import Retriever
-from avg_jax.decoding.t5_decode import identifier_window
-from avg_jax.decoding.trie import build_trie
+from avg_jax.decoding.trie import build_trie, identifier_window
 from avg_jax.evaluation.commands import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
 from avg_jax.t5.configs import named_t5_config

@@ -23,10 +23,10 @@ import numpy as np
 
 from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import identifier_window, make_t5_searcher
-from avg_jax.decoding.trie import Trie, build_trie
+from avg_jax.decoding.trie import Trie, build_trie, identifier_window
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.t5.configs import T5Config
+from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 
 MODEL_DIR = "model"
@@ -101,7 +101,8 @@ class Retriever:
     def _searcher(self, beam: int):
         if beam not in self._searchers:
             options = dataclasses.replace(self.options, beam_size=beam)
-            self._searchers[beam] = make_t5_searcher(self.config, options, window=self._window)
+            self._searchers[beam] = jax.jit(lambda params, tables, ids: t5_beam_search(
+                params, self.config, ids, tables, options=options, window=self._window))
         return self._searchers[beam]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

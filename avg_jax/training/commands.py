@@ -31,8 +31,7 @@ from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import make_batch_iterator
 from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.retrieve import save_retrieval_checkpoint
-from avg_jax.decoding.t5_decode import identifier_window
-from avg_jax.decoding.trie import build_trie
+from avg_jax.decoding.trie import build_trie, identifier_window
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.launch import initialize_distributed
 from avg_jax.t5.configs import T5Config

@@ -26,11 +26,11 @@ from avg_jax import partitioning
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.vocab import EOS_ID, Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import identifier_window, t5_beam_search
-from avg_jax.decoding.trie import Trie, build_trie
+from avg_jax.decoding.trie import Trie, build_trie, identifier_window
 from avg_jax.evaluation.metrics import DEFAULT_KS, applicable_ks, evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.t5.configs import T5Config
+from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.training.examples import with_instruction
 
 GENERATION_METRICS = ("invalid_rate", "out_of_split_rate")  # reported by unconstrained evaluation only

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from avg_jax.data.vocab import PAD_ID
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import t5_beam_search
 from avg_jax.t5.configs import T5Config
+from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.model import T5, encoder_input_mask
 from avg_jax.training import losses
 
@@ -80,7 +80,7 @@ class RetrievalTask:
         self.config = config
         self.model = T5(config)
         self.loss_config = loss
-        self.window = window  # identifier vocabulary window of the beam-search head (t5_decode)
+        self.window = window  # identifier vocabulary window of the beam-search head (avg_jax.t5.decoding)
         self.target_length = target_length
         self.input_length = input_length
 
@@ -104,7 +104,7 @@ class RetrievalTask:
     def decode(self, params: Any, encoded: jax.Array, mask: jax.Array, targets: jax.Array,
                rng: jax.Array | None) -> jax.Array:
         """Teacher-forced logits [rows, T, vocab] of `targets` [rows, T]."""
-        return self.model.apply({"params": params}, encoded, mask, shift_right(targets), False, rng is None,
+        return self.model.apply({"params": params}, encoded, mask, shift_right(targets), rng is None,
                                 method=T5.decode, rngs=None if rng is None else {"dropout": rng})
 
     def candidates(self, params: Any, input_ids: jax.Array, tables: Any) -> tuple[jax.Array, jax.Array]:
