@@ -93,7 +93,7 @@ def test_sharded_beam_search_matches_unsharded(version, rules_name):
     sharded_ids = jax.device_put(input_ids, partitioning.batch_sharding(mesh, rules, ndim=2))
     encode = jax.jit(lambda p, ids: T5(config).apply({"params": p}, ids, method=T5.encode))
     with partitioning.sharding_context(mesh, rules):
-        constraints = [f.lower(sharded_params, *args).as_text().count("@Sharding")
+        constraints = [f.lower(sharded_params, *args).as_text().count("sharding_constraint")
                        for f, args in ((encode, (sharded_ids,)), (search, (trie.tables, sharded_ids)))]
         result = search(sharded_params, trie.tables, sharded_ids)
     assert constraints[1] > constraints[0] + 10 * config.num_decoder_layers  # the decoder steps' own constraints
