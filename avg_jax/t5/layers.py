@@ -90,7 +90,9 @@ def project(x: Array, kernel: Array) -> Array:
 
     A fused kernel `[embed, heads, n * kv]` projects n outputs per head at once (split the last axis).
     """
-    y = mixed_einsum("bld,dhk->bhlk", x, kernel)
+    y = mixed_einsum("bld,dhk->blhk", x, kernel)
+    # one position (an incremental step) is a free reshape: a transpose would make XLA transpose the kernel
+    y = y.reshape(y.shape[0], y.shape[2], 1, y.shape[3]) if y.shape[1] == 1 else jnp.swapaxes(y, 1, 2)
     return nn.with_logical_constraint(y, ("batch", "heads", "length", "kv"))
 
 
