@@ -3,6 +3,7 @@ teacher-forced scores of every identifier."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pygtrie
 import pytest
@@ -10,8 +11,8 @@ from trie_cases import reference_children
 
 from avg_jax.data.vocab import EOS_ID
 from avg_jax.decoding.beam_search import BeamSearchOptions
-from avg_jax.decoding.t5_decode import chunked_logsumexp, identifier_window, make_t5_searcher
-from avg_jax.decoding.trie import build_trie
+from avg_jax.decoding.trie import build_trie, identifier_window
+from avg_jax.t5.decoding import chunked_logsumexp, t5_beam_search
 from avg_jax.t5.hf_io import load_hf_t5
 
 torch = pytest.importorskip("torch")
@@ -38,6 +39,12 @@ def hf_model(request, tmp_path_factory):
     model.save_pretrained(path)
     params, ours = load_hf_t5(path)
     return model, params, ours
+
+
+def searcher(config, options, window=None, **head_options):
+    """jit(params, tables, input_ids) -> BeamSearchResult of `t5_beam_search`."""
+    return jax.jit(lambda params, tables, ids: t5_beam_search(params, config, ids, tables, options=options,
+                                                              window=window, **head_options))
 
 
 def random_queries(rng, n, width=10):
@@ -111,7 +118,7 @@ def test_matches_hf_generate(hf_model):
     expected_tokens, expected_scores = hf_generate(model, inputs, ref, beam, M)
     window = identifier_window(trie, config.vocab_size, TEXT)
     assert window == (TEXT, NEW)
-    search = make_t5_searcher(config, BeamSearchOptions(beam_size=beam), window=window, head_chunk_size=48)
+    search = searcher(config, BeamSearchOptions(beam_size=beam), window=window, head_chunk_size=48)
     result = search(params, trie.tables, inputs)
     np.testing.assert_array_equal(np.asarray(result.tokens), expected_tokens)
     np.testing.assert_allclose(np.asarray(result.scores), expected_scores, atol=1e-4, rtol=0)
@@ -132,7 +139,7 @@ def test_exhaustive_teacher_forcing_voken_ids(hf_model, norm):
     inputs = random_queries(rng, 4)
     expected = hf_teacher_forced(model, inputs, identifiers, ref=ref if norm == "allowed" else None,
                                  window=window if norm == "window" else None)
-    search = make_t5_searcher(config, BeamSearchOptions(beam_size=16, score_normalization=norm), window=window,
+    search = searcher(config, BeamSearchOptions(beam_size=16, score_normalization=norm), window=window,
                               head_chunk_size=0)  # 'vocab': the single-matmul head (generate test: chunked)
     result = search(params, trie.tables, inputs)
     check_ranking(result, expected, len(identifiers))
@@ -150,7 +157,7 @@ def test_exhaustive_teacher_forcing_variable_length_text_ids(hf_model):
     inputs = random_queries(np.random.default_rng(3), 3)
     group_ids = [tuple(r[:n]) for r, n in zip(trie.group_tokens.tolist(), trie.group_lengths, strict=True)]
     expected = hf_teacher_forced(model, inputs, group_ids)
-    search = make_t5_searcher(config, BeamSearchOptions(beam_size=8))
+    search = searcher(config, BeamSearchOptions(beam_size=8))
     check_ranking(search(params, trie.tables, inputs), expected, len(identifiers))
 
 
@@ -164,8 +171,7 @@ def test_bfloat16_search_scores_close_to_float32_reference(hf_model):
     inputs = random_queries(rng, 4)
     expected = hf_teacher_forced(model, inputs, identifiers)  # [queries, identifiers] float32 model
     bf16 = dataclasses.replace(config, dtype="bfloat16")
-    search = make_t5_searcher(bf16, BeamSearchOptions(beam_size=16), window=identifier_window(trie, bf16.vocab_size,
-                                                                                             TEXT))
+    search = searcher(bf16, BeamSearchOptions(beam_size=16), window=identifier_window(trie, bf16.vocab_size, TEXT))
     result = search(params, trie.tables, inputs)
     groups, scores = np.asarray(result.groups), np.asarray(result.scores)
     n = len(identifiers)

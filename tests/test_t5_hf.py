@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from t5_steps import decoder_stepper
 
 from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 from avg_jax.t5.layers import relative_position_bucket
-from avg_jax.t5.model import T5, encoder_input_mask, init_decode_cache
+from avg_jax.t5.model import T5
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -99,8 +100,9 @@ def test_decoder_logits_match_hf(hf_pair):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=TOL)
 
 
-def test_cached_decode_matches_teacher_forcing_for_a_beam(hf_pair):
-    """batch*beam rows step through the cache one token at a time; each step equals HF teacher forcing."""
+def test_incremental_decode_matches_teacher_forcing_for_a_beam(hf_pair):
+    """batch*beam rows (encoder keys/values broadcast over the beams) step through avg_jax.t5.decoding one
+    token at a time; each step equals HF teacher forcing."""
     _, model, params, config, _ = hf_pair
     input_ids, _ = _inputs()
     beams = 2
@@ -109,24 +111,10 @@ def test_cached_decode_matches_teacher_forcing_for_a_beam(hf_pair):
     targets = rng.integers(2, 96, (flat_inputs.shape[0], 10))
     targets[:, 0] = 0
     ref = _hf_logits(model, flat_inputs, targets)
-
-    t5 = T5(config)
-    encoded = t5.apply({"params": params}, jnp.asarray(input_ids), method=T5.encode)
-    encoded = jnp.repeat(encoded, beams, axis=0)
-    mask = encoder_input_mask(jnp.asarray(flat_inputs))
-    cache = init_decode_cache(t5, params, encoded, mask, max_decode_length=targets.shape[1])
-
-    @jax.jit
-    def step(cache, token):
-        logits, variables = t5.apply({"params": params, "cache": cache}, None, mask, token, decode=True,
-                                     method=T5.decode, mutable=["cache"])
-        return logits[:, 0], variables["cache"]
-
+    cache, step = decoder_stepper(params, config, input_ids, flat_inputs.shape[0], targets.shape[1])
     for t in range(targets.shape[1]):
-        logits, cache = step(cache, jnp.asarray(targets[:, t:t + 1]))
+        logits, cache = step(cache, targets[:, t], t)
         np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=TOL, rtol=TOL, err_msg=f"step {t}")
-    index = cache["decoder"]["layers_1"]["self_attention"]["cache_index"]
-    assert int(index) == targets.shape[1]
 
 
 def test_greedy_decode_matches_hf_generate(hf_pair):
@@ -137,17 +125,12 @@ def test_greedy_decode_matches_hf_generate(hf_pair):
         ref = model.generate(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(input_ids != 0),
                              max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
                              eos_token_id=None, use_cache=False).numpy()[:, 1:]
-    t5 = T5(config)
-    mask = encoder_input_mask(jnp.asarray(input_ids))
-    encoded = t5.apply({"params": params}, jnp.asarray(input_ids), method=T5.encode)
-    cache = init_decode_cache(t5, params, encoded, mask, steps)
-    token, out = jnp.zeros((3, 1), jnp.int32), []
-    for _ in range(steps):
-        logits, variables = t5.apply({"params": params, "cache": cache}, None, mask, token, decode=True,
-                                     method=T5.decode, mutable=["cache"])
-        cache = variables["cache"]
-        token = jnp.argmax(logits[:, -1], axis=-1)[:, None]
-        out.append(np.asarray(token[:, 0]))
+    cache, step = decoder_stepper(params, config, input_ids, input_ids.shape[0], steps)
+    token, out = jnp.zeros((input_ids.shape[0],), jnp.int32), []
+    for t in range(steps):
+        logits, cache = step(cache, token, t)
+        token = jnp.argmax(logits, axis=-1)
+        out.append(np.asarray(token))
     np.testing.assert_array_equal(np.stack(out, axis=1), ref)
 
 

@@ -1,15 +1,16 @@
-"""T5 configs, dtype, dropout, remat, image prefix, decode errors and orbax checkpoints."""
+"""T5 configs, dtype, dropout, remat, image prefix, incremental decoding and orbax checkpoints."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from t5_steps import decoder_stepper
 
 from avg_jax.config import GIN_CONFIG_DIR, parse_gin
 from avg_jax.t5.checkpoint import restore_t5_checkpoint, save_t5_checkpoint
 from avg_jax.t5.configs import T5Config, named_t5_config
 from avg_jax.t5.layers import mixed_einsum
-from avg_jax.t5.model import T5, encoder_input_mask, init_decode_cache, init_params
+from avg_jax.t5.model import T5, encoder_input_mask, init_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -122,15 +123,24 @@ def test_image_prefix_soft_tokens():
                                           ids, features, method=T5.encode)
 
 
-def test_decode_step_rejects_more_than_one_token():
-    config = named_t5_config("tiny", "1.0")
-    params = init_params(config, jax.random.key(0))
-    model, ids = T5(config), _ids()
-    encoded = model.apply({"params": params}, ids, method=T5.encode)
-    cache = init_decode_cache(model, params, encoded, encoder_input_mask(ids), 4)
-    with pytest.raises(ValueError, match="one token per step"):
-        model.apply({"params": params, "cache": cache}, None, encoder_input_mask(ids), jnp.zeros((2, 2), jnp.int32),
-                    decode=True, method=T5.decode, mutable=["cache"])
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_decoder_step_matches_teacher_forcing(version):
+    """avg_jax.t5.decoding one token at a time == teacher-forced T5.__call__ (float32): the first step on
+    `batch` rows, then its cache tiled to batch * beam rows with the encoder keys/values broadcast over beams."""
+    config = named_t5_config("tiny", version)
+    params = init_params(config, jax.random.key(1))
+    batch, beams, steps = 3, 2, 7
+    ids = _ids(batch=batch)
+    targets = np.random.default_rng(2).integers(2, config.vocab_size, (batch * beams, steps))
+    targets[:, 0] = 0  # decoder start token, shared by the beams of a query
+    expected = np.asarray(T5(config).apply({"params": params}, jnp.repeat(ids, beams, axis=0), targets))
+    cache, step = decoder_stepper(params, config, ids, batch, steps)
+    logits, cache = step(cache, targets[::beams, 0], 0)
+    np.testing.assert_allclose(logits, expected[::beams, 0], atol=1e-5, rtol=1e-5)
+    cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, beams, axis=0), cache)
+    for t in range(1, steps):
+        logits, cache = step(cache, targets[:, t], t)
+        np.testing.assert_allclose(logits, expected[:, t], atol=1e-5, rtol=1e-5, err_msg=f"step {t}")
 
 
 def test_orbax_checkpoint_round_trip(tmp_path):

@@ -1,4 +1,5 @@
-"""Sharded (data=4, model=2) forward/backward of T5 equals the unsharded computation (8 fake CPU devices)."""
+"""Sharded (data=4, model=2) forward/backward and incremental decoding of T5 equal the unsharded computation
+(8 fake CPU devices)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from avg_jax import partitioning
+from avg_jax.decoding.beam_search import BeamSearchOptions
+from avg_jax.decoding.trie import build_trie, identifier_window
 from avg_jax.t5.configs import named_t5_config
+from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.model import T5, init_params, param_logical_axes
 
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8,
@@ -65,6 +69,37 @@ def test_sharded_loss_and_grads_match_unsharded(version, rules_name):
     expected = PartitionSpec("model", "data" if rules_name == "fsdp" else None)
     assert embedding.sharding.spec == expected
     assert embedding.addressable_shards[0].data.shape[0] == config.vocab_size // 2
+
+
+@needs_8_devices
+@pytest.mark.parametrize("version,rules_name", [("1.0", "model_parallel"), ("1.1", "fsdp")])
+def test_sharded_beam_search_matches_unsharded(version, rules_name):
+    """t5_beam_search (encoder, incremental decoder steps with their activation constraints, chunked head)
+    on sharded parameters and queries gives the unsharded beams and scores."""
+    config = named_t5_config("tiny", version)
+    params = init_params(config, jax.random.key(1))
+    input_ids = _batch(seed=2)[0]
+    text_vocab, codes = 192, 3
+    tokens = text_vocab + np.random.default_rng(3).integers(0, config.vocab_size - text_vocab, (40, codes))
+    trie = build_trie(tokens=tokens.astype(np.int32), lengths=np.full(len(tokens), codes, np.int32))
+    window = identifier_window(trie, config.vocab_size, text_vocab)
+    search = jax.jit(lambda p, tables, ids: t5_beam_search(p, config, ids, tables, options=BeamSearchOptions(4),
+                                                           window=window, head_chunk_size=64))
+    expected = search(params, trie.tables, input_ids)
+
+    mesh = partitioning.make_mesh((4, 2))
+    rules = partitioning.logical_axis_rules(rules_name)
+    sharded_params = jax.device_put(params, partitioning.logical_shardings(param_logical_axes(config), mesh, rules))
+    sharded_ids = jax.device_put(input_ids, partitioning.batch_sharding(mesh, rules, ndim=2))
+    encode = jax.jit(lambda p, ids: T5(config).apply({"params": p}, ids, method=T5.encode))
+    with partitioning.sharding_context(mesh, rules):
+        constraints = [f.lower(sharded_params, *args).as_text().count("sharding_constraint")
+                       for f, args in ((encode, (sharded_ids,)), (search, (trie.tables, sharded_ids)))]
+        result = search(sharded_params, trie.tables, sharded_ids)
+    assert constraints[1] > constraints[0] + 10 * config.num_decoder_layers  # the decoder steps' own constraints
+    np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(expected.tokens))
+    np.testing.assert_array_equal(np.asarray(result.groups), np.asarray(expected.groups))
+    np.testing.assert_allclose(np.asarray(result.scores), np.asarray(expected.scores), atol=1e-5, rtol=0)
 
 
 def test_rules_and_mesh_validation():

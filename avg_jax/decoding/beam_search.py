@@ -1,5 +1,9 @@
 """Trie-constrained beam search as one pure, jit-able function over a `tokens_to_logits` callback.
 
+Model-agnostic: the search knows tries (`avg_jax.decoding.trie`) and a callback, never a model. The T5
+package drives it from its own decoding module (`t5_beam_search`), with its incremental decoder step as
+the callback; `trie.identifier_window` says which vocabulary columns such a callback must return.
+
 Every step gathers each beam's `max_fanout` trie children (`trie.children`), scores only those
 columns and ranks `beam * max_fanout` candidates: no `[rows, vocab]` mask is ever built. Beams that
 reached a leaf (an identifier ending with EOS) are finished and carry over unchanged; beams without a

@@ -254,6 +254,20 @@ def build_trie(table: Any = None, *, tokens: np.ndarray | None = None, lengths: 
                 fixed_length=is_fixed, token_range=token_range)
 
 
+def identifier_window(trie: Trie, vocab_size: int, text_vocab_size: int | None = None) -> tuple[int, int]:
+    """(first column, number of columns) of the vocabulary a model's output head must return for `trie`'s tokens.
+
+    New-token identifiers: the new-token block [text_vocab_size, vocab_size) (fixed by the vocabulary,
+    so swapping the image set keeps the compiled search); anything else: the whole vocabulary.
+    """
+    lo, hi = trie.token_range
+    if hi > vocab_size:
+        raise ValueError(f"identifier token {hi - 1} is outside the model vocabulary of {vocab_size}")
+    if text_vocab_size is not None and lo >= text_vocab_size:
+        return text_vocab_size, vocab_size - text_vocab_size
+    return 0, vocab_size
+
+
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length() if n > 1 else 1
 
@@ -303,12 +317,3 @@ def _validate(tokens: np.ndarray, lengths: np.ndarray, fixed_length: bool | None
                          f"got {lengths[i]}")
     if fixed_length and ends_eos.any():
         raise ValueError("identifiers: fixed_length=True but identifiers end with EOS")
-
-
-def identifier_window(trie, vocab_size, text_vocab_size=None):  # TEMPORARY SHIM
-    lo, hi = trie.token_range
-    if hi > vocab_size:
-        raise ValueError(f"identifier token {hi - 1} is outside the model vocabulary of {vocab_size}")
-    if text_vocab_size is not None and lo >= text_vocab_size:
-        return text_vocab_size, vocab_size - text_vocab_size
-    return 0, vocab_size

@@ -1,13 +1,22 @@
-"""T5 building blocks in flax.linen: RMS norm, embedding, relative position buckets, attention, MLP.
+"""T5 building blocks: the layer math as plain functions, and the flax.linen modules that own the parameters.
+
+The functions (`embed`, `rms_norm`, `project`, `attention_core`, `attention_output`, `feed_forward`,
+`relative_position_bias`, `position_bias_row`, `output_logits`) take parameter arrays as arguments. The
+modules below create the parameters and call them for the training forward pass (`avg_jax.t5.model`); the
+incremental decoder (`avg_jax.t5.decoding`) calls the same functions on the parameter dict, so both paths
+share one implementation of every layer.
 
 Every parameter is created through `nn.with_logical_partitioning` and every large activation passes
-`nn.with_logical_constraint`, so the axis names below (t5x convention) decide the sharding through the
-rules of `avg_jax.partitioning`; without rules in scope the constraints are no-ops.
+`nn.with_logical_constraint` inside the functions, so the axis names below (t5x convention) decide the
+sharding through the rules of `avg_jax.partitioning`, inside and outside modules; without rules in scope
+the constraints are no-ops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -20,6 +29,7 @@ from avg_jax.t5.configs import T5Config
 MASK_VALUE = -1e10
 
 Array = jax.Array
+Dropout = Callable[[Array], Array]
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool, num_buckets: int,
@@ -46,6 +56,104 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
     return buckets + np.where(is_small, rel, large)
 
 
+def mixed_einsum(spec: str, x: Array, w: Array, out_dtype: jnp.dtype | None = None) -> Array:
+    """einsum of `x` and `w` (cast to x's dtype) accumulated in float32, returned in `out_dtype` (default x's).
+
+    TPUs and GPUs accumulate low-precision products in float32 anyway; XLA:CPU takes its bf16 matrix-unit
+    path (AMX) only for a float32 result, ~6x faster than a bf16 result on the dev machine.
+    """
+    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype if out_dtype is None else out_dtype)
+
+
+def _rows_axes(ndim: int, last: str) -> tuple[str, ...]:
+    # logical names of a [batch, (length,)* last] activation
+    return ("batch",) + ("length",) * (ndim - 2) + (last,)
+
+
+def embed(table: Array, ids: Array, dtype: jnp.dtype) -> Array:
+    """Token embeddings: `ids [batch, ...]` into `table [vocab, embed]` -> `[batch, ..., embed]` in `dtype`."""
+    x = jnp.take(table, ids, axis=0).astype(dtype)
+    return nn.with_logical_constraint(x, _rows_axes(x.ndim, "embed"))
+
+
+def rms_norm(x: Array, scale: Array, epsilon: float, dtype: jnp.dtype) -> Array:
+    """T5 layer norm of `x [..., embed]` by `scale [embed]`: no mean subtraction, no bias; statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+    return (x32 * scale).astype(dtype)
+
+
+def project(x: Array, kernel: Array) -> Array:
+    """Attention projection: `x [batch, length, embed]` x `kernel [embed, heads, kv]` -> `[batch, heads, length,
+    kv]`.
+
+    A fused kernel `[embed, heads, n * kv]` projects n outputs per head at once (split the last axis).
+    """
+    y = mixed_einsum("bld,dhk->blhk", x, kernel)
+    # one position (an incremental step) is a free reshape: a transpose would make XLA transpose the kernel
+    y = y.reshape(y.shape[0], y.shape[2], 1, y.shape[3]) if y.shape[1] == 1 else jnp.swapaxes(y, 1, 2)
+    return nn.with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+
+
+def attention_core(query: Array, key: Array, value: Array, bias: Array, dropout: Dropout | None = None) -> Array:
+    """softmax(q k^T + bias) v with float32 logits; no 1/sqrt(d) scaling (T5 folds it into the init).
+
+    query [batch, heads, q, kv], key/value [batch, heads, k, kv], bias broadcastable to [batch, heads, q, k]
+    -> [batch, heads, q, kv]. `dropout` (if any) applies to the attention weights.
+    """
+    logits = mixed_einsum("bhqd,bhkd->bhqk", query, key, jnp.float32)
+    weights = jax.nn.softmax(logits + bias, axis=-1).astype(value.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    y = mixed_einsum("bhqk,bhkd->bhqd", weights, value)
+    return nn.with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+
+
+def attention_output(y: Array, kernel: Array) -> Array:
+    """Merge heads: `y [batch, heads, q, kv]` x `kernel [heads, kv, embed]` -> `[batch, q, embed]`."""
+    out = mixed_einsum("bhqk,hkd->bqd", y, kernel)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+def feed_forward(x: Array, weights: dict, dropout: Dropout | None = None) -> Array:
+    """T5 MLP of `x [batch, ..., embed]` -> `[batch, ..., embed]`.
+
+    weights: {'wi', 'wo'} (ReLU, v1.0) or {'wi_0', 'wi_1', 'wo'} (gated tanh-GELU, v1.1); `wi*` [embed, mlp],
+    `wo` [mlp, embed]. `dropout` (if any) applies to the hidden units.
+    """
+    if "wi_0" in weights:
+        hidden = (jax.nn.gelu(mixed_einsum("...d,df->...f", x, weights["wi_0"]), approximate=True)
+                  * mixed_einsum("...d,df->...f", x, weights["wi_1"]))
+    else:
+        hidden = jax.nn.relu(mixed_einsum("...d,df->...f", x, weights["wi"]))
+    hidden = nn.with_logical_constraint(hidden, _rows_axes(hidden.ndim, "mlp"))
+    if dropout is not None:
+        hidden = dropout(hidden)
+    out = mixed_einsum("...f,fd->...d", hidden, weights["wo"])
+    return nn.with_logical_constraint(out, _rows_axes(out.ndim, "embed"))
+
+
+def relative_position_bias(table: Array, buckets: Array) -> Array:
+    """`table [heads, num_buckets]` at `buckets [q, k]` (int) -> float32 bias `[1, heads, q, k]`."""
+    return jnp.take(table, buckets, axis=1)[None]
+
+
+def position_bias_row(table: Array, query_position: Array, k_len: int, bidirectional: bool, num_buckets: int,
+                      max_distance: int) -> Array:
+    """Bias `[1, heads, 1, k_len]` of one (traced) query position against keys 0..k_len-1 (incremental decoding)."""
+    offsets = np.arange(-(k_len - 1), k_len)  # every key-minus-query offset that can occur
+    buckets = jnp.asarray(relative_position_bucket(offsets, bidirectional, num_buckets, max_distance), jnp.int32)
+    rel = jnp.arange(k_len) - query_position + (k_len - 1)
+    return relative_position_bias(table, jnp.take(buckets, rel)[None, :])
+
+
+def output_logits(x: Array, rows: Array) -> Array:
+    """Output head: `x [batch, ..., embed]` against `rows [vocab, embed]` -> float32 `[batch, ..., vocab]`."""
+    logits = mixed_einsum("...d,vd->...v", x, rows, jnp.float32)
+    return nn.with_logical_constraint(logits, _rows_axes(logits.ndim, "vocab"))
+
+
 def logical_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> Array:
     """A float32 parameter annotated with its logical axis names."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -56,8 +164,13 @@ def normal_init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def _dropout(rate: float, deterministic: bool) -> Dropout | None:
+    # created inside the calling module's compact method, so it draws from that module's 'dropout' rng
+    return None if deterministic or rate == 0.0 else functools.partial(nn.Dropout(rate), deterministic=False)
+
+
 class RMSNorm(nn.Module):
-    """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+    """T5 layer norm (`rms_norm`) with its `scale` parameter."""
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
@@ -65,9 +178,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return (x32 * scale).astype(self.dtype)
+        return rms_norm(x, scale, self.epsilon, self.dtype)
 
 
 class Embed(nn.Module):
@@ -79,21 +190,19 @@ class Embed(nn.Module):
 
     def setup(self):
         self.embedding = logical_param(self, "embedding", normal_init(1.0), (self.num_embeddings, self.features),
-                                ("vocab", "embed"))
+                                       ("vocab", "embed"))
 
     def __call__(self, ids: Array) -> Array:
         # [batch, length] -> [batch, length, embed]
-        x = jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return embed(self.embedding, ids, self.dtype)
 
     def attend(self, x: Array) -> Array:
-        # [batch, length, embed] -> [batch, length, vocab]
-        logits = mixed_einsum("bld,vd->blv", x.astype(self.dtype), self.embedding, jnp.float32)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        # [batch, length, embed] -> [batch, length, vocab] float32
+        return output_logits(x.astype(self.dtype), self.embedding)
 
 
 class RelativePositionBias(nn.Module):
-    """Learned per-head scalar bias for each relative-position bucket."""
+    """Learned per-head scalar bias for each relative-position bucket (`rel_embedding [heads, buckets]`)."""
 
     num_heads: int
     num_buckets: int
@@ -102,54 +211,20 @@ class RelativePositionBias(nn.Module):
     init_std: float
 
     @nn.compact
-    def __call__(self, buckets: Array) -> Array:
-        # buckets [q, k] int -> bias [1, heads, q, k] float32
+    def __call__(self, q_len: int, k_len: int) -> Array:
+        """Bias [1, heads, q_len, k_len] of queries 0..q_len-1 against keys 0..k_len-1."""
         table = logical_param(self, "rel_embedding", normal_init(self.init_std), (self.num_heads, self.num_buckets),
-                       ("heads", "relpos_buckets"))
-        return jnp.take(table, buckets, axis=1)[None]
-
-    def full(self, q_len: int, k_len: int) -> Array:
-        """Bias of queries 0..q_len-1 against keys 0..k_len-1."""
+                              ("heads", "relpos_buckets"))
         rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-        return self(jnp.asarray(self.buckets(rel), jnp.int32))
-
-    def row(self, query_position: Array, k_len: int) -> Array:
-        """Bias [1, heads, 1, k_len] of one (traced) query position, for incremental decoding."""
-        offsets = np.arange(-(k_len - 1), k_len)  # every key-minus-query offset that can occur
-        table = jnp.asarray(self.buckets(offsets), jnp.int32)
-        rel = jnp.arange(k_len) - query_position + (k_len - 1)
-        return self(jnp.take(table, rel)[None, :])
-
-    def buckets(self, rel: np.ndarray) -> np.ndarray:
-        return relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
-
-
-def mixed_einsum(spec: str, x: Array, w: Array, out_dtype: jnp.dtype | None = None) -> Array:
-    """einsum of `x` and `w` (cast to x's dtype) accumulated in float32, returned in `out_dtype` (default x's).
-
-    TPUs and GPUs accumulate low-precision products in float32 anyway; XLA:CPU takes its bf16 matrix-unit
-    path (AMX) only for a float32 result, ~6x faster than a bf16 result on the dev machine.
-    """
-    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype if out_dtype is None else out_dtype)
-
-
-def attention_core(query: Array, key: Array, value: Array, bias: Array, dropout: nn.Dropout,
-                   deterministic: bool) -> Array:
-    """softmax(q k^T + bias) v with float32 logits; no 1/sqrt(d) scaling (T5 folds it into the init)."""
-    # query [batch, heads, q, kv], key/value [batch, heads, k, kv], bias broadcastable to [batch, heads, q, k]
-    logits = mixed_einsum("bhqd,bhkd->bhqk", query, key, jnp.float32)
-    weights = jax.nn.softmax(logits + bias, axis=-1).astype(value.dtype)
-    weights = dropout(weights, deterministic=deterministic)
-    return mixed_einsum("bhqk,bhkd->bhqd", weights, value)
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        return relative_position_bias(table, jnp.asarray(buckets, jnp.int32))
 
 
 class Attention(nn.Module):
     """Multi-head attention with T5 projections; self-attention may own the relative position bias.
 
-    kinds: 'encoder' (bidirectional self), 'decoder' (causal self, with a key/value cache when
-    decode=True) and 'cross' (decoder over encoder outputs; decode=True caches the projected encoder
-    keys/values once, so incremental steps only project the new token).
+    kinds: 'encoder' (bidirectional self), 'decoder' (causal self, the mask comes with `mask_bias`) and
+    'cross' (decoder queries over the encoder outputs `kv_inputs`).
     """
 
     config: T5Config
@@ -158,12 +233,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, kv_inputs: Array | None, mask_bias: Array | None,
-                 position_bias: Array | None, deterministic: bool, decode: bool = False,
-                 init_cache: bool = False) -> tuple[Array, Array | None]:
+                 position_bias: Array | None, deterministic: bool) -> tuple[Array, Array | None]:
         """Returns (output [batch, q, embed], the position bias used, for the next layers to share).
 
-        mask_bias: additive [batch|1, 1, q|1, k] (0 or MASK_VALUE); ignored for 'decoder' with decode=True,
-        which masks keys past the cache index itself. init_cache=True only creates the cache.
+        mask_bias: additive [batch|1, 1, q|1, k] (0 or MASK_VALUE).
         """
         cfg = self.config
         h, dk, d = cfg.num_heads, cfg.d_kv, cfg.d_model
@@ -172,85 +245,24 @@ class Attention(nn.Module):
         k_kernel = logical_param(self, "key", normal_init(d ** -0.5), (d, h, dk), axes)
         v_kernel = logical_param(self, "value", normal_init(d ** -0.5), (d, h, dk), axes)
         o_kernel = logical_param(self, "out", normal_init((h * dk) ** -0.5), (h, dk, d), ("heads", "kv", "embed"))
-        relpos = None
-        if self.has_relative_bias:
+        kv_inputs = kv_inputs if self.kind == "cross" else x
+        query, key, value = project(x, q_kernel), project(kv_inputs, k_kernel), project(kv_inputs, v_kernel)
+        if position_bias is None and self.has_relative_bias:
             relpos = RelativePositionBias(h, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
                                           bidirectional=self.kind == "encoder", init_std=d ** -0.5,
                                           name="relpos_bias")
-
-        if self.kind == "cross":
-            key, value = self._cross_key_value(kv_inputs, k_kernel, v_kernel, decode)
-        elif self.kind == "decoder" and decode:
-            key, value, mask_bias, position_bias = self._decode_step(x, k_kernel, v_kernel, relpos, position_bias,
-                                                                     init_cache)
-        else:
-            key, value = _project(x, k_kernel), _project(x, v_kernel)
-        if init_cache:
-            return jnp.zeros_like(x), position_bias
-        query = _project(x, q_kernel)
-        if position_bias is None and relpos is not None:
-            position_bias = relpos.full(query.shape[2], key.shape[2])
+            position_bias = relpos(query.shape[2], key.shape[2])
         bias = jnp.zeros((), jnp.float32)
         if position_bias is not None:
             bias = bias + position_bias
         if mask_bias is not None:
             bias = bias + mask_bias
-        y = attention_core(query, key, value, bias, nn.Dropout(cfg.dropout_rate), deterministic)
-        y = nn.with_logical_constraint(y, ("batch", "heads", "length", "kv"))  # [batch, heads, q, kv]
-        out = mixed_einsum("bhqk,hkd->bqd", y, o_kernel)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed")), position_bias
-
-    def _cross_key_value(self, encoded: Array | None, k_kernel: Array, v_kernel: Array,
-                         decode: bool) -> tuple[Array, Array]:
-        if not decode:
-            return _project(encoded, k_kernel), _project(encoded, v_kernel)
-        if not self.has_variable("cache", "cached_cross_key"):
-            if encoded is None:
-                raise ValueError("the decode cache is empty: initialise it (T5.init_cache) with the encoder outputs")
-            key, value = _project(encoded, k_kernel), _project(encoded, v_kernel)
-            self.variable("cache", "cached_cross_key", lambda: key)
-            self.variable("cache", "cached_cross_value", lambda: value)
-            return key, value
-        return self.get_variable("cache", "cached_cross_key"), self.get_variable("cache", "cached_cross_value")
-
-    def _decode_step(self, x: Array, k_kernel: Array, v_kernel: Array, relpos: RelativePositionBias | None,
-                     position_bias: Array | None, init_cache: bool):
-        """Append this token's key/value at `cache_index`; attend over positions <= cache_index."""
-        batch, length, _ = x.shape
-        h, dk, dtype = self.config.num_heads, self.config.d_kv, x.dtype
-        exists = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, h, length, dk), dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, (batch, h, length, dk), dtype)
-        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not exists:  # creation call: the input's length fixes the cache length; nothing is appended
-            if init_cache:
-                return None, None, None, position_bias
-            causal = np.tril(np.ones((length, length), bool))
-            mask_bias = jnp.where(causal, 0.0, MASK_VALUE)[None, None]
-            return _project(x, k_kernel), _project(x, v_kernel), mask_bias, position_bias
-        if length != 1:
-            raise ValueError(f"decode=True takes one token per step, got decoder_input_ids of length {length}")
-        cache_batch, _, max_length, _ = cached_key.value.shape
-        if batch != cache_batch:
-            raise ValueError(f"decode step batch {batch} does not match the cache batch {cache_batch}")
-        index = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, _project(x, k_kernel), (0, 0, index, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value, _project(x, v_kernel), (0, 0, index, 0))
-        cached_key.value, cached_value.value, cache_index.value = key, value, index + 1
-        mask_bias = jnp.where(jnp.arange(max_length) <= index, 0.0, MASK_VALUE)[None, None, None, :]
-        if position_bias is None and relpos is not None:
-            position_bias = relpos.row(index, max_length)
-        return key, value, mask_bias, position_bias
-
-
-def _project(x: Array, kernel: Array) -> Array:
-    # [batch, length, embed] x [embed, heads, kv] -> [batch, heads, length, kv]
-    y = mixed_einsum("bld,dhk->bhlk", x, kernel)
-    return nn.with_logical_constraint(y, ("batch", "heads", "length", "kv"))
+        y = attention_core(query, key, value, bias, _dropout(cfg.dropout_rate, deterministic))
+        return attention_output(y, o_kernel), position_bias
 
 
 class MLP(nn.Module):
-    """T5 feed-forward: ReLU (v1.0) or gated tanh-GELU (v1.1), dropout on the hidden units."""
+    """T5 feed-forward (`feed_forward`): ReLU (v1.0) or gated tanh-GELU (v1.1), dropout on the hidden units."""
 
     config: T5Config
 
@@ -258,15 +270,7 @@ class MLP(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         d, f = cfg.d_model, cfg.d_ff
-        if cfg.gated:
-            wi_0 = logical_param(self, "wi_0", normal_init(d ** -0.5), (d, f), ("embed", "mlp"))
-            wi_1 = logical_param(self, "wi_1", normal_init(d ** -0.5), (d, f), ("embed", "mlp"))
-            hidden = (jax.nn.gelu(mixed_einsum("bld,df->blf", x, wi_0), approximate=True)
-                      * mixed_einsum("bld,df->blf", x, wi_1))
-        else:
-            wi = logical_param(self, "wi", normal_init(d ** -0.5), (d, f), ("embed", "mlp"))
-            hidden = jax.nn.relu(mixed_einsum("bld,df->blf", x, wi))
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
-        wo = logical_param(self, "wo", normal_init(f ** -0.5), (f, d), ("mlp", "embed"))
-        return nn.with_logical_constraint(mixed_einsum("blf,fd->bld", hidden, wo), ("batch", "length", "embed"))
+        names = ("wi_0", "wi_1") if cfg.gated else ("wi",)
+        weights = {n: logical_param(self, n, normal_init(d ** -0.5), (d, f), ("embed", "mlp")) for n in names}
+        weights["wo"] = logical_param(self, "wo", normal_init(f ** -0.5), (f, d), ("mlp", "embed"))
+        return feed_forward(x, weights, _dropout(cfg.dropout_rate, deterministic))

@@ -1,4 +1,4 @@
-"""T5 encoder-decoder (v1.0 and v1.1) in flax.linen, with an incremental-decoding cache.
+"""T5 encoder-decoder (v1.0 and v1.1) in flax.linen: the parameters and the training (teacher-forced) forward pass.
 
 Parameter layout (kernels are [in, out], attention kernels split heads: [embed, heads, kv]):
   token_embedder/embedding                       [vocab, embed]   shared by encoder, decoder (and head if tied)
@@ -10,11 +10,9 @@ Parameter layout (kernels are [in, out], attention kernels split heads: [embed, 
 The relative position bias lives in layer 0's self-attention (`relpos_bias/rel_embedding`) and is shared
 by the later layers of the same stack, as in the original T5 and HF.
 
-Decoding (t5x convention): `init_cache` creates the flax 'cache' collection for [batch, max_length]
-(for beam search batch = examples * beams); then each `decode(..., decode=True)` call feeds one token per
-row, appends its keys/values at `cache_index` and attends to the prefix without recomputing it. Every
-cache array has the batch as its leading axis (so beam search can reorder rows with a gather) except
-the scalar int32 `cache_index`.
+The modules only create parameters and wire the layer functions of `avg_jax.t5.layers` together. There is
+no flax decode cache: incremental (one token per step) decoding is `avg_jax.t5.decoding`, which calls the
+same layer functions on this parameter tree (tested equal to `T5.__call__` step by step).
 """
 
 from __future__ import annotations
@@ -25,7 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from avg_jax.t5.configs import T5Config
-from avg_jax.t5.layers import MASK_VALUE, MLP, Attention, Embed, RMSNorm, logical_param, mixed_einsum, normal_init
+from avg_jax.t5.layers import (
+    MASK_VALUE,
+    MLP,
+    Attention,
+    Embed,
+    RMSNorm,
+    logical_param,
+    mixed_einsum,
+    normal_init,
+    output_logits,
+)
 
 Array = jax.Array
 
@@ -67,20 +75,17 @@ class DecoderLayer(nn.Module):
     has_relative_bias: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, encoded: Array | None, cross_mask_bias: Array, self_mask_bias: Array | None,
-                 position_bias: Array | None, deterministic: bool, decode: bool,
-                 init_cache: bool) -> tuple[Array, Array]:
+    def __call__(self, x: Array, encoded: Array, cross_mask_bias: Array, self_mask_bias: Array,
+                 position_bias: Array | None, deterministic: bool) -> tuple[Array, Array]:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         y = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="pre_self_attention_layer_norm")(x)
         y, position_bias = Attention(cfg, "decoder", self.has_relative_bias, name="self_attention")(
-            y, None, self_mask_bias, position_bias, deterministic, decode, init_cache)
+            y, None, self_mask_bias, position_bias, deterministic)
         x = x + dropout(y, deterministic=deterministic)
         y = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="pre_cross_attention_layer_norm")(x)
         y, _ = Attention(cfg, "cross", name="encoder_decoder_attention")(
-            y, encoded, cross_mask_bias, None, deterministic, decode, init_cache)
-        if init_cache:
-            return x, position_bias
+            y, encoded, cross_mask_bias, None, deterministic)
         x = x + dropout(y, deterministic=deterministic)
         y = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="pre_mlp_layer_norm")(x)
         y = MLP(cfg, name="mlp")(y, deterministic)
@@ -125,26 +130,20 @@ class Decoder(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, embedded: Array, encoded: Array | None, encoder_mask: Array, deterministic: bool,
-                 decode: bool = False, init_cache: bool = False) -> Array:
+    def __call__(self, embedded: Array, encoded: Array, encoder_mask: Array, deterministic: bool) -> Array:
         # embedded [batch, target_length, embed]; encoded [batch, source_length, embed]
         cfg = self.config
         x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
         cross_mask_bias = _key_mask_bias(encoder_mask)
-        self_mask_bias = None
-        if not decode:  # causal only: targets are right-padded, so padding never precedes a real token
-            length = embedded.shape[1]
-            self_mask_bias = jnp.asarray(np.where(np.tril(np.ones((length, length), bool)), 0.0, MASK_VALUE),
-                                         jnp.float32)[None, None]
-        layer_cls = DecoderLayer
-        if cfg.remat and not decode:
-            layer_cls = nn.remat(DecoderLayer, static_argnums=(6, 7, 8))
+        # causal only: targets are right-padded, so padding never precedes a real token
+        length = embedded.shape[1]
+        self_mask_bias = jnp.asarray(np.where(np.tril(np.ones((length, length), bool)), 0.0, MASK_VALUE),
+                                     jnp.float32)[None, None]
+        layer_cls = nn.remat(DecoderLayer, static_argnums=(6,)) if cfg.remat else DecoderLayer
         position_bias = None
         for i in range(cfg.num_decoder_layers):
             x, position_bias = layer_cls(cfg, i == 0, name=f"layers_{i}")(
-                x, encoded, cross_mask_bias, self_mask_bias, position_bias, deterministic, decode, init_cache)
-        if init_cache:
-            return x
+                x, encoded, cross_mask_bias, self_mask_bias, position_bias, deterministic)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -171,27 +170,11 @@ class T5(nn.Module):
         mask = encoder_input_mask(input_ids, prefix)
         return self.encoder(self.token_embedder(input_ids), mask, image_features, deterministic)
 
-    def decode(self, encoded: Array | None, encoder_input_mask: Array, decoder_input_ids: Array,
-               decode: bool = False, deterministic: bool = True) -> Array:
-        """Decoder logits [batch, target_length, vocab] (float32) for right-shifted targets.
-
-        decode=True: one token per row ([batch, 1]) through the 'cache' collection (call `init_cache`
-        first and apply with mutable=['cache']); `encoded` is then unused (its keys/values are cached).
-        """
-        x = self.decoder(self.token_embedder(decoder_input_ids), encoded, encoder_input_mask, deterministic,
-                         decode=decode)
+    def decode(self, encoded: Array, encoder_input_mask: Array, decoder_input_ids: Array,
+               deterministic: bool = True) -> Array:
+        """Teacher-forced decoder logits [batch, target_length, vocab] (float32) for right-shifted targets."""
+        x = self.decoder(self.token_embedder(decoder_input_ids), encoded, encoder_input_mask, deterministic)
         return self._logits(x)
-
-    def init_cache(self, encoded: Array, encoder_input_mask: Array, max_decode_length: int) -> None:
-        """Create the decoding cache for `encoded.shape[0]` rows and `max_decode_length` steps.
-
-        Stores zero self-attention caches, cache_index = 0 and the projected encoder keys/values; run with
-        mutable=['cache'] and pass the returned 'cache' collection to the `decode=True` steps.
-        """
-        batch = encoded.shape[0]
-        dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
-        self.decoder(self.token_embedder(dummy), encoded, encoder_input_mask, deterministic=True, decode=True,
-                     init_cache=True)
 
     def __call__(self, input_ids: Array, decoder_input_ids: Array, image_features: Array | None = None,
                  deterministic: bool = True) -> Array:
@@ -202,15 +185,15 @@ class T5(nn.Module):
                            deterministic=deterministic)
 
     def _logits(self, x: Array) -> Array:
-        cfg = self.config
-        if cfg.scale_logits:
-            x = x * (cfg.d_model ** -0.5)
-        if cfg.tie_word_embeddings:
-            logits = self.token_embedder.attend(x)
-        else:
-            logits = nn.with_logical_constraint(mixed_einsum("bld,dv->blv", x, self.lm_head, jnp.float32),
-                                                ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32)
+        x = scale_head_input(x, self.config)
+        if self.config.tie_word_embeddings:
+            return self.token_embedder.attend(x)
+        return output_logits(x, self.lm_head.T)
+
+
+def scale_head_input(x: Array, config: T5Config) -> Array:
+    """The final-norm hidden state as the output head sees it (T5 v1.0 ties and scales by d_model^-1/2)."""
+    return x * (config.d_model ** -0.5) if config.scale_logits else x
 
 
 def init_params(config: T5Config, rng: Array, batch: int = 1, input_length: int = 8,
@@ -231,10 +214,3 @@ def param_logical_axes(config: T5Config) -> dict:
     abstract = jax.eval_shape(lambda: _init_variables(config, jax.random.key(0), 1, 8, 4))
     return nn.get_partition_spec(abstract)["params"]
 
-
-def init_decode_cache(model: T5, params: dict, encoded: Array, encoder_input_mask: Array,
-                      max_decode_length: int) -> dict:
-    """The 'cache' collection ready for `max_decode_length` one-token `decode=True` steps."""
-    _, variables = model.apply({"params": params}, encoded, encoder_input_mask, max_decode_length,
-                               method=T5.init_cache, mutable=["cache"])
-    return variables["cache"]
