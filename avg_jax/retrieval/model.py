@@ -25,7 +25,8 @@ Retrieval checkpoint layout (every file read without executing anything):
   DIR/model/                 HuggingFace T5 directory (config.json + model.safetensors)
   DIR/identifiers/           the identifier table of the image set to search
   DIR/spiece.model           the SentencePiece model of the text vocabulary
-  DIR/retrieval_model.json   input length, instruction, head window, score normalisation, extra ids
+  DIR/retrieval_model.json   input length, instruction, head window, score normalisation, forced-step
+                             scoring (`BeamSearchOptions.score_forced_steps`), extra ids
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class RetrievalModel:
 
     def __init__(self, config: T5Config, vocab: Vocabulary | None, *, window: tuple[int, int], input_length: int,
                  target_length: int, retrieve_instruction: str = "", score_normalization: str = "vocab",
-                 share_first_step: bool = True, loss: RetrievalLossConfig | None = None):
+                 share_first_step: bool = True, score_forced_steps: bool = True,
+                 loss: RetrievalLossConfig | None = None):
         """`vocab` None: a model over already tokenized inputs (benchmarks); it cannot encode texts or save."""
         if vocab is not None and config.vocab_size < vocab.size:
             raise ValueError(f"model vocabulary {config.vocab_size} is smaller than the text vocabulary + new "
@@ -179,12 +181,13 @@ class RetrievalModel:
         self.config, self.vocab, self.window = config, vocab, (int(start), int(size))
         self.input_length, self.target_length = input_length, target_length
         self.retrieve_instruction, self.score_normalization = retrieve_instruction, score_normalization
-        self.share_first_step = share_first_step
+        self.share_first_step, self.score_forced_steps = share_first_step, bool(score_forced_steps)
         self.loss_config = loss or RetrievalLossConfig()
         self.module = T5(config)
         self._fields = {"window": self.window, "input_length": input_length, "target_length": target_length,
                         "retrieve_instruction": retrieve_instruction, "score_normalization": score_normalization,
-                        "share_first_step": share_first_step, "loss": self.loss_config}
+                        "share_first_step": share_first_step, "score_forced_steps": self.score_forced_steps,
+                        "loss": self.loss_config}
         self._searches: dict[tuple, Any] = {}  # search settings -> jitted search
 
     def replace(self, **changes: Any) -> RetrievalModel:
@@ -315,7 +318,8 @@ class RetrievalModel:
         or free generation with `tables=None` for `max_length` steps, a beam ending at `eos_id`.
         `decode_options` go to `t5_beam_search` (e.g. `head_chunk_size`)."""
         options = BeamSearchOptions(beam_size=beam_size, score_normalization=self.score_normalization,
-                                    share_first_step=self.share_first_step)
+                                    share_first_step=self.share_first_step,
+                                    score_forced_steps=self.score_forced_steps)
         return t5_beam_search(params, self.config, input_ids, tables, options=options, window=self.window,
                               max_length=max_length, eos_id=eos_id, **decode_options)
 
@@ -391,7 +395,7 @@ class RetrievalModel:
         return {"input_length": self.input_length, "target_length": self.target_length,
                 "retrieve_instruction": self.retrieve_instruction, "window": list(self.window),
                 "score_normalization": self.score_normalization, "share_first_step": self.share_first_step,
-                "num_extra_ids": self.vocab.num_extra_ids}
+                "score_forced_steps": self.score_forced_steps, "num_extra_ids": self.vocab.num_extra_ids}
 
     def save_checkpoint(self, out_dir: str | Path, params: Any, table: IdentifierTable) -> Path:
         """Write the retrieval checkpoint layout (module docstring) for searching `table`'s images.
@@ -439,7 +443,8 @@ class RetrievalModel:
         model = cls(config, vocab, window=tuple(spec["window"]), input_length=int(spec["input_length"]),
                     target_length=int(spec["target_length"]), retrieve_instruction=spec["retrieve_instruction"],
                     score_normalization=spec["score_normalization"],
-                    share_first_step=bool(spec.get("share_first_step", True)))
+                    share_first_step=bool(spec.get("share_first_step", True)),
+                    score_forced_steps=bool(spec.get("score_forced_steps", True)))
         return model, jax.device_put(params), table
 
 

@@ -161,6 +161,7 @@ def train_retrieval(
                            input_length=input_length or 1, target_length=table.max_len,
                            retrieve_instruction=mixture.retrieve_instruction,
                            score_normalization=search.score_normalization, share_first_step=search.share_first_step,
+                           score_forced_steps=search.score_forced_steps,
                            loss=RetrievalLossConfig())
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
     memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed)
