@@ -4,6 +4,7 @@ evaluation outputs, GRACE memorize stages)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -57,13 +58,13 @@ def setup(tiny_corpus, tmp_path_factory):
             "vocab": vocab}
 
 
-def _task_and_batch(setup, beam=4, batch_size=3):
+def _task_and_batch(setup, beam=4, batch_size=3, **loss):
     corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
     trie = build_trie(table.subset([corpus.images[i].id for i in corpus.image_rows("train")]))
     config = named_t5_config("tiny", vocab_size=vocab.size)
     task = RetrievalModel(config, vocab, window=model_window(table, vocab.size), input_length=24,
                           target_length=table.max_len,
-                          loss=RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam))
+                          loss=RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam, **loss))
     rows = table.index()
     examples = corpus_examples(corpus, "train", vocab.encode, lambda i: table.identifier(rows[i]))
     batch = next(make_batch_iterator(examples, batch_size, 0, {"inputs": 24, "targets": table.max_len},
@@ -79,12 +80,25 @@ def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
     return float(sum(logp[t, tok] for t, tok in enumerate(tokens) if tok != 0))
 
 
-def test_discriminative_loss_brute_force_and_gradient_path(setup):
-    """(1) The batched [batch * b, T] pass with injection and duplicate masking equals a per-candidate brute
-    force; (2) the gradient equals that of the same loss with the beam-search candidates fed in as constants,
-    i.e. it flows only through the teacher-forced scores, never through the search."""
-    task, batch, params, constants = _task_and_batch(setup)
+@pytest.mark.parametrize("relevant,reduction", [(False, "sum"), (True, "sum"), (True, "mean")])
+def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction):
+    """(1) The batched [batch * b, T] pass with injection, duplicate masking and (with `relevant`) the query's
+    other relevant identifiers masked out of the softmax equals a per-candidate brute force, with L_gen
+    summed or averaged over tokens; (2) the gradient equals that of the same loss with the beam-search
+    candidates fed in as constants, i.e. it flows only through the teacher-forced scores, never through
+    the search."""
+    task, batch, params, constants = _task_and_batch(setup, generative_reduction=reduction,
+                                                     max_relevant=3 if relevant else 0)
     rng, step = jax.random.key(11), jnp.int32(5)
+    other = {}
+    if relevant:  # other relevant identifiers: two beam candidates (one of them may be the positive) and a miss
+        c0, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
+        c0 = np.asarray(c0)
+        rel = np.stack([c0[:, 1], c0[:, 0], np.full_like(c0[:, 0], 7)], axis=1)  # [b, 3, T]
+        rel_valid = np.array([[True, True, False]] * rel.shape[0])
+        rel_valid[0, 1] = False  # a masked-off slot is ignored
+        batch = {**batch, "relevant": jnp.asarray(rel, jnp.int32), "relevant_valid": jnp.asarray(rel_valid)}
+        other = {q: {tuple(r) for r, v in zip(rel[q], rel_valid[q], strict=True) if v} for q in range(rel.shape[0])}
     (total, metrics), grad = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng, step, constants),
                                                         has_aux=True))(params)
     cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
@@ -117,16 +131,20 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup):
         for j, cand in enumerate(slots):  # one teacher-forced forward pass per candidate
             logits = forward(params, batch["inputs"][q:q + 1], jnp.asarray(cand)[None])
             scores.append(_np_score(np.asarray(logits[0]), cand))
-            keep.append(ok[j] and tuple(cand) not in seen)
+            keep.append(ok[j] and tuple(cand) not in seen and (j == p or tuple(cand) not in other.get(q, ())))
             if ok[j]:
                 seen.add(tuple(cand))
         kept = np.array([s for s, k in zip(scores, keep, strict=True) if k])
         dis.append(np.log(np.exp(kept - kept.max()).sum()) + kept.max() - scores[p])
-        gen.append(-scores[p])
+        gen.append(-scores[p] / (np.count_nonzero(positive) if reduction == "mean" else 1))
     np.testing.assert_allclose(float(metrics["gen_loss"]), np.mean(gen), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["dis_loss"]), np.mean(dis), rtol=1e-4)
     np.testing.assert_allclose(float(total), np.mean(gen) + 0.7 * np.mean(dis), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["positive_in_beam"]), np.mean(found_any))
+    if relevant:  # the masking changed something
+        plain = task.replace(loss=dataclasses.replace(task.loss_config, max_relevant=0))
+        assert not np.isclose(float(plain.loss(params, batch, rng, step, constants)[1]["dis_loss"]),
+                              float(metrics["dis_loss"]))
 
 
 def test_lambda_schedule():

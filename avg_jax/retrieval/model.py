@@ -15,7 +15,8 @@ checkpoint ranks the same everywhere.
 
 Loss per step (AVG eq. 10 with a weight and a warm-up): L = L_gen + λ(step) · L_dis.
   L_gen (eq. 7): teacher-forced negative log-likelihood of the positive identifier.
-  L_dis (eqs. 8-9): a constrained beam search over the TRAIN image set's trie (no gradient) proposes
+  L_dis (eqs. 8-9): a constrained beam search over the INDEXED image set's trie (TRAIN images, plus the
+    images of indexed splits when pseudo-queries / memorize rows are on; no gradient) proposes
     b candidates per query; the positive replaces one of them when missing; duplicates are masked; all b
     candidates are teacher-forced in ONE [batch * b, length] decoder pass and the listwise cross-entropy
     of their summed token log-probabilities is taken. Only query rows (not memorize rows) count.
@@ -54,8 +55,9 @@ from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 from avg_jax.t5.model import T5, encoder_input_mask
 from avg_jax.training import losses
+from avg_jax.training.examples import PSEUDO_ROW
 
-TRAIN_TRIE = "train_trie"  # key of the train image set's trie tables in the loss' `constants`
+TRAIN_TRIE = "train_trie"  # key of the indexed (training-time) image set's trie tables in the loss' `constants`
 MODEL_DIR = "model"
 IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
@@ -66,15 +68,32 @@ Identifier = tuple[int, ...]
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RetrievalLossConfig:
-    """Weights of eq. 10 and the discriminative loss' beam (gin: `RetrievalLossConfig.beam_size = 10`)."""
+    """Weights of eq. 10 and the discriminative loss' beam (gin: `RetrievalLossConfig.beam_size = 10`).
+
+    `generative_reduction` (eq. 7's token reduction): 'sum' (default) = eq. 7 as written, -Σ_j log p per
+    identifier, on the scale of the eq. 8 sequence scores; 'mean' = the per-token average of the authors' code,
+    against which their λ = 0.5 was chosen. Eq. 10 is then L = L_gen + λ·L_dis with L_gen the chosen reduction
+    (with 'mean' λ·L_dis weighs T times more relative to L_gen than with 'sum', T = identifier length).
+    `max_relevant` R > 0 (eqs. 8-9 with several relevant images): a query's other relevant images (up to R, from
+    the batch's "relevant" [b, R, T] / "relevant_valid" [b, R]) found among the candidates are masked out of
+    the listwise softmax instead of counting as negatives; 0 = every non-positive candidate is a negative.
+    """
 
     discriminative_weight: float = 0.0  # λ; 0 = generative training only
     discriminative_start_step: int = 0  # λ(step) = 0 before this step (the authors' second stage)
     discriminative_warmup_steps: int = 0  # then λ rises linearly over this many steps
     beam_size: int = 10  # b candidates per query
     z_loss: float = 0.0
+    generative_reduction: str = "sum"  # 'sum' (eq. 7) or 'mean' (per token, the authors' code)
+    max_relevant: int = 0  # R: other relevant identifiers carried per training example (0 = off)
+    discriminative_pseudo_queries: bool = False  # L_dis also on pseudo-query rows (query_row -2)
 
     def __post_init__(self):
+        if self.generative_reduction not in losses.GEN_REDUCTIONS:
+            raise ValueError(f"RetrievalLossConfig.generative_reduction must be one of {losses.GEN_REDUCTIONS}, "
+                             f"got {self.generative_reduction!r}")
+        if self.max_relevant < 0:
+            raise ValueError(f"RetrievalLossConfig.max_relevant must be >= 0, got {self.max_relevant}")
         if self.discriminative_weight < 0:
             raise ValueError(f"RetrievalLossConfig.discriminative_weight must be >= 0, got "
                              f"{self.discriminative_weight}")
@@ -160,7 +179,8 @@ class RetrievalModel:
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`).
     Batches of `loss` carry "inputs" [b, L], "targets" [b, T] (identifier ids, PAD-padded), "valid" [b],
-    "query_row" [b] (-1 on memorize and pseudo-query rows) and, with an image prefix
+    "query_row" [b] (-1 on memorize and pseudo-query rows), optionally "relevant" [b, R, T] / "relevant_valid"
+    [b, R] (the query's other relevant identifiers, `RetrievalLossConfig.max_relevant`) and, with an image prefix
     (`config.num_image_tokens`), "image_features" [b, d] and "has_image" [b].
     """
 
@@ -274,7 +294,10 @@ class RetrievalModel:
         """Eq. 10 for one batch; `constants[TRAIN_TRIE]` are the train trie's tables (L_dis only)."""
         cfg = self.loss_config
         weights = batch["valid"].astype(jnp.float32)  # [b]
-        query_weights = weights * (batch["query_row"] >= 0)  # L_dis on real TRAIN queries only
+        dis_rows = batch["query_row"] >= 0  # L_dis on real TRAIN queries (+ pseudo-queries when configured)
+        if cfg.discriminative_pseudo_queries:
+            dis_rows |= batch["query_row"] == PSEUDO_ROW
+        query_weights = weights * dis_rows
         targets = batch["targets"]  # [b, T]
         encoded, mask = self.encode(params, batch, jax.random.fold_in(rng, 0))
         decode_rng = jax.random.fold_in(rng, 1)
@@ -282,7 +305,7 @@ class RetrievalModel:
 
         def generative_only(_):
             logits = self.decode(params, encoded, mask, targets, decode_rng)
-            total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss)
+            total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss, cfg.generative_reduction)
             return total, {**metrics, "dis_loss": jnp.zeros(()), "positive_in_beam": jnp.zeros(())}
 
         def with_discriminative(_):
@@ -290,6 +313,8 @@ class RetrievalModel:
             cands, positive, valid, found = losses.inject_positive(cands, valid, targets,
                                                                    jax.random.fold_in(rng, 2))
             keep = losses.duplicate_free(cands, valid)
+            if cfg.max_relevant and "relevant" in batch:  # other relevant images are not negatives
+                keep &= ~losses.relevant_mask(cands, batch["relevant"], batch["relevant_valid"], positive)
             b, k, t = cands.shape
             # All b*k candidates in one teacher-forced pass: [b*k, T, vocab].
             logits = self.decode(params, jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0),
@@ -299,7 +324,8 @@ class RetrievalModel:
             denom = jnp.maximum(query_weights.sum(), 1e-9)
             dis_loss = jnp.sum(query_weights * dis) / denom
             positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
-            gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss)
+            gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss,
+                                                  cfg.generative_reduction)
             metrics.update(dis_loss=dis_loss, positive_in_beam=jnp.sum(query_weights * found) / denom)
             return gen + lam * dis_loss, metrics
 
