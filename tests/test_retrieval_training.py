@@ -361,7 +361,7 @@ def test_evaluation_captions_never_reach_any_training_input(tiny_corpus, tmp_pat
         "RQTokenizerConfig.code_dim = 16", "RQTokenizerConfig.codebook_size = 16", "RQTokenizerConfig.num_levels = 2",
         "RQTokenizerConfig.decoder_hidden_dim = 32", "train_tokenizer.steps = 10", "train_tokenizer.batch_size = 48",
         "train_tokenizer.contrastive_steps = 5", "tokenize_corpus.sentencepiece_vocab_size = 300",
-        "tokenize_corpus.suffix_scope = 'split'"])
+        "tokenize_corpus.suffix_scope = 'split'", "tokenize_corpus.pseudo_pairs_per_image = 2"])
     try:
         table, _ = tokenize_corpus(str(corpus_dir), str(tmp_path / "ids"))
     finally:
@@ -369,6 +369,9 @@ def test_evaluation_captions_never_reach_any_training_input(tiny_corpus, tmp_pat
     corpus = Corpus.load(corpus_dir)
     train_rows = set(corpus.query_rows("train").tolist())
     data = TokenizerData.from_corpus(corpus, "train")
+    assert set(data.caption_rows[data.caption_rows >= 0].tolist()) <= train_rows
+    data = TokenizerData.from_corpus(corpus, "train", ("val", "test"), 2)  # pseudo-pairs (as tokenized above)
+    assert data.num_images == corpus.num_images and (data.caption_rows[:, 0] >= 0).all()
     assert set(data.caption_rows[data.caption_rows >= 0].tolist()) <= train_rows
     vocab = table_vocabulary(table, table.metadata["sentencepiece_model"])
     pieces = {vocab.decode([i]) for i in range(vocab.text_size)}
