@@ -100,9 +100,10 @@ def reference_beam_search(model, query, ref, beam, max_length, norm="vocab", win
 
 @functools.cache
 def compiled_search(model_seed, beam, norm="vocab", share_first_step=True, window=None, full_normalizer=True,
-                    batch=4):
+                    batch=4, score_forced_steps=True):
     model = MODELS[model_seed]
-    options = BeamSearchOptions(beam_size=beam, score_normalization=norm, share_first_step=share_first_step)
+    options = BeamSearchOptions(beam_size=beam, score_normalization=norm, share_first_step=share_first_step,
+                                score_forced_steps=score_forced_steps)
     step = functools.partial(model.tokens_to_logits, window=window, full_normalizer=full_normalizer)
     return jax.jit(functools.partial(beam_search, step, batch_size=batch, options=options,
                                      column_offset=0 if window is None else window[0]))
@@ -168,6 +169,38 @@ def test_exhaustive_reference(identifiers, norm):
     check_invariants(trie, result, identifiers, beam=8)
     for q, ours in enumerate(ranked):
         assert_same_ranking(ours, exhaustive_ranking(MODELS[0], q, identifiers, norm, window))
+
+
+# Collision-suffix shaped: bodies (3, 4) and (8, 9) are shared (two suffixes), the others have one (forced) suffix.
+SUFFIXED = [(3, 4, 10), (3, 4, 11), (3, 7, 10), (8, 4, 10), (8, 9, 10), (8, 9, 11), (5, 3, 10)]
+
+
+@pytest.mark.parametrize("identifiers", [FIXED, VARIABLE, SUFFIXED], ids=["fixed", "variable", "suffixed"])
+@pytest.mark.parametrize("norm", ["vocab", "window"])
+def test_unscored_forced_steps_match_exhaustive_enumeration(identifiers, norm):
+    """`score_forced_steps=False`: every identifier's score is the teacher-forced sum over the steps where the
+    trie allows more than one token (a step with exactly one child adds 0); the search ranks all of them."""
+    window = (1, 12) if norm == "window" else None
+    trie, ranked, result = run_search(identifiers, beam=8, norm=norm, window=window, full_normalizer=False,
+                                      score_forced_steps=False)
+    check_invariants(trie, result, identifiers, beam=8)
+    ref = reference_trie(identifiers)
+    model = MODELS[0]
+    for q, ours in enumerate(ranked):
+        expected = []
+        for ident in ref.keys():
+            h, total, prev = model.h0[q], 0.0, PAD_ID
+            for t, token in enumerate(ident):
+                h, logits = model.step_np(h, prev, t)
+                kids = reference_children(ref, ident[:t])
+                if len(kids) > 1:
+                    total += normalized(logits, [token], norm, window)[0]
+                prev = token
+            expected.append((ident, total))
+        assert_same_ranking(ours, sorted(expected, key=lambda x: -x[1]))
+    _, scored, _ = run_search(identifiers, beam=8, norm=norm, window=window, full_normalizer=False)
+    if identifiers is SUFFIXED:  # forced suffixes were penalised before
+        assert scored != ranked
 
 
 @pytest.mark.parametrize("identifiers", [FIXED, VARIABLE], ids=["fixed", "variable"])

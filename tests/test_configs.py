@@ -66,6 +66,8 @@ def _q(name):
 
 
 def test_experiments_bind_the_papers_settings():
+    for module in BASE_MODULES:
+        __import__(module)
     config.parse_gin(["experiments/avg/flickr30k_main.gin"])
     assert _q("%CORPUS_DIR") == "data/flickr30k"
     assert (_q("RQTokenizerConfig.codebook_size"), _q("RQTokenizerConfig.num_levels")) == (1024, 4)
@@ -73,6 +75,9 @@ def test_experiments_bind_the_papers_settings():
     assert (_q("T5Config.d_model"), _q("T5Config.num_encoder_layers"), _q("T5Config.d_ff")) == (768, 12, 3072)
     assert _q("RetrievalLossConfig.discriminative_weight") == 0.5
     assert _q("initial_t5_params.voken_embedding_init") == "codebook"
+    assert _q("RetrievalLossConfig.generative_reduction") == "mean"
+    assert _q("TrainMixture.pseudo_query_source") == "nearest_captions"
+    assert _q("TrainMixture.memorize_splits") == ("train", "val", "test")
     assert _q("staged_learning_rate.values") == [1e-3, 1e-4]
     start = _q("RetrievalLossConfig.discriminative_start_step")
     assert _q("staged_learning_rate.boundaries") == [start] and 0 < start < _q("train_loop.num_steps")
@@ -86,7 +91,31 @@ def test_experiments_bind_the_papers_settings():
         "experiments/avg/flickr30k_table5_m10.gin": {"RQTokenizerConfig.num_levels": 10},
         "experiments/avg/flickr30k_table6_t5_xl.gin": {"T5Config.d_ff": 16384, "T5Config.num_heads": 32},
         "experiments/avg/flickr30k_table7_beam50.gin": {"train_retrieval.eval_beam_size": 50},
-        "experiments/avg/coco_main.gin": {"%CORPUS_DIR": "data/coco", "RQTokenizerConfig.codebook_size": 1024},
+        "experiments/avg/coco_main.gin": {"%CORPUS_DIR": "data/coco", "RQTokenizerConfig.codebook_size": 1024,
+                                          "TrainMixture.pseudo_query_source": "nearest_captions",
+                                          "TrainMixture.pseudo_query_rate": 1.0},
+        "experiments/avg/emoji_main.gin": {"initial_t5_params.voken_embedding_init": "codebook",
+                                           "TrainMixture.pseudo_query_source": "nearest_captions",
+                                           "TrainMixture.pseudo_query_rate": 1.0,
+                                           "TrainMixture.pseudo_queries_per_image": 5,
+                                           "train_retrieval.discriminative_images": "indexed",
+                                           "RetrievalLossConfig.max_relevant": 64,
+                                           "RetrievalLossConfig.generative_reduction": "mean",
+                                           "RetrievalLossConfig.discriminative_weight": 0.5,
+                                           "BeamSearchOptions.score_forced_steps": False,
+                                           "TokenizerLossWeights.align": 1.0},
+        "experiments/avg/emoji_random_voken.gin": {"initial_t5_params.voken_embedding_init": "random",
+                                                   "TrainMixture.pseudo_query_rate": 1.0},
+        "experiments/avg/emoji_no_alignment.gin": {"TokenizerLossWeights.align": 0.0,
+                                                   "RetrievalLossConfig.discriminative_weight": 0.5},
+        "experiments/avg/emoji_no_dis.gin": {"RetrievalLossConfig.discriminative_weight": 0.0,
+                                             "TrainMixture.pseudo_query_rate": 1.0},
+        "experiments/avg/emoji_no_indexing.gin": {"TrainMixture.pseudo_query_rate": 0.0,
+                                                  "RetrievalLossConfig.discriminative_weight": 0.5},
+        "train/avg_synthetic.gin": {"initial_t5_params.voken_embedding_init": "codebook"},
+        "demo.gin": {"initial_t5_params.voken_embedding_init": "codebook",
+                     "RetrievalLossConfig.generative_reduction": "mean",
+                     "TrainMixture.pseudo_query_source": "nearest_captions"},
         "experiments/grace/coco_structured.gin": {"tokenize_corpus.scheme": "grace_structured",
                                                   "TrainMixture.memorize_mode": "sequential",
                                                   "T5Config.num_image_tokens": 1, "%CORPUS_DIR": "data/coco"},

@@ -136,3 +136,44 @@ def test_stats_against_counts():
     assert [u["distinct_tokens"] for u in usage] == [2, 3]
     p = np.array([3, 1]) / 4
     assert usage[0]["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+
+
+@given(n=st.integers(1, 60), m=st.integers(1, 3), alphabet=st.integers(1, 3), seed=st.integers(0, 10**6))
+@settings(max_examples=30, deadline=None)
+def test_suffix_scope_ranks_within_each_split(n, m, alphabet, seed):
+    """suffix_scope: an image's suffix is its rank (by key, then table order) among the images of its OWN
+    scope sharing its body, so identifiers are unique within a scope and a scope's first image gets rank 0
+    whatever the other scopes hold; without a scope it is the rank over all images."""
+    rng = np.random.default_rng(seed)
+    codes = _codes(rng, n, m, alphabet)
+    key = rng.random(n)
+    split = rng.choice(["train", "val", "test"], n)
+    ids = [f"i{i}" for i in range(n)]
+    scoped = make_identifier_table(ids, codes, np.full(n, m), scheme="rq", num_scheme_tokens=alphabet,
+                                   text_vocab_size=TEXT, variable_length=False, order_key=key, suffix_scope=split)
+    plain = make_identifier_table(ids, codes, np.full(n, m), scheme="rq", num_scheme_tokens=alphabet,
+                                  text_vocab_size=TEXT, variable_length=False, order_key=key)
+    start = TEXT + alphabet
+    for table, scope in ((scoped, split), (plain, np.array(["all"] * n))):
+        if table.max_len == m:  # nothing collides anywhere: no suffix
+            assert len(_python_groups(codes)) == n
+            continue
+        for i in range(n):
+            peers = [j for j in range(n) if scope[j] == scope[i] and (codes[j] == codes[i]).all()]
+            expected = sorted(peers, key=lambda j: (key[j], j)).index(i)
+            assert table.identifier(i) == (*codes[i].tolist(), start + expected)
+    for s in set(split.tolist()):  # unique within a split
+        rows = [i for i in range(n) if split[i] == s]
+        assert len({scoped.identifier(i) for i in rows}) == len(rows)
+
+
+def test_suffix_scope_gives_a_lone_test_image_rank_zero():
+    codes = np.array([[TEXT, TEXT + 1]] * 3, np.int32)
+    table = make_identifier_table(["tr0", "tr1", "te0"], codes, np.full(3, 2), scheme="rq", num_scheme_tokens=2,
+                                  text_vocab_size=TEXT, variable_length=False, order_key=np.array([0.0, 0.1, 0.2]),
+                                  suffix_scope=["train", "train", "test"])
+    assert [t[-1] - TEXT - 2 for t in table.identifiers()] == [0, 1, 0]
+    assert table.metadata["suffix_scope"] == "scoped"
+    with pytest.raises(ValueError, match="suffix_scope"):
+        make_identifier_table(["a", "b"], codes[:2], np.full(2, 2), scheme="rq", num_scheme_tokens=2,
+                              text_vocab_size=TEXT, variable_length=False, suffix_scope=["train"])

@@ -4,6 +4,7 @@ evaluation outputs, GRACE memorize stages)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ from avg_jax.retrieval.model import (
     Retriever,
     model_window,
     shift_right,
+    table_vocabulary,
 )
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5
@@ -57,13 +59,13 @@ def setup(tiny_corpus, tmp_path_factory):
             "vocab": vocab}
 
 
-def _task_and_batch(setup, beam=4, batch_size=3):
+def _task_and_batch(setup, beam=4, batch_size=3, **loss):
     corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
     trie = build_trie(table.subset([corpus.images[i].id for i in corpus.image_rows("train")]))
     config = named_t5_config("tiny", vocab_size=vocab.size)
     task = RetrievalModel(config, vocab, window=model_window(table, vocab.size), input_length=24,
                           target_length=table.max_len,
-                          loss=RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam))
+                          loss=RetrievalLossConfig(discriminative_weight=0.7, beam_size=beam, **loss))
     rows = table.index()
     examples = corpus_examples(corpus, "train", vocab.encode, lambda i: table.identifier(rows[i]))
     batch = next(make_batch_iterator(examples, batch_size, 0, {"inputs": 24, "targets": table.max_len},
@@ -79,12 +81,25 @@ def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
     return float(sum(logp[t, tok] for t, tok in enumerate(tokens) if tok != 0))
 
 
-def test_discriminative_loss_brute_force_and_gradient_path(setup):
-    """(1) The batched [batch * b, T] pass with injection and duplicate masking equals a per-candidate brute
-    force; (2) the gradient equals that of the same loss with the beam-search candidates fed in as constants,
-    i.e. it flows only through the teacher-forced scores, never through the search."""
-    task, batch, params, constants = _task_and_batch(setup)
+@pytest.mark.parametrize("relevant,reduction", [(False, "sum"), (True, "sum"), (True, "mean")])
+def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction):
+    """(1) The batched [batch * b, T] pass with injection, duplicate masking and (with `relevant`) the query's
+    other relevant identifiers masked out of the softmax equals a per-candidate brute force, with L_gen
+    summed or averaged over tokens; (2) the gradient equals that of the same loss with the beam-search
+    candidates fed in as constants, i.e. it flows only through the teacher-forced scores, never through
+    the search."""
+    task, batch, params, constants = _task_and_batch(setup, generative_reduction=reduction,
+                                                     max_relevant=3 if relevant else 0)
     rng, step = jax.random.key(11), jnp.int32(5)
+    other = {}
+    if relevant:  # other relevant identifiers: two beam candidates (one of them may be the positive) and a miss
+        c0, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
+        c0 = np.asarray(c0)
+        rel = np.stack([c0[:, 1], c0[:, 0], np.full_like(c0[:, 0], 7)], axis=1)  # [b, 3, T]
+        rel_valid = np.array([[True, True, False]] * rel.shape[0])
+        rel_valid[0, 1] = False  # a masked-off slot is ignored
+        batch = {**batch, "relevant": jnp.asarray(rel, jnp.int32), "relevant_valid": jnp.asarray(rel_valid)}
+        other = {q: {tuple(r) for r, v in zip(rel[q], rel_valid[q], strict=True) if v} for q in range(rel.shape[0])}
     (total, metrics), grad = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng, step, constants),
                                                         has_aux=True))(params)
     cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
@@ -117,16 +132,20 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup):
         for j, cand in enumerate(slots):  # one teacher-forced forward pass per candidate
             logits = forward(params, batch["inputs"][q:q + 1], jnp.asarray(cand)[None])
             scores.append(_np_score(np.asarray(logits[0]), cand))
-            keep.append(ok[j] and tuple(cand) not in seen)
+            keep.append(ok[j] and tuple(cand) not in seen and (j == p or tuple(cand) not in other.get(q, ())))
             if ok[j]:
                 seen.add(tuple(cand))
         kept = np.array([s for s, k in zip(scores, keep, strict=True) if k])
         dis.append(np.log(np.exp(kept - kept.max()).sum()) + kept.max() - scores[p])
-        gen.append(-scores[p])
+        gen.append(-scores[p] / (np.count_nonzero(positive) if reduction == "mean" else 1))
     np.testing.assert_allclose(float(metrics["gen_loss"]), np.mean(gen), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["dis_loss"]), np.mean(dis), rtol=1e-4)
     np.testing.assert_allclose(float(total), np.mean(gen) + 0.7 * np.mean(dis), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["positive_in_beam"]), np.mean(found_any))
+    if relevant:  # the masking changed something
+        plain = task.replace(loss=dataclasses.replace(task.loss_config, max_relevant=0))
+        assert not np.isclose(float(plain.loss(params, batch, rng, step, constants)[1]["dis_loss"]),
+                              float(metrics["dis_loss"]))
 
 
 def test_lambda_schedule():
@@ -312,3 +331,88 @@ def test_voken_embedding_init_from_codebook_and_pretrained_t5(setup, tmp_path):
     with ocp.CheckpointManager(tmp_path / "run" / "checkpoints") as manager:  # lr 0: still the initial weights
         state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     np.testing.assert_array_equal(np.asarray(state["params"]["token_embedder"]["embedding"]), emb)
+
+
+def _nonsense_corpus(corpus: Corpus) -> tuple[Corpus, list[str]]:
+    """`corpus` with every val/test query text replaced by a unique nonsense word."""
+    words, queries = [], []
+    for j, q in enumerate(corpus.queries):
+        if q.split != "train":
+            word = f"zqxvw{j:04d}blorf"
+            words.append(word)
+            q = dataclasses.replace(q, text=word)
+        queries.append(q)
+    return dataclasses.replace(corpus, queries=queries), words
+
+
+def test_evaluation_captions_never_reach_any_training_input(tiny_corpus, tmp_path):
+    """Val/test captions (unique nonsense words) appear nowhere in what is trained: the SentencePiece model and
+    the tokenizer's captions (TRAIN rows only), the T5's examples (queries, memorize rows and pseudo-queries
+    of both sources, decoded with the vocabulary) and the pseudo-queries' texts; pseudo-queries cover every
+    val/test image."""
+    from avg_jax import config
+    from avg_jax.evaluation.dense import tokenizer_head_projections
+    from avg_jax.tokenizer.pipeline import tokenize_corpus
+    from avg_jax.tokenizer.train import TokenizerData
+
+    corpus, words = _nonsense_corpus(tiny_corpus)
+    corpus_dir = corpus.save(tmp_path / "corpus")
+    config.parse_gin(["tokenizer/avg.gin"], [
+        "RQTokenizerConfig.code_dim = 16", "RQTokenizerConfig.codebook_size = 16", "RQTokenizerConfig.num_levels = 2",
+        "RQTokenizerConfig.decoder_hidden_dim = 32", "train_tokenizer.steps = 10", "train_tokenizer.batch_size = 48",
+        "train_tokenizer.contrastive_steps = 5", "tokenize_corpus.sentencepiece_vocab_size = 300",
+        "tokenize_corpus.suffix_scope = 'split'", "tokenize_corpus.pseudo_pairs_per_image = 2"])
+    try:
+        table, _ = tokenize_corpus(str(corpus_dir), str(tmp_path / "ids"))
+    finally:
+        gin.clear_config()
+    corpus = Corpus.load(corpus_dir)
+    train_rows = set(corpus.query_rows("train").tolist())
+    data = TokenizerData.from_corpus(corpus, "train")
+    assert set(data.caption_rows[data.caption_rows >= 0].tolist()) <= train_rows
+    data = TokenizerData.from_corpus(corpus, "train", ("val", "test"), 2)  # pseudo-pairs (as tokenized above)
+    assert data.num_images == corpus.num_images and (data.caption_rows[:, 0] >= 0).all()
+    assert set(data.caption_rows[data.caption_rows >= 0].tolist()) <= train_rows
+    vocab = table_vocabulary(table, table.metadata["sentencepiece_model"])
+    pieces = {vocab.decode([i]) for i in range(vocab.text_size)}
+    assert not any(w[:6] in p for w in words for p in pieces if len(p) >= 6)
+    for split in ("val", "test"):  # suffix ranks within the split: identifiers unique within it
+        ids = [corpus.images[i].id for i in corpus.image_rows(split)]
+        assert len(table.subset(ids).groups()) == len(ids)
+
+    config_ = named_t5_config("tiny", vocab_size=vocab.size).replace(num_image_tokens=1, image_feature_dim=64)
+    model = RetrievalModel(config_, vocab, window=model_window(table, vocab.size), input_length=64,
+                           target_length=table.max_len)
+    projections = tokenizer_head_projections(str(tmp_path / "ids"))
+    indexed = {int(i) for s in ("val", "test") for i in corpus.image_rows(s)}
+    for source in ("nearest_captions", "nearest_image"):
+        mixture = TrainMixture(memorize_rate=1.0, pseudo_query_rate=1.0, pseudo_queries_per_image=3,
+                               pseudo_query_source=source)
+        _, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, 64, 0, projections, max_relevant=4)
+        texts = [vocab.decode([int(t) for t in ex["inputs"]]) for ex in stream]
+        assert not any(w in t for w in words for t in texts), source
+        pseudo = [ex for ex in stream if int(ex["query_row"]) == -2]
+        assert {int(ex["image_row"]) for ex in pseudo} == indexed  # every val/test image is indexed
+        assert all(int(ex["query_row"]) in train_rows for ex in stream if int(ex["query_row"]) >= 0)
+        train_texts = {corpus.queries[j].text for j in train_rows}
+        assert {vocab.decode([int(t) for t in ex["inputs"]]) for ex in pseudo} <= train_texts
+        assert all(ex["relevant"].shape == (4, table.max_len) for ex in stream)
+
+
+def test_train_with_the_full_avg_recipe(setup, tmp_path):
+    """Pseudo-queries for val/test images, memorize rows (image prefix) with codebook voken embeddings, L_dis over
+    every indexed image with other relevant images masked, per-token L_gen and unscored forced steps train and
+    export (the recipe's switches work together); the checkpoint keeps `score_forced_steps`."""
+    params = ("train_loop.num_steps = 3", "RetrievalLossConfig.discriminative_weight = 0.5",
+              "RetrievalLossConfig.discriminative_start_step = 1", "RetrievalLossConfig.beam_size = 4",
+              "RetrievalLossConfig.max_relevant = 4", "RetrievalLossConfig.generative_reduction = 'mean'",
+              "TrainMixture.pseudo_query_rate = 1.0", "TrainMixture.pseudo_queries_per_image = 2",
+              "TrainMixture.memorize_rate = 1.0", "T5Config.num_image_tokens = 1",
+              "initial_t5_params.voken_embedding_init = 'codebook'", "BeamSearchOptions.score_forced_steps = False")
+    assert _train(setup, tmp_path, *params) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("dis_loss", 0) > 0 for r in rows)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["score_forced_steps"] is False and run["train_examples"] > 0
+    model, _, _ = RetrievalModel.load_checkpoint(tmp_path / "retrieval")
+    assert model.score_forced_steps is False

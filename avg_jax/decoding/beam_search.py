@@ -23,6 +23,9 @@ Scores (`score_normalization`):
   'vocab'   sum of token log-probabilities under the full-vocabulary softmax (HuggingFace `generate`).
   'window'  softmax over the returned columns only (e.g. a head restricted to the voken rows).
   'allowed' softmax over the tokens the trie allows at each step (renormalised constrained scores).
+`score_forced_steps=False` (constrained search only): a step where the trie allows exactly one token adds 0
+to the score instead of that token's log-probability, so a forced token (e.g. the only collision suffix of an
+identifier body) cannot penalise an identifier; True (default) scores every step as above.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class BeamSearchOptions:
     beam_size: int = 20
     score_normalization: str = "vocab"
     share_first_step: bool = True
+    score_forced_steps: bool = True  # False: a trie step with exactly one allowed child adds 0 (module doc)
 
     def __post_init__(self):
         if self.beam_size < 1:
@@ -95,15 +99,19 @@ def _logits_and_normalizer(out: Any, score_normalization: str) -> tuple[jax.Arra
 
 
 def candidate_log_probs(out: Any, tokens: jax.Array, valid: jax.Array, column_offset: int,
-                        score_normalization: str) -> jax.Array:
-    """Log-probabilities `[rows, F]` of candidate `tokens [rows, F]` (-inf where not `valid`)."""
+                        score_normalization: str, score_forced_steps: bool = True) -> jax.Array:
+    """Log-probabilities `[rows, F]` of candidate `tokens [rows, F]` (-inf where not `valid`); with
+    `score_forced_steps=False` rows with exactly one valid candidate score it 0."""
     logits, lse = _logits_and_normalizer(out, score_normalization)
     columns = jnp.clip(tokens - column_offset, 0, logits.shape[-1] - 1)
     picked = jnp.take_along_axis(logits, columns, axis=-1)  # [rows, F]
     if score_normalization == "allowed":
         lse = jax.nn.logsumexp(jnp.where(valid, picked, NEG_INF), axis=-1)
         lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    return jnp.where(valid, picked - lse[:, None], NEG_INF)
+    logp = picked - lse[:, None]
+    if not score_forced_steps:
+        logp = jnp.where((valid.sum(axis=-1) == 1)[:, None], 0.0, logp)
+    return jnp.where(valid, logp, NEG_INF)
 
 
 def unconstrained_candidates(out: Any, beam: int, column_offset: int, score_normalization: str
@@ -158,7 +166,7 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
     unchanged (PAD after it, as a trie leaf does), so variable-length sequences compete by their full
     scores; with None EOS is not special (every beam runs `max_length` steps: the constraint-cost baseline).
     """
-    beam, norm = options.beam_size, options.score_normalization
+    beam, norm, forced = options.beam_size, options.score_normalization, options.score_forced_steps
     batch, rows = batch_size, batch_size * options.beam_size
     if tables is None:
         if max_length is None:
@@ -184,7 +192,7 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
         state0 = _finished(tok0, eos_id)
     else:
         tok0, state0, valid0 = trie_lib.children(tables, jnp.zeros((batch,), jnp.int32), width=tables.root_fanout)
-        logp0 = candidate_log_probs(out, tok0, valid0, column_offset, norm)  # [batch, root_fanout]
+        logp0 = candidate_log_probs(out, tok0, valid0, column_offset, norm, forced)  # [batch, root_fanout]
     scores, flat = _top_beams(logp0[:, None, :], beam)  # [batch, beam]
     states = jnp.take_along_axis(state0, flat, axis=1)
     first = jnp.take_along_axis(tok0, flat, axis=1)
@@ -219,7 +227,7 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
             next_states = jnp.where(done, 1, next_states)
         else:
             tokens, next_states, valid = trie_lib.children(tables, flat_states)
-            logp = candidate_log_probs(out, tokens, valid, column_offset, norm)  # [rows, F]
+            logp = candidate_log_probs(out, tokens, valid, column_offset, norm, forced)  # [rows, F]
             # A finished beam (at a leaf) has one candidate: itself, unchanged, emitting PAD.
             stay = (tables.node_group[flat_states] >= 0)[:, None] & (jnp.arange(logp.shape[1]) == 0)
             logp = jnp.where(stay, 0.0, logp)

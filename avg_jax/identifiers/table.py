@@ -15,7 +15,11 @@ Collision policies (when several images would get the same identifier):
             `order_key` (e.g. distance to their code, ascending) and rank r gets token
             `suffix_start + r`, a new token placed after the scheme's own new tokens. The suffix is
             appended to ALL identifiers of the table (rank 0 for unique bodies) so fixed-length tables
-            stay fixed-length; when nothing collides no suffix is added.
+            stay fixed-length; when nothing collides no suffix is added. With a `suffix_scope` (e.g. each
+            image's split) ranks are counted within (body, scope): the first image of a scope gets rank 0 even
+            when another scope's image shares its body, so a test image is not given a suffix the model never
+            learned to emit first because a training image took rank 0; identifiers are then unique within a
+            scope but may repeat across scopes (the table's `groups()` lists the images behind each).
   'share'   identifiers are left as they are; `IdentifierTable.groups()` lists the images behind each.
 """
 
@@ -238,13 +242,15 @@ def make_identifier_table(
     variable_length: bool,
     collision_policy: str = "suffix",
     order_key: np.ndarray | None = None,
+    suffix_scope: Sequence[str] | np.ndarray | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> IdentifierTable:
     """Build a table from identifier bodies ([n, L] PAD-padded ids, no EOS) and apply the collision policy.
 
     `num_scheme_tokens` new tokens are used by the bodies; suffix tokens (policy 'suffix') follow them at
     ids [text_vocab_size + num_scheme_tokens, ... + num_suffix_tokens). `order_key` ([n], smaller first)
-    orders images inside a colliding group; ties and the default fall back to table order.
+    orders images inside a colliding group; ties and the default fall back to table order. `suffix_scope`
+    ([n] labels, e.g. split names; None = one scope): suffix ranks are counted within each (body, scope).
     """
     if collision_policy not in COLLISION_POLICIES:
         raise ValueError(f"collision_policy must be one of {list(COLLISION_POLICIES)}, got {collision_policy!r}")
@@ -261,6 +267,11 @@ def make_identifier_table(
         key = np.zeros((n,), np.float64) if order_key is None else np.asarray(order_key, np.float64)
         if key.shape != (n,):
             raise ValueError(f"order_key must have shape ({n},), got {key.shape}")
+        if suffix_scope is not None:
+            scope = np.asarray(suffix_scope)
+            if scope.shape != (n,):
+                raise ValueError(f"suffix_scope must have shape ({n},), got {scope.shape}")
+            group = group_rows(np.stack([group, np.unique(scope, return_inverse=True)[1].reshape(-1)], axis=1))
         order = np.lexsort((np.arange(n), key, group))  # by group, then key, then table order
         first = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]  # start of each group in `order`
         starts = np.repeat(first, np.diff(np.r_[first, n]))
@@ -276,6 +287,7 @@ def make_identifier_table(
     width = int(lengths.max()) if n else 1
     meta = {**(metadata or {}), "collision_policy": collision_policy, "collisions_before_policy": before,
             "num_scheme_tokens": int(num_scheme_tokens), "num_suffix_tokens": num_suffix,
+            "suffix_scope": "all" if suffix_scope is None else "scoped",
             "suffix_token_range": [suffix_start, suffix_start + num_suffix]}
     return IdentifierTable(image_ids=list(image_ids), tokens=bodies[:, :width].astype(np.int32),
                            lengths=lengths.astype(np.int32), scheme=scheme,

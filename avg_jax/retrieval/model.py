@@ -15,7 +15,8 @@ checkpoint ranks the same everywhere.
 
 Loss per step (AVG eq. 10 with a weight and a warm-up): L = L_gen + λ(step) · L_dis.
   L_gen (eq. 7): teacher-forced negative log-likelihood of the positive identifier.
-  L_dis (eqs. 8-9): a constrained beam search over the TRAIN image set's trie (no gradient) proposes
+  L_dis (eqs. 8-9): a constrained beam search over the INDEXED image set's trie (TRAIN images, plus the
+    images of indexed splits when pseudo-queries / memorize rows are on; no gradient) proposes
     b candidates per query; the positive replaces one of them when missing; duplicates are masked; all b
     candidates are teacher-forced in ONE [batch * b, length] decoder pass and the listwise cross-entropy
     of their summed token log-probabilities is taken. Only query rows (not memorize rows) count.
@@ -25,7 +26,8 @@ Retrieval checkpoint layout (every file read without executing anything):
   DIR/model/                 HuggingFace T5 directory (config.json + model.safetensors)
   DIR/identifiers/           the identifier table of the image set to search
   DIR/spiece.model           the SentencePiece model of the text vocabulary
-  DIR/retrieval_model.json   input length, instruction, head window, score normalisation, extra ids
+  DIR/retrieval_model.json   input length, instruction, head window, score normalisation, forced-step
+                             scoring (`BeamSearchOptions.score_forced_steps`), extra ids
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 from avg_jax.t5.model import T5, encoder_input_mask
 from avg_jax.training import losses
+from avg_jax.training.examples import PSEUDO_ROW
 
-TRAIN_TRIE = "train_trie"  # key of the train image set's trie tables in the loss' `constants`
+TRAIN_TRIE = "train_trie"  # key of the indexed (training-time) image set's trie tables in the loss' `constants`
 MODEL_DIR = "model"
 IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
@@ -65,15 +68,32 @@ Identifier = tuple[int, ...]
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RetrievalLossConfig:
-    """Weights of eq. 10 and the discriminative loss' beam (gin: `RetrievalLossConfig.beam_size = 10`)."""
+    """Weights of eq. 10 and the discriminative loss' beam (gin: `RetrievalLossConfig.beam_size = 10`).
+
+    `generative_reduction` (eq. 7's token reduction): 'sum' (default) = eq. 7 as written, -Σ_j log p per
+    identifier, on the scale of the eq. 8 sequence scores; 'mean' = the per-token average of the authors' code,
+    against which their λ = 0.5 was chosen. Eq. 10 is then L = L_gen + λ·L_dis with L_gen the chosen reduction
+    (with 'mean' λ·L_dis weighs T times more relative to L_gen than with 'sum', T = identifier length).
+    `max_relevant` R > 0 (eqs. 8-9 with several relevant images): a query's other relevant images (up to R, from
+    the batch's "relevant" [b, R, T] / "relevant_valid" [b, R]) found among the candidates are masked out of
+    the listwise softmax instead of counting as negatives; 0 = every non-positive candidate is a negative.
+    """
 
     discriminative_weight: float = 0.0  # λ; 0 = generative training only
     discriminative_start_step: int = 0  # λ(step) = 0 before this step (the authors' second stage)
     discriminative_warmup_steps: int = 0  # then λ rises linearly over this many steps
     beam_size: int = 10  # b candidates per query
     z_loss: float = 0.0
+    generative_reduction: str = "sum"  # 'sum' (eq. 7) or 'mean' (per token, the authors' code)
+    max_relevant: int = 0  # R: other relevant identifiers carried per training example (0 = off)
+    discriminative_pseudo_queries: bool = False  # L_dis also on pseudo-query rows (query_row -2)
 
     def __post_init__(self):
+        if self.generative_reduction not in losses.GEN_REDUCTIONS:
+            raise ValueError(f"RetrievalLossConfig.generative_reduction must be one of {losses.GEN_REDUCTIONS}, "
+                             f"got {self.generative_reduction!r}")
+        if self.max_relevant < 0:
+            raise ValueError(f"RetrievalLossConfig.max_relevant must be >= 0, got {self.max_relevant}")
         if self.discriminative_weight < 0:
             raise ValueError(f"RetrievalLossConfig.discriminative_weight must be >= 0, got "
                              f"{self.discriminative_weight}")
@@ -159,13 +179,15 @@ class RetrievalModel:
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`identifier_window`).
     Batches of `loss` carry "inputs" [b, L], "targets" [b, T] (identifier ids, PAD-padded), "valid" [b],
-    "query_row" [b] (-1 on memorize and pseudo-query rows) and, with an image prefix
+    "query_row" [b] (-1 on memorize and pseudo-query rows), optionally "relevant" [b, R, T] / "relevant_valid"
+    [b, R] (the query's other relevant identifiers, `RetrievalLossConfig.max_relevant`) and, with an image prefix
     (`config.num_image_tokens`), "image_features" [b, d] and "has_image" [b].
     """
 
     def __init__(self, config: T5Config, vocab: Vocabulary | None, *, window: tuple[int, int], input_length: int,
                  target_length: int, retrieve_instruction: str = "", score_normalization: str = "vocab",
-                 share_first_step: bool = True, loss: RetrievalLossConfig | None = None):
+                 share_first_step: bool = True, score_forced_steps: bool = True,
+                 loss: RetrievalLossConfig | None = None):
         """`vocab` None: a model over already tokenized inputs (benchmarks); it cannot encode texts or save."""
         if vocab is not None and config.vocab_size < vocab.size:
             raise ValueError(f"model vocabulary {config.vocab_size} is smaller than the text vocabulary + new "
@@ -179,12 +201,13 @@ class RetrievalModel:
         self.config, self.vocab, self.window = config, vocab, (int(start), int(size))
         self.input_length, self.target_length = input_length, target_length
         self.retrieve_instruction, self.score_normalization = retrieve_instruction, score_normalization
-        self.share_first_step = share_first_step
+        self.share_first_step, self.score_forced_steps = share_first_step, bool(score_forced_steps)
         self.loss_config = loss or RetrievalLossConfig()
         self.module = T5(config)
         self._fields = {"window": self.window, "input_length": input_length, "target_length": target_length,
                         "retrieve_instruction": retrieve_instruction, "score_normalization": score_normalization,
-                        "share_first_step": share_first_step, "loss": self.loss_config}
+                        "share_first_step": share_first_step, "score_forced_steps": self.score_forced_steps,
+                        "loss": self.loss_config}
         self._searches: dict[tuple, Any] = {}  # search settings -> jitted search
 
     def replace(self, **changes: Any) -> RetrievalModel:
@@ -271,7 +294,10 @@ class RetrievalModel:
         """Eq. 10 for one batch; `constants[TRAIN_TRIE]` are the train trie's tables (L_dis only)."""
         cfg = self.loss_config
         weights = batch["valid"].astype(jnp.float32)  # [b]
-        query_weights = weights * (batch["query_row"] >= 0)  # L_dis on real TRAIN queries only
+        dis_rows = batch["query_row"] >= 0  # L_dis on real TRAIN queries (+ pseudo-queries when configured)
+        if cfg.discriminative_pseudo_queries:
+            dis_rows |= batch["query_row"] == PSEUDO_ROW
+        query_weights = weights * dis_rows
         targets = batch["targets"]  # [b, T]
         encoded, mask = self.encode(params, batch, jax.random.fold_in(rng, 0))
         decode_rng = jax.random.fold_in(rng, 1)
@@ -279,7 +305,7 @@ class RetrievalModel:
 
         def generative_only(_):
             logits = self.decode(params, encoded, mask, targets, decode_rng)
-            total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss)
+            total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss, cfg.generative_reduction)
             return total, {**metrics, "dis_loss": jnp.zeros(()), "positive_in_beam": jnp.zeros(())}
 
         def with_discriminative(_):
@@ -287,6 +313,8 @@ class RetrievalModel:
             cands, positive, valid, found = losses.inject_positive(cands, valid, targets,
                                                                    jax.random.fold_in(rng, 2))
             keep = losses.duplicate_free(cands, valid)
+            if cfg.max_relevant and "relevant" in batch:  # other relevant images are not negatives
+                keep &= ~losses.relevant_mask(cands, batch["relevant"], batch["relevant_valid"], positive)
             b, k, t = cands.shape
             # All b*k candidates in one teacher-forced pass: [b*k, T, vocab].
             logits = self.decode(params, jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0),
@@ -296,7 +324,8 @@ class RetrievalModel:
             denom = jnp.maximum(query_weights.sum(), 1e-9)
             dis_loss = jnp.sum(query_weights * dis) / denom
             positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
-            gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss)
+            gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss,
+                                                  cfg.generative_reduction)
             metrics.update(dis_loss=dis_loss, positive_in_beam=jnp.sum(query_weights * found) / denom)
             return gen + lam * dis_loss, metrics
 
@@ -315,7 +344,8 @@ class RetrievalModel:
         or free generation with `tables=None` for `max_length` steps, a beam ending at `eos_id`.
         `decode_options` go to `t5_beam_search` (e.g. `head_chunk_size`)."""
         options = BeamSearchOptions(beam_size=beam_size, score_normalization=self.score_normalization,
-                                    share_first_step=self.share_first_step)
+                                    share_first_step=self.share_first_step,
+                                    score_forced_steps=self.score_forced_steps)
         return t5_beam_search(params, self.config, input_ids, tables, options=options, window=self.window,
                               max_length=max_length, eos_id=eos_id, **decode_options)
 
@@ -391,7 +421,7 @@ class RetrievalModel:
         return {"input_length": self.input_length, "target_length": self.target_length,
                 "retrieve_instruction": self.retrieve_instruction, "window": list(self.window),
                 "score_normalization": self.score_normalization, "share_first_step": self.share_first_step,
-                "num_extra_ids": self.vocab.num_extra_ids}
+                "score_forced_steps": self.score_forced_steps, "num_extra_ids": self.vocab.num_extra_ids}
 
     def save_checkpoint(self, out_dir: str | Path, params: Any, table: IdentifierTable) -> Path:
         """Write the retrieval checkpoint layout (module docstring) for searching `table`'s images.
@@ -439,7 +469,8 @@ class RetrievalModel:
         model = cls(config, vocab, window=tuple(spec["window"]), input_length=int(spec["input_length"]),
                     target_length=int(spec["target_length"]), retrieve_instruction=spec["retrieve_instruction"],
                     score_normalization=spec["score_normalization"],
-                    share_first_step=bool(spec.get("share_first_step", True)))
+                    share_first_step=bool(spec.get("share_first_step", True)),
+                    score_forced_steps=bool(spec.get("score_forced_steps", True)))
         return model, jax.device_put(params), table
 
 

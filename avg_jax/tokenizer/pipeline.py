@@ -35,6 +35,7 @@ from avg_jax.tokenizer.train import (
 )
 
 SCHEMES = ("rq", "grace_numeric", "grace_string", "grace_semantic", "grace_structured", "grace_atomic")
+SUFFIX_SCOPES = ("all", "split")
 SPM_NAME = "spm"
 STATS_FILE = "stats.json"
 
@@ -62,10 +63,25 @@ def tokenize_corpus(
     sentencepiece_model: str | None = None,
     sentencepiece_vocab_size: int = 1000,
     num_extra_ids: int = 0,
+    suffix_scope: str = "all",
+    pseudo_pairs_per_image: int = 0,
 ) -> tuple[IdentifierTable, dict[str, Any]]:
-    """Build and save the identifier table of every image; returns it with the statistics written."""
+    """Build and save the identifier table of every image; returns it with the statistics written.
+
+    `suffix_scope` (scheme 'rq', collision policy 'suffix'): 'all' (default) ranks the images sharing a voken
+    body over all splits; 'split' ranks them within their split (`make_identifier_table(suffix_scope=...)`),
+    so an evaluation image's suffix does not depend on the training images sharing its body.
+    `pseudo_pairs_per_image` k > 0 (scheme 'rq'): the tokenizer also trains (reconstruction, alignment) on the
+    val/test images, each paired with the TRAIN captions of its k nearest TRAIN images (image-feature cosine;
+    `TokenizerData.from_corpus(pseudo_splits=...)`); 0 (default) = TRAIN pairs only."""
     if scheme not in SCHEMES:
         raise ValueError(f"tokenize_corpus.scheme must be one of {list(SCHEMES)}, got {scheme!r}")
+    if suffix_scope not in SUFFIX_SCOPES:
+        raise ValueError(f"tokenize_corpus.suffix_scope must be one of {SUFFIX_SCOPES}, got {suffix_scope!r}")
+    if pseudo_pairs_per_image < 0:
+        raise ValueError(f"tokenize_corpus.pseudo_pairs_per_image must be >= 0, got {pseudo_pairs_per_image}")
+    if suffix_scope != "all" and scheme != "rq":
+        raise ValueError(f"tokenize_corpus.suffix_scope={suffix_scope!r} is implemented for scheme 'rq' only")
     corpus = Corpus.load(corpus_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +89,8 @@ def tokenize_corpus(
     image_ids = [im.id for im in corpus.images]
     extra_stats: dict[str, Any] = {}
     if scheme == "rq":
-        table, extra_stats = _rq_table(corpus, out, vocab.text_size, collision_policy, seed)
+        table, extra_stats = _rq_table(corpus, out, vocab.text_size, collision_policy, seed, suffix_scope,
+                                       pseudo_pairs_per_image)
     elif scheme == "grace_numeric":
         table = grace.grace_numeric_identifiers(image_ids, vocab, seed)
     elif scheme == "grace_string":
@@ -98,8 +115,10 @@ def tokenize_corpus(
 
 
 def _rq_table(corpus: Corpus, out: Path, text_vocab_size: int, collision_policy: str, seed: int,
-              ) -> tuple[IdentifierTable, dict[str, Any]]:
-    tok = train_tokenizer(TokenizerData.from_corpus(corpus, "train"), seed=seed, run_dir=out / TOKENIZER_RUN_DIR)
+              suffix_scope: str = "all", pseudo_pairs_per_image: int = 0) -> tuple[IdentifierTable, dict[str, Any]]:
+    data = (TokenizerData.from_corpus(corpus, "train", ("val", "test"), pseudo_pairs_per_image)
+            if pseudo_pairs_per_image else TokenizerData.from_corpus(corpus, "train"))
+    tok = train_tokenizer(data, seed=seed, run_dir=out / TOKENIZER_RUN_DIR)
     save_tokenizer(tok, out)
     enc = encode_images(tok, corpus.image_features)
     cfg = tok.config
@@ -109,6 +128,7 @@ def _rq_table(corpus: Corpus, out: Path, text_vocab_size: int, collision_policy:
         [im.id for im in corpus.images], vokens, np.full(corpus.num_images, cfg.num_levels), scheme="rq",
         num_scheme_tokens=cfg.num_codebooks * cfg.codebook_size, text_vocab_size=text_vocab_size,
         variable_length=False, collision_policy=collision_policy, order_key=enc.quantization_error,
+        suffix_scope=[im.split for im in corpus.images] if suffix_scope == "split" else None,
         metadata={"codebook_size": cfg.codebook_size, "num_levels": cfg.num_levels,
                   "shared_codebook": cfg.shared_codebook, "code_dim": cfg.code_dim,
                   "codebook_file": CODEBOOK_FILE,

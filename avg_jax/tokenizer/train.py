@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from avg_jax.data.corpus import Corpus, queries_by_image
+from avg_jax.data.corpus import Corpus, normalize_rows, queries_by_image
 from avg_jax.partitioning import make_device_mesh
 from avg_jax.tokenizer.kmeans import kmeans_numpy
 from avg_jax.tokenizer.losses import TokenizerLossWeights, info_nce, tokenizer_losses
@@ -58,8 +58,12 @@ class TokenizerData:
     caption_rows: np.ndarray  # [n, K] int64, -1 padded
 
     @classmethod
-    def from_corpus(cls, corpus: Corpus, split: str = "train") -> TokenizerData:
-        """The images of `split` and the captions of the same split that point at them."""
+    def from_corpus(cls, corpus: Corpus, split: str = "train", pseudo_splits: tuple[str, ...] = (),
+                    pseudo_per_image: int = 1) -> TokenizerData:
+        """The images of `split` and the captions of the same split that point at them; with `pseudo_splits`
+        also the images of those splits, each paired with pseudo-captions: the captions of its
+        `pseudo_per_image` nearest `split` images (cosine of image features). Only `split` captions are
+        ever used (an evaluation image's own captions never are)."""
         if corpus.text_features is None:
             raise ValueError(f"corpus {corpus.name!r} has no text_features.npy; the tokenizer needs caption "
                              "features for the warm-up and the alignment loss")
@@ -68,6 +72,16 @@ class TokenizerData:
             raise ValueError(f"corpus {corpus.name!r} has no {split!r} images to train the tokenizer on")
         by_image = queries_by_image(corpus, corpus.query_rows(split))
         caps = [by_image.get(corpus.images[i].id, []) for i in rows]
+        extra = np.concatenate([corpus.image_rows(s) for s in pseudo_splits if s != split] or
+                               [np.zeros((0,), np.int64)]).astype(np.int64)
+        if extra.size:
+            donors = np.array([i for i in rows if corpus.images[i].id in by_image], np.int64)
+            if donors.size == 0:
+                raise ValueError(f"pseudo-pairs need {split!r} images with {split!r} captions")
+            features = normalize_rows(corpus.image_features)
+            nearest = np.argsort(-(features[extra] @ features[donors].T), axis=1, kind="stable")[:, :pseudo_per_image]
+            caps += [[c for d in near for c in by_image[corpus.images[donors[d]].id]] for near in nearest]
+            rows = np.concatenate([rows, extra])
         width = max(1, max(len(c) for c in caps))
         caption_rows = np.full((rows.size, width), -1, np.int64)
         for i, c in enumerate(caps):

@@ -23,7 +23,10 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.identifiers.table import IdentifierTable
 
 MEMORIZE_MODES = ("mixed", "sequential")
+PSEUDO_QUERY_SOURCES = ("nearest_image", "nearest_captions")
+MEMORIZE_ROW, PSEUDO_ROW = -1, -2  # "query_row" of learning-to-memorize and pseudo-query examples
 Tokenize = Callable[[str], Sequence[int]]
+Projection = Callable[[np.ndarray], np.ndarray]
 
 
 @gin.configurable
@@ -38,6 +41,11 @@ class TrainMixture:
     memorize_steps: int = 0
     pseudo_query_rate: float = 0.0  # copies of the pseudo-query examples
     pseudo_queries_per_image: int = 1
+    # 'nearest_image': the first caption of each of the k nearest TRAIN images (image-feature cosine);
+    # 'nearest_captions': the k nearest distinct TRAIN caption texts in the tokenizer's aligned space (text head
+    # of the captions' features vs image head of the image's feature; needs the tokenizer's heads).
+    pseudo_query_source: str = "nearest_image"
+    pseudo_queries_for_train: bool = False  # also for TRAIN images (which have their own captions)
     memorize_instruction: str = "Predict the identifier for the <image>"  # GRACE inst-m
     retrieve_instruction: str = ""  # GRACE inst-r: "Predict the image identifier corresponding to the given query"
 
@@ -53,6 +61,9 @@ class TrainMixture:
             raise ValueError(f"TrainMixture.memorize_splits: unknown split(s) {bad}; expected {list(SPLITS)}")
         if self.memorize_mode == "sequential" and self.memorize_steps <= 0:
             raise ValueError("TrainMixture: memorize_mode 'sequential' needs memorize_steps > 0")
+        if self.pseudo_query_source not in PSEUDO_QUERY_SOURCES:
+            raise ValueError(f"TrainMixture.pseudo_query_source must be one of {PSEUDO_QUERY_SOURCES}, got "
+                             f"{self.pseudo_query_source!r}")
         if self.pseudo_queries_per_image < 1:
             raise ValueError(f"TrainMixture.pseudo_queries_per_image must be >= 1, got "
                              f"{self.pseudo_queries_per_image}")
@@ -60,6 +71,15 @@ class TrainMixture:
     @property
     def uses_images(self) -> bool:
         return self.memorize_rate > 0 or self.memorize_mode == "sequential"
+
+    @property
+    def indexes(self) -> bool:
+        """Whether training sees images beyond the TRAIN split (memorize rows or pseudo-queries)."""
+        return self.uses_images or self.pseudo_query_rate > 0
+
+    def indexed_splits(self) -> tuple[str, ...]:
+        """The splits whose images the model is trained to emit: TRAIN, plus `memorize_splits` when indexing."""
+        return tuple(dict.fromkeys(("train", *(self.memorize_splits if self.indexes else ()))))
 
 
 def _image_fields(ex: Example, features: np.ndarray | None, has_image: bool) -> Example:
@@ -91,45 +111,106 @@ def memorize_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary,
         _check_covered(corpus, table, split)
         for i in corpus.image_rows(split):
             image_id = corpus.images[i].id
-            ex = {"inputs": inputs, "query_row": np.int32(-1), "image_row": np.int32(i),
+            ex = {"inputs": inputs, "query_row": np.int32(MEMORIZE_ROW), "image_row": np.int32(i),
                   "targets": np.asarray(table.identifier(rows[image_id]), np.int32)}
             out.append(_image_fields(ex, features[i], True))
     return out
 
 
 def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Tokenize, splits: tuple[str, ...],
-                          per_image: int, image_dim: int | None) -> list[Example]:
-    """Pseudo-queries for images without TRAIN captions (GRACE appendix A).
+                          per_image: int, image_dim: int | None, source: str = "nearest_image",
+                          projections: tuple[Projection, Projection] | None = None,
+                          include_train: bool = False) -> list[Example]:
+    """Pseudo-queries ("gallery indexing") for the images of `splits` (TRAIN images only with
+    `include_train`), made ONLY from TRAIN captions (GRACE appendix A; never a val/test caption).
 
-    GRACE generates them with an image-to-query model trained on the training pairs; here the generator
-    is retrieval-based: the first TRAIN caption of each of the `per_image` nearest TRAIN images (cosine of
-    image features). Only test-image FEATURES and training captions are used, never test captions.
+    GRACE generates them with an image-to-query model trained on the training pairs; here the generator is
+    retrieval-based (`source`):
+      'nearest_image'     the first TRAIN caption of each of the `per_image` nearest TRAIN images (cosine of
+                          image features);
+      'nearest_captions'  the `per_image` nearest distinct TRAIN caption texts in the tokenizer's aligned space:
+                          cosine of the text head of the captions' features and the image head of the image's
+                          feature (`projections` = (text, image), e.g. `tokenizer_head_projections`).
+    Rows have query_row PSEUDO_ROW (-2).
     """
-    train_images = corpus.image_rows("train")
-    captioned = queries_by_image(corpus, corpus.query_rows("train"))
-    donors = np.array([i for i in train_images if corpus.images[i].id in captioned], np.int64)
-    if donors.size == 0:
-        raise ValueError("pseudo-queries need TRAIN images with TRAIN captions; the corpus has none")
-    features = normalize_rows(corpus.image_features)
-    rows = table.index()
+    if source not in PSEUDO_QUERY_SOURCES:
+        raise ValueError(f"pseudo_query_examples: source must be one of {PSEUDO_QUERY_SOURCES}, got {source!r}")
+    train_rows = corpus.query_rows("train")
+    if source == "nearest_image":
+        captioned = queries_by_image(corpus, train_rows)
+        donors = np.array([i for i in corpus.image_rows("train") if corpus.images[i].id in captioned], np.int64)
+        if donors.size == 0:
+            raise ValueError("pseudo-queries need TRAIN images with TRAIN captions; the corpus has none")
+        features = normalize_rows(corpus.image_features)
+        donor_texts = [corpus.queries[captioned[corpus.images[d].id][0]].text for d in donors]
+
+        def neighbours(rows: np.ndarray) -> np.ndarray:
+            return features[rows] @ features[donors].T
+    else:
+        if projections is None:
+            raise ValueError("pseudo_query_source 'nearest_captions' needs the tokenizer's (text, image) head "
+                             "projections")
+        if corpus.text_features is None:
+            raise ValueError("pseudo_query_source 'nearest_captions' needs the corpus' text features")
+        texts: dict[str, int] = {}
+        for j in train_rows:  # distinct caption texts, first row of each
+            texts.setdefault(corpus.queries[j].text, int(j))
+        if not texts:
+            raise ValueError("pseudo-queries need TRAIN captions; the corpus has none")
+        donor_texts = list(texts)
+        text_project, image_project = projections
+        caption_emb = normalize_rows(np.asarray(text_project(corpus.text_features[list(texts.values())]),
+                                                np.float32))
+
+        def neighbours(rows: np.ndarray) -> np.ndarray:
+            image_emb = normalize_rows(np.asarray(image_project(corpus.image_features[rows]), np.float32))
+            return image_emb @ caption_emb.T
+    rows_of = table.index()
     zeros = None if image_dim is None else np.zeros(image_dim, np.float32)
     out = []
     for split in splits:
-        if split == "train":
+        if split == "train" and not include_train:
             continue
         targets = corpus.image_rows(split)
         if targets.size == 0:
             continue
-        sims = features[targets] @ features[donors].T  # [targets, donors]
-        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :per_image]
-        for i, near in zip(targets, nearest, strict=True):
-            image_id = corpus.images[i].id
-            for d in near:
-                text = corpus.queries[captioned[corpus.images[donors[d]].id][0]].text
-                ex = {"inputs": np.asarray(tokenize(text), np.int32),
-                      "query_row": np.int32(-1), "image_row": np.int32(i),
-                      "targets": np.asarray(table.identifier(rows[image_id]), np.int32)}
-                out.append(_image_fields(ex, zeros, False))
+        _check_covered(corpus, table, split)
+        for lo in range(0, targets.size, 1024):
+            chunk = targets[lo:lo + 1024]
+            nearest = np.argsort(-neighbours(chunk), axis=1, kind="stable")[:, :per_image]
+            for i, near in zip(chunk, nearest, strict=True):
+                target = np.asarray(table.identifier(rows_of[corpus.images[i].id]), np.int32)
+                for d in near:
+                    ex = {"inputs": np.asarray(tokenize(donor_texts[d]), np.int32),
+                          "query_row": np.int32(PSEUDO_ROW), "image_row": np.int32(i), "targets": target}
+                    out.append(_image_fields(ex, zeros, False))
+    return out
+
+
+def add_relevant(examples: list[Example], corpus: Corpus, table: IdentifierTable, max_relevant: int
+                 ) -> list[Example]:
+    """Each example plus "relevant" [R, max_len] (PAD-padded identifiers of its query's OTHER relevant images:
+    those whose identifier differs from the target, first R in the query's order) and "relevant_valid" [R]
+    (eqs. 8-9 with several relevant images, `RetrievalLossConfig.max_relevant`). Memorize and pseudo-query
+    rows carry none."""
+    rows = table.index()
+    r, width = max(max_relevant, 1), table.max_len
+    out = []
+    for ex in examples:
+        relevant = np.zeros((r, width), np.int32)
+        valid = np.zeros((r,), bool)
+        q = int(ex["query_row"])
+        if q >= 0 and max_relevant > 0:
+            target = tuple(int(t) for t in np.asarray(ex["targets"]) if t != 0)
+            others = []
+            for image_id in corpus.queries[q].image_ids:
+                ident = table.identifier(rows[image_id])
+                if ident != target and ident not in others:
+                    others.append(ident)
+            for k, ident in enumerate(others[:r]):
+                relevant[k, :len(ident)] = ident
+                valid[k] = True
+        out.append({**ex, "relevant": relevant, "relevant_valid": valid})
     return out
 
 
@@ -141,8 +222,12 @@ def repeat_at_rate(examples: list[Example], rate: float, seed: int) -> list[Exam
 
 
 def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tokenize: Tokenize,
-                  mixture: TrainMixture, image_dim: int | None, seed: int) -> tuple[list[Example], list[Example]]:
+                  mixture: TrainMixture, image_dim: int | None, seed: int,
+                  projections: tuple[Projection, Projection] | None = None,
+                  max_relevant: int = 0) -> tuple[list[Example], list[Example]]:
     """(memorize-stage examples, main-stream examples); the first list is empty unless sequential.
+    `projections`: the tokenizer's (text, image) heads for pseudo_query_source 'nearest_captions';
+    `max_relevant` > 0: every example carries "relevant"/"relevant_valid" (`add_relevant`).
 
     Query and pseudo-query inputs are `tokenize(text)` (the model's query tokenization, which applies
     `mixture.retrieve_instruction`); memorize inputs are `vocab.encode(mixture.memorize_instruction)`."""
@@ -157,10 +242,14 @@ def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tok
         stream += repeat_at_rate(memorize, mixture.memorize_rate, seed + 1)
     if mixture.pseudo_query_rate > 0:
         pseudo = pseudo_query_examples(corpus, table, tokenize, mixture.memorize_splits,
-                                       mixture.pseudo_queries_per_image, image_dim)
+                                       mixture.pseudo_queries_per_image, image_dim, mixture.pseudo_query_source,
+                                       projections, mixture.pseudo_queries_for_train)
         stream += repeat_at_rate(pseudo, mixture.pseudo_query_rate, seed + 2)
     if not stream:
         raise ValueError("TrainMixture yields no training examples (all rates are 0?)")
+    if max_relevant > 0:
+        stream, memorize = add_relevant(stream, corpus, table, max_relevant), add_relevant(memorize, corpus, table,
+                                                                                              max_relevant)
     return (memorize if mixture.memorize_mode == "sequential" else []), stream
 
 

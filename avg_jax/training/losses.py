@@ -29,17 +29,29 @@ def sequence_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return token_log_probs(logits, targets).sum(axis=-1)
 
 
-def generative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float = 0.0
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+GEN_REDUCTIONS = ("sum", "mean")
+
+
+def generative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float = 0.0,
+                    reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 7: -sum_j log p(voken_j | query, voken_<j) per example, averaged over examples with weight > 0.
 
+    `reduction` over an example's tokens: 'sum' = eq. 7 (the sequence NLL, the same scale as the eq. 8
+    scores); 'mean' = divided by the example's number of target tokens (the per-token cross-entropy the
+    authors' code averages, the scale their λ = 0.5 of eq. 10 was tuned against).
     logits [batch, T, V], targets [batch, T] (PAD-padded), weights [batch] (0 for padding rows). The
-    optional z-loss `z_loss * log(Z)^2` per target token keeps the softmax normaliser near 1 (PaLM/t5x).
+    optional z-loss `z_loss * log(Z)^2` per target token keeps the softmax normaliser near 1 (PaLM/t5x);
+    it is reduced over tokens the same way.
     """
+    if reduction not in GEN_REDUCTIONS:
+        raise ValueError(f"generative loss reduction must be one of {GEN_REDUCTIONS}, got {reduction!r}")
     mask = targets != PAD_ID  # [batch, T]
     nll = -token_log_probs(logits, targets).sum(axis=-1)  # [batch]
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [batch, T]
     z = z_loss * jnp.sum(jnp.where(mask, lse**2, 0.0), axis=-1)  # [batch]
+    if reduction == "mean":
+        count = jnp.maximum(mask.sum(axis=-1), 1).astype(jnp.float32)
+        nll, z = nll / count, z / count
     denom = jnp.maximum(weights.sum(), 1e-9)
     correct = (jnp.argmax(logits, axis=-1) == targets) | ~mask
     metrics = {
@@ -80,6 +92,17 @@ def duplicate_free(candidates: jax.Array, valid: jax.Array) -> jax.Array:
     earlier = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [j, i]: i < j
     repeated = jnp.any(same & earlier[None] & valid[:, None, :], axis=-1)
     return valid & ~repeated
+
+
+def relevant_mask(candidates: jax.Array, relevant: jax.Array, relevant_valid: jax.Array,
+                  positive_index: jax.Array) -> jax.Array:
+    """Candidates that are another relevant image's identifier (not negatives of this query): [b, k] bool.
+
+    candidates [b, k, L], relevant [b, R, L] (the query's relevant identifiers, PAD-padded to L),
+    relevant_valid [b, R]; the positive's own slot is never masked."""
+    same = jnp.all(candidates[:, :, None, :] == relevant[:, None, :, :], axis=-1)  # [b, k, R]
+    hit = jnp.any(same & relevant_valid[:, None, :], axis=-1)  # [b, k]
+    return hit & (jnp.arange(candidates.shape[1])[None, :] != positive_index[:, None])
 
 
 def listwise_loss(scores: jax.Array, positive_index: jax.Array, keep: jax.Array) -> jax.Array:

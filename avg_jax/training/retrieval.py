@@ -141,12 +141,19 @@ def train_retrieval(
     eval_batch_size: int = 32,
     eval_max_queries: int | None = None,
     eval_constrained: bool = True,
+    discriminative_images: str = "indexed",
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
     periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
     `eval_constrained=False` evaluates by free generation (GRACE's "w/o constrained generation").
     `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
-    length cuts longer inputs (training and evaluation alike); the number cut is printed."""
+    length cuts longer inputs (training and evaluation alike); the number cut is printed.
+    `discriminative_images`: the image set of L_dis's candidate trie (eq. 8): 'indexed' (default) = every image
+    the model is trained to emit (TRAIN, plus `TrainMixture.memorize_splits` when pseudo-queries or memorize
+    rows index them; = TRAIN otherwise), 'train' = TRAIN images only."""
+    if discriminative_images not in ("indexed", "train"):
+        raise ValueError(f"train_retrieval.discriminative_images must be 'indexed' or 'train', got "
+                         f"{discriminative_images!r}")
     corpus = Corpus.load(corpus_dir)
     table = IdentifierTable.load(identifiers_dir)
     vocab = load_vocabulary(table, identifiers_dir)
@@ -154,16 +161,23 @@ def train_retrieval(
     model_config = T5Config(image_feature_dim=int(corpus.image_features.shape[1])).replace(vocab_size=vocab.size)
     initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
     mixture = TrainMixture()
-    train_ids = [corpus.images[i].id for i in corpus.image_rows("train")]
-    train_trie = build_trie(table.subset(train_ids))
+    trie_splits = mixture.indexed_splits() if discriminative_images == "indexed" else ("train",)
+    trie_ids = [im.id for im in corpus.images if im.split in trie_splits]
+    train_trie = build_trie(table.subset(trie_ids))
     search = BeamSearchOptions()  # the score normalisation and first-step sharing the model decodes with
     model = RetrievalModel(model_config, vocab, window=model_window(table, vocab.size),
                            input_length=input_length or 1, target_length=table.max_len,
                            retrieve_instruction=mixture.retrieve_instruction,
                            score_normalization=search.score_normalization, share_first_step=search.share_first_step,
+                           score_forced_steps=search.score_forced_steps,
                            loss=RetrievalLossConfig())
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
-    memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed)
+    projections = None
+    if mixture.pseudo_query_rate > 0 and mixture.pseudo_query_source == "nearest_captions":
+        from avg_jax.evaluation.dense import tokenizer_head_projections
+        projections = tokenizer_head_projections(identifiers_dir)
+    memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed,
+                                           projections, model.loss_config.max_relevant)
     if input_length is None:
         longest = max(len(ex["inputs"]) for ex in stream + memorize_stage)
         if eval_split is not None:
