@@ -147,6 +147,93 @@ class Rankings(NamedTuple):
     generated: list[list[Identifier]] | None
 
 
+@dataclasses.dataclass(frozen=True)
+class RerankConfig:
+    """Generate-then-rerank: fused score = generative score + weight * cos(text, image) / temperature.
+
+    The generative score is the beam's (normalised) log-probability of the image's identifier; the cosine is
+    the dense two-tower similarity of the query's aligned text vector and the image's aligned vector (the
+    tokenizer's contrastive heads). weight 0 = off (the pure generative ranking). Set by gin through
+    `train_retrieval.eval_rerank_weight` / `eval_rerank_temperature`."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.weight < 0 or not np.isfinite(self.weight):
+            raise ValueError(f"RerankConfig.weight must be a finite number >= 0, got {self.weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"RerankConfig.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Reranker:
+    """Rescores the images a beam returned with the dense towers and fuses the scores (`RerankConfig`).
+
+    `image_embeddings` [n, d]: aligned vectors of the searchable images `image_ids` (row i = image i);
+    `text_projection`: query features [q, f] -> aligned vectors [q, d] (None: the features are already
+    aligned). Cost per query is constant: only the beam's images (b identifiers, expanded) are scored."""
+
+    def __init__(self, config: RerankConfig, image_ids: Sequence[str], image_embeddings: np.ndarray,
+                 text_projection: Callable[[np.ndarray], np.ndarray] | None = None):
+        image_embeddings = np.asarray(image_embeddings, np.float32)
+        if image_embeddings.ndim != 2 or image_embeddings.shape[0] != len(image_ids):
+            raise ValueError(f"Reranker: image_embeddings {image_embeddings.shape} must be [{len(image_ids)}, dim]")
+        self.config = config
+        self.row = {image: i for i, image in enumerate(image_ids)}
+        self.images = _unit_rows(image_embeddings)
+        self.text_projection = text_projection
+
+    @classmethod
+    def from_tokenizer(cls, config: RerankConfig, tokenizer_dir: str | Path, image_ids: Sequence[str],
+                       image_features: np.ndarray) -> Reranker:
+        """Towers = a trained tokenizer's contrastive heads (`avg-jax tokenize` output, e.g. identifiers dir)."""
+        from avg_jax.evaluation.dense import tokenizer_head_projections
+
+        text, image = tokenizer_head_projections(str(tokenizer_dir))
+        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text)
+
+    def embed_queries(self, query_features: np.ndarray) -> np.ndarray:
+        """Unit aligned query vectors [q, d] of query features [q, f]."""
+        x = np.asarray(query_features, np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"Reranker: query features must be [queries, dim], got shape {x.shape}")
+        x = self.text_projection(x) if self.text_projection is not None else x
+        if x.shape[1] != self.images.shape[1]:
+            raise ValueError(f"Reranker: aligned query dim {x.shape[1]} != image embedding dim {self.images.shape[1]}")
+        return _unit_rows(x)
+
+    def __call__(self, rankings: Rankings, query_features: np.ndarray) -> Rankings:
+        """`rankings` with each query's images reordered by the fused score (stable: ties keep the beam's
+        order) and `image_scores` the fused scores; identifiers and their scores stay the beam's."""
+        if len(query_features) != len(rankings.images):
+            raise ValueError(f"Reranker: {len(query_features)} query feature rows for {len(rankings.images)} queries")
+        if not self.config.enabled:
+            return rankings
+        queries = self.embed_queries(query_features)
+        scale = self.config.weight / self.config.temperature
+        images, scores = [], []
+        for q, (ids, gen) in enumerate(zip(rankings.images, rankings.image_scores, strict=True)):
+            if not ids:
+                images.append([])
+                scores.append([])
+                continue
+            cos = self.images[[self.row[i] for i in ids]] @ queries[q]
+            fused = np.asarray(gen, np.float64) + scale * cos.astype(np.float64)
+            order = np.argsort(-fused, kind="stable")
+            images.append([ids[i] for i in order])
+            scores.append([float(fused[i]) for i in order])
+        return rankings._replace(images=images, image_scores=scores)
+
+
 def generated_sequence(row: Sequence[int]) -> Identifier:
     """A free-generation output row `[max_length]` as a sequence: cut after its first EOS, else all of it
     (PAD after an EOS is the search's filler; a PAD before one was generated and stays)."""
@@ -333,13 +420,22 @@ class RetrievalModel:
         return self._searches[key]
 
     def rank(self, params: Any, input_ids: np.ndarray, index: SearchIndex, *, beam_size: int,
-             constrained: bool = True, batch_size: int = 32, out_sharding: Any = None) -> Rankings:
+             constrained: bool = True, batch_size: int = 32, out_sharding: Any = None,
+             rerank: Reranker | None = None, query_features: np.ndarray | None = None) -> Rankings:
         """Ranked images of encoded queries `input_ids [n, input_length]` over `index`.
 
         Constrained: identifier groups of the trie expanded to their images (table order within a group).
         Free generation (GRACE's "w/o constrained generation"): each sequence, cut after its EOS, retrieves
         images only when it is exactly an identifier of the set. Queries go through in fixed batches of
-        `batch_size` (one compiled shape)."""
+        `batch_size` (one compiled shape).
+
+        `rerank`: generate-then-rerank, the beam's images rescored with the dense towers from the queries'
+        `query_features` [n, f] (one row per query) and fused with the generative score (`Reranker`)."""
+        if rerank is not None and rerank.config.enabled:
+            if query_features is None:
+                raise ValueError("rank: rerank needs the queries' features (query_features)")
+            if len(query_features) != len(input_ids):
+                raise ValueError(f"rank: {len(query_features)} query feature rows for {len(input_ids)} queries")
         lo_tok, hi_tok = index.trie.token_range
         start, size = self.window
         if index.trie.num_identifiers and (lo_tok < start or hi_tok > start + size):
@@ -361,6 +457,8 @@ class RetrievalModel:
                     self._rank_constrained(out, index.trie, result.groups[q], result.scores[q])
                 else:
                     self._rank_generated(out, index, result.tokens[q], result.scores[q])
+        if rerank is not None and rerank.config.enabled:
+            out = rerank(out, query_features)
         return out
 
     @staticmethod

@@ -33,12 +33,20 @@ from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.json_io import write_json
-from avg_jax.retrieval.model import TRAIN_TRIE, RetrievalLossConfig, RetrievalModel, model_window, table_vocabulary
+from avg_jax.retrieval.model import (
+    TRAIN_TRIE,
+    RerankConfig,
+    Reranker,
+    RetrievalLossConfig,
+    RetrievalModel,
+    model_window,
+    table_vocabulary,
+)
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params
 from avg_jax.t5.vocab_expand import expand_vocab
-from avg_jax.training.evaluator import RetrievalEvaluator
+from avg_jax.training.evaluator import RetrievalEvaluator, rerank_path
 from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
 from avg_jax.training.trainer import train_loop
 
@@ -141,12 +149,17 @@ def train_retrieval(
     eval_batch_size: int = 32,
     eval_max_queries: int | None = None,
     eval_constrained: bool = True,
+    eval_rerank_weight: float = 0.0,
+    eval_rerank_temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
     periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
     `eval_constrained=False` evaluates by free generation (GRACE's "w/o constrained generation").
     `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
-    length cuts longer inputs (training and evaluation alike); the number cut is printed."""
+    length cuts longer inputs (training and evaluation alike); the number cut is printed.
+    `eval_rerank_weight` > 0: the evaluation also reports generate-then-rerank (`RerankConfig`: fused score =
+    generative score + weight * cosine / `eval_rerank_temperature`, towers = the tokenizer heads of
+    `identifiers_dir`) under `rerank/`, with ranked_<split>_rerank.jsonl beside ranked_<split>.jsonl."""
     corpus = Corpus.load(corpus_dir)
     table = IdentifierTable.load(identifiers_dir)
     vocab = load_vocabulary(table, identifiers_dir)
@@ -190,9 +203,15 @@ def train_retrieval(
     run_path = epath.Path(run_dir)  # local or gs://
     evaluator = None
     if eval_split is not None:
+        rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature)
+        reranker = None
+        if rerank.enabled:
+            rows = corpus.image_rows(eval_split)
+            reranker = Reranker.from_tokenizer(rerank, identifiers_dir, [corpus.images[i].id for i in rows],
+                                               corpus.image_features[rows])
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
                                        batch_size=eval_batch_size, max_queries=eval_max_queries,
-                                       constrained=eval_constrained)
+                                       constrained=eval_constrained, reranker=reranker)
     if jax.process_index() == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / RUN_FILE).write_text(json.dumps({
@@ -211,8 +230,11 @@ def train_retrieval(
         if jax.process_index() == 0:
             scores = evaluator.write_ranked(result.state.params, ranked)
         else:  # the same sharded searches, nothing written
-            scores = evaluator.score(evaluator.rankings(result.state.params))
+            scores = evaluator.score_all(evaluator.timed_rankings(result.state.params)[0])
         final.update(split=eval_split, beam_size=eval_beam_size, **scores)
+        if evaluator.reranker is not None:
+            final.update(rerank_weight=eval_rerank_weight, rerank_temperature=eval_rerank_temperature,
+                         rerank_ranked=str(rerank_path(ranked)))
         if jax.process_index() == 0:
             write_json(run_path / f"eval_{eval_split}.json", final)
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
