@@ -323,3 +323,37 @@ def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     assert cli.main(["sweep", "--table", "avg_table7", "--corpus", str(corpus_dir), "--out", str(out),
                      "--gin_file", "testing/tiny.gin"]) == code
     assert "done already" in capsys.readouterr().out
+
+
+def test_sweep_tokenizer_only_rows_and_a_missing_gin_file(corpus_dir, shared_out, monkeypatch, capsys):
+    """Dense and ceiling rows run the tokenizer only (one shared table, no T5 run); a row whose gin file does
+    not exist is reported as that row's error while the others run; row.json records the wall seconds."""
+    main = "experiments/avg/emoji_main.gin"
+    table = sweep.SweepTable("emoji_tok", "tokenizer-only rows", "Method", "emoji", (
+        sweep.SweepRow("Dense", (main,), kind="dense"),
+        sweep.SweepRow("Ceiling", (main,), kind="ceiling"),
+        sweep.SweepRow("Ceiling codes", (main,), kind="ceiling_codes"),
+        sweep.SweepRow("Missing", ("experiments/avg/emoji_does_not_exist.gin",))))
+    monkeypatch.setitem(sweep.TABLES, table.name, table)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sweep.SweepRow("x", (main,), kind="nope")
+    out = shared_out / "tok_only"
+    assert cli.main(["sweep", "--table", table.name, "--corpus", str(corpus_dir), "--out", str(out),
+                     "--gin_file", "testing/tiny.gin"]) == 1  # one failed row
+    root = out / table.name
+    records = {d: json.loads((root / d / "row.json").read_text()) for d in ("dense", "ceiling", "ceiling_codes")}
+    assert {r["kind"] for r in records.values()} == {"dense", "ceiling", "ceiling_codes"}
+    assert all(r["wall_s"] > 0 for r in records.values())
+    assert len({r["identifiers"] for r in records.values()}) == 1 and not (out / "runs").exists()
+    for d in records:
+        system = json.loads((root / d / "metrics.json").read_text())["systems"]
+        (m,) = system.values()
+        assert 0 <= m["recall@1"] <= m["recall@10"] <= 1 and m["queries_per_s"] > 0
+    assert "emoji_does_not_exist.gin" in (root / "missing" / "error.txt").read_text()
+    markdown = (root / "table.md").read_text()
+    assert "| Missing | failed |" in markdown and "- Missing: FileNotFoundError: gin file not found" in markdown
+    assert "q/s | time (s) |" in markdown
+    capsys.readouterr()
+    assert cli.main(["sweep", "--table", table.name, "--corpus", str(corpus_dir), "--out", str(out),
+                     "--dry_run"]) == 0  # a dry run names the missing file and goes on
+    assert "Missing: FAILED to parse its config" in capsys.readouterr().out
