@@ -312,3 +312,30 @@ def test_voken_embedding_init_from_codebook_and_pretrained_t5(setup, tmp_path):
     with ocp.CheckpointManager(tmp_path / "run" / "checkpoints") as manager:  # lr 0: still the initial weights
         state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     np.testing.assert_array_equal(np.asarray(state["params"]["token_embedder"]["embedding"]), emb)
+
+
+def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
+    """train_retrieval.eval_rerank_weight > 0: the towers are the tokenizer heads of the identifiers dir; the
+    final evaluation keeps the generative metrics and adds rerank/ ones, both throughputs and the reranked file."""
+    import shutil
+
+    from avg_jax.tokenizer.model import RQTokenizerConfig
+    from avg_jax.tokenizer.model import init_params as init_tokenizer
+    from avg_jax.tokenizer.train import TrainedTokenizer, save_tokenizer
+
+    corpus = setup["corpus"]
+    table_dir = shutil.copytree(setup["table_dir"], tmp_path / "table")
+    dims = corpus.image_features.shape[1], corpus.text_features.shape[1]
+    config = RQTokenizerConfig(code_dim=8, codebook_size=CODEBOOK, num_levels=LEVELS, decoder_hidden_dim=8)
+    save_tokenizer(TrainedTokenizer(config, init_tokenizer(config, *dims, seed=0), *dims), table_dir)
+    run = tmp_path / "run"
+    assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 2",
+                  "train_retrieval.eval_rerank_weight = 1.0", "train_retrieval.eval_rerank_temperature = 0.1") == 0
+    final = json.loads((run / "eval_test.json").read_text())
+    assert {"recall@10", "rerank/recall@10", "queries_per_s", "rerank/queries_per_s"} <= set(final)
+    assert final["rerank_ranked"] == str(run / "ranked_test_rerank.jsonl")
+    plain = (run / "ranked_test.jsonl").read_text().splitlines()
+    reranked = (run / "ranked_test_rerank.jsonl").read_text().splitlines()
+    assert len(plain) == len(reranked) == len(corpus.query_rows("test"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/rerank/recall@10" in r for r in rows)
