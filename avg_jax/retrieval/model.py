@@ -26,6 +26,10 @@ Retrieval checkpoint layout (every file read without executing anything):
   DIR/identifiers/           the identifier table of the image set to search
   DIR/spiece.model           the SentencePiece model of the text vocabulary
   DIR/retrieval_model.json   input length, instruction, head window, score normalisation, extra ids
+  DIR/heads.npz              optional (np.load, allow_pickle=False): the dense towers for generate-then-rerank:
+                             the aligned vectors of the set's images (image_ids, image_embeddings), the
+                             tokenizer's text head (text_out_kernel/bias, text_hidden_kernel/bias if any,
+                             text_normalize; none = features already aligned) and the rerank weight/temperature
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ MODEL_DIR = "model"
 IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
 SPEC_FILE = "retrieval_model.json"
+HEADS_FILE = "heads.npz"
 Identifier = tuple[int, ...]
 
 
@@ -232,6 +237,66 @@ class Reranker:
             images.append([ids[i] for i in order])
             scores.append([float(fused[i]) for i in order])
         return rankings._replace(images=images, image_scores=scores)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """flax `nn.gelu` (tanh approximation) in numpy."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+class TextHead:
+    """A tokenizer text head as numpy arrays (from heads.npz): features [q, f] -> aligned vectors [q, d]."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("text_")
+                       and k != "text_normalize"}
+        self.normalize = bool(arrays.get("text_normalize", True))
+        first = next((self.arrays[k] for k in ("text_hidden_kernel", "text_out_kernel") if k in self.arrays), None)
+        self.dim = None if first is None else first.shape[0]  # the feature dim the head takes
+
+    @staticmethod
+    def arrays(head: dict | None, normalize: bool) -> dict[str, np.ndarray]:
+        """heads.npz arrays of a flax `ProjectionHead`'s params (None: no head, features used as given)."""
+        out = {"text_normalize": np.asarray(normalize)}
+        for layer in ("hidden", "out") if head else ():
+            if layer in head:
+                out[f"text_{layer}_kernel"] = np.asarray(head[layer]["kernel"], np.float32)
+                out[f"text_{layer}_bias"] = np.asarray(head[layer]["bias"], np.float32)
+        return out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        a = self.arrays
+        if self.dim is not None and x.shape[1] != self.dim:
+            raise ValueError(f"query features have dim {x.shape[1]}, the text head expects {self.dim}")
+        if "text_hidden_kernel" in a:
+            x = _gelu(x @ a["text_hidden_kernel"] + a["text_hidden_bias"])
+        if "text_out_kernel" in a:
+            x = x @ a["text_out_kernel"] + a["text_out_bias"]
+        return _unit_rows(x) if self.normalize else x
+
+
+def save_heads(out_dir: str | Path, image_ids: Sequence[str], image_embeddings: np.ndarray,
+               text_head: dict[str, np.ndarray], rerank: RerankConfig) -> Path:
+    """Write DIR/heads.npz (module docstring): what `load_reranker` needs to rerank the set's images."""
+    path = Path(out_dir) / HEADS_FILE
+    np.savez(path, image_ids=np.asarray(list(image_ids), dtype=str),
+             image_embeddings=np.asarray(image_embeddings, np.float32), rerank_weight=np.float64(rerank.weight),
+             rerank_temperature=np.float64(rerank.temperature), **text_head)
+    return path
+
+
+def load_reranker(checkpoint: str | Path, weight: float | None = None, temperature: float | None = None
+                  ) -> Reranker:
+    """The `Reranker` of a retrieval checkpoint's heads.npz; `weight` / `temperature` None: the stored ones."""
+    path = Path(checkpoint) / HEADS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: this retrieval checkpoint has no dense towers, it cannot rerank (train "
+                                "with an RQ / heads tokenizer to have them exported)")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    config = RerankConfig(float(arrays["rerank_weight"]) if weight is None else weight,
+                          float(arrays["rerank_temperature"]) if temperature is None else temperature)
+    return Reranker(config, [str(i) for i in arrays["image_ids"]], arrays["image_embeddings"], TextHead(arrays))
 
 
 def generated_sequence(row: Sequence[int]) -> Identifier:
@@ -564,14 +629,21 @@ class Retriever:
     """A loaded model, its weights and one image set: text queries -> top-k images (`avg-jax retrieve`)."""
 
     def __init__(self, model: RetrievalModel, params: Any, table: IdentifierTable, beam_size: int | None = None,
-                 batch_size: int = 32):
-        """`beam_size` None: `BeamSearchOptions.beam_size` (gin)."""
+                 batch_size: int = 32, reranker: Reranker | None = None):
+        """`beam_size` None: `BeamSearchOptions.beam_size` (gin). `reranker`: generate-then-rerank when
+        `retrieve` is given query features (it must cover the table's images)."""
         self.beam_size = BeamSearchOptions().beam_size if beam_size is None else beam_size
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         self.model, self.params, self.table = model, params, table
         self.index = SearchIndex.from_table(table)
         self.batch_size = batch_size
+        self.reranker = reranker
+        if reranker is not None:
+            missing = [i for i in table.image_ids if i not in reranker.row]
+            if missing:
+                raise ValueError(f"the reranker's heads cover none of {len(missing)} image(s) of the searched set, "
+                                 f"e.g. {missing[0]!r}")
 
     @classmethod
     def load(cls, checkpoint: str | Path, identifiers: str | Path | None = None, dtype: str = "float32",
@@ -580,13 +652,25 @@ class Retriever:
         model, params, table = RetrievalModel.load_checkpoint(checkpoint, identifiers, dtype)
         return cls(model, params, table, **kwargs)
 
-    def retrieve(self, texts: Sequence[str], k: int = 10) -> list[RetrievalResult]:
-        """Top-k images per text. The beam is max(beam_size, k), so k identifiers are always reachable."""
+    def retrieve(self, texts: Sequence[str], k: int = 10, query_features: np.ndarray | None = None
+                 ) -> list[RetrievalResult]:
+        """Top-k images per text. The beam is max(beam_size, k), so k identifiers are always reachable.
+        `query_features` [len(texts), f] (with a reranker): generate-then-rerank, `scores` the fused ones."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if query_features is not None:
+            if self.reranker is None:
+                raise ValueError("query features given but this Retriever has no reranker")
+            query_features = np.asarray(query_features)
+            if query_features.ndim != 2 or len(query_features) != len(texts):
+                raise ValueError(f"query features of shape {query_features.shape}: expected one row per query "
+                                 f"({len(texts)} queries)")
+            if not np.isfinite(query_features).all():
+                raise ValueError("query features contain NaN/inf")
         ids = self.model.encode_queries(texts)
+        rerank = self.reranker if query_features is not None else None
         ranked = self.model.rank(self.params, ids, self.index, beam_size=max(self.beam_size, k),
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, rerank=rerank, query_features=query_features)
         return [RetrievalResult(text, ranked.images[q][:k], ranked.image_scores[q][:k], ranked.identifiers[q],
                                 ranked.identifier_scores[q]) for q, text in enumerate(texts)]
 

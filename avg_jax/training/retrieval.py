@@ -10,7 +10,8 @@ The run directory receives:
   ranked_<split>.jsonl    final ranked outputs of the evaluation split (`avg-jax eval --ranked` format)
   eval_<split>.json       final image-level R@1/5/10 of that split
   retrieval/              the trained `RetrievalModel` as a retrieval checkpoint (`avg-jax retrieve --checkpoint`)
-                          over the evaluation split's images (all images without an evaluation split)
+                          over the evaluation split's images (all images without an evaluation split), with
+                          heads.npz (the tokenizer's dense towers, for rerank) when the identifiers have a tokenizer
 Everything that turns a query into model input or a ranking is the `RetrievalModel`'s (avg_jax.retrieval.model).
 """
 
@@ -31,6 +32,7 @@ from avg_jax.data.pipeline import make_batch_iterator
 from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
+from avg_jax.evaluation.dense import tokenizer_head_projections
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
@@ -39,7 +41,9 @@ from avg_jax.retrieval.model import (
     Reranker,
     RetrievalLossConfig,
     RetrievalModel,
+    TextHead,
     model_window,
+    save_heads,
     table_vocabulary,
 )
 from avg_jax.t5.configs import T5Config
@@ -225,6 +229,9 @@ def train_retrieval(
     if not result.preempted:
         image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
         export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
+        if jax.process_index() == 0 and (run_path / RETRIEVAL_DIR).exists():
+            export_heads(run_path / RETRIEVAL_DIR, identifiers_dir, corpus, image_ids,
+                         RerankConfig(eval_rerank_weight, eval_rerank_temperature))
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"
         if jax.process_index() == 0:
@@ -240,6 +247,21 @@ def train_retrieval(
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, image_ids: list[str],
+                 rerank: RerankConfig) -> None:
+    """heads.npz in a retrieval checkpoint: the dense towers of the identifiers' tokenizer (none: no file)."""
+    from avg_jax.tokenizer.train import CONFIG_FILE, load_tokenizer
+
+    if not (Path(identifiers_dir) / CONFIG_FILE).exists():
+        return
+    tok = load_tokenizer(identifiers_dir)
+    index = corpus.image_index()
+    features = corpus.image_features[[index[i] for i in image_ids]]
+    _, image = tokenizer_head_projections(identifiers_dir)
+    head = tok.params.get("text_head") if tok.config.projection_heads else None
+    save_heads(out_dir, image_ids, image(features), TextHead.arrays(head, tok.config.normalize_embeddings), rerank)
 
 
 def export_retrieval_checkpoint(out_dir: epath.PathLike, model: RetrievalModel, params: Any,
