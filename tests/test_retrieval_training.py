@@ -339,3 +339,13 @@ def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
     assert len(plain) == len(reranked) == len(corpus.query_rows("test"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/rerank/recall@10" in r for r in rows)
+    # The exported checkpoint's heads.npz reranks through `avg-jax retrieve` exactly as the evaluator did.
+    from avg_jax.retrieval.model import load_reranker
+
+    reranker = load_reranker(run / "retrieval")
+    assert reranker.config.weight == 1.0 and reranker.config.temperature == 0.1
+    retriever = Retriever.load(run / "retrieval", beam_size=10, reranker=reranker)
+    lines = [json.loads(line) for line in reranked[:4]]
+    features = corpus.text_features[[line["query_row"] for line in lines]]
+    got = retriever.retrieve([line["text"] for line in lines], k=10, query_features=features)
+    assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]
