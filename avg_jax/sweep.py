@@ -4,7 +4,14 @@ A table is a list of rows (label, experiment gin files, the paper's R@1/5/10). E
 library functions in this process, sequentially: `tokenize_corpus` (identifier table), `train_retrieval`
 (training + final constrained-beam evaluation), then image- and identifier-level metrics into the row's
 `metrics.json`. Rows whose tokenizer bindings are identical share one identifier table, and rows that differ
-only in evaluation settings (beam size) share one trained run, so e.g. Table 7 trains once. Output layout:
+only in evaluation settings (beam size, rerank) share one trained run, so e.g. Table 7 trains once.
+
+Row kinds (`SweepRow.kind`): 'train' (the above), and three that need only the tokenizer (no T5 is trained):
+'dense' (`dense.dense_baseline` with the tokenizer's contrastive heads: the two-tower baseline), 'ceiling' and
+'ceiling_codes' (`evaluation.ceiling`: the no-T5 diagnostic ceilings of the vokens). A row whose gin file is
+missing (or fails to parse) is reported as that row's error; the other rows still run. Every row's row.json
+records its wall seconds (`wall_s`; a row reusing another's table or run only pays what it adds), shown in
+the table. Output layout:
 
   OUT/identifiers/<key>/      identifier tables (avg-jax tokenize --out), shared by rows
   OUT/runs/<key>/             training runs (avg-jax train --run_dir), shared by rows
@@ -22,6 +29,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +51,9 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
                            "grace_semantic_identifiers", "grace_structured_identifiers")
 # Parameters read only by the final evaluation: rows differing only in these share one trained run.
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
-                    "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained")
+                    "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained",
+                    "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature")
+ROW_KINDS = ("train", "dense", "ceiling", "ceiling_codes")  # see the module docstring
 DATASETS = ("flickr30k", "coco", "emoji")
 
 # GRACE's beam-size study plots R@1 and R@10 (its Figure 6, no table; the beams are not listed): AVG Table 7's
@@ -59,6 +69,11 @@ class SweepRow:
     gin_files: tuple[str, ...]
     paper: Paper | None = None
     gin_params: tuple[str, ...] = ()  # after the files: a study of one setting without a file per value
+    kind: str = "train"  # one of ROW_KINDS: train a T5, or a tokenizer-only row (dense / ceiling diagnostics)
+
+    def __post_init__(self):
+        if self.kind not in ROW_KINDS:
+            raise ValueError(f"SweepRow {self.label!r}: kind must be one of {ROW_KINDS}, got {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +85,12 @@ class SweepTable:
     rows: tuple[SweepRow, ...]
 
 
-def _row(label: str, gin_file: str, paper: Paper | None = None) -> SweepRow:
-    return SweepRow(label, (gin_file,), paper)
+def _row(label: str, gin_file: str, paper: Paper | None = None, kind: str = "train") -> SweepRow:
+    return SweepRow(label, (gin_file,), paper, kind=kind)
 
 
 _AVG = "experiments/avg/flickr30k_"
+_EMOJI = "experiments/avg/emoji_"
 _AVG_REF = _AVG + "table3_full.gin"  # AVG at N = 1024, M = 4, T5-base, beam 10: the ablation tables' AVG row
 _GRACE_NAMES = {"numeric": "Numeric Id", "string": "String Id", "semantic": "Semantic Id",
                 "structured": "Structured Id", "atomic": "Atomic Id"}
@@ -139,12 +155,16 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("40", _AVG + "table7_beam40.gin", (62.8, 85.4, 91.2)),
                 _row("50", _AVG + "table7_beam50.gin", (62.8, 85.4, 91.1)))),
     SweepTable("avg_emoji", "AVG vs IRGen on the real emoji benchmark (no paper numbers)", "Method", "emoji",
-               (_row("IRGen", "experiments/avg/emoji_irgen.gin"),
-                _row("AVG", "experiments/avg/emoji_main.gin"),
-                _row("w/o cross-modal alignment", "experiments/avg/emoji_no_alignment.gin"),
-                _row("w/o voken embedding", "experiments/avg/emoji_random_voken.gin"),
-                _row("w/o discriminative loss", "experiments/avg/emoji_no_dis.gin"),
-                _row("w/o gallery indexing", "experiments/avg/emoji_no_indexing.gin"))),
+               (_row("IRGen", _EMOJI + "irgen.gin"),
+                _row("AVG", _EMOJI + "main.gin"),
+                _row("AVG + rerank", _EMOJI + "rerank.gin"),
+                _row("w/o alignment", _EMOJI + "no_alignment.gin"),
+                _row("w/o L_dis", _EMOJI + "no_dis.gin"),
+                _row("random voken embeddings", _EMOJI + "random_voken.gin"),
+                _row("w/o gallery indexing", _EMOJI + "no_indexing.gin"),
+                _row("Dense (tokenizer heads, no T5)", _EMOJI + "main.gin", kind="dense"),
+                _row("Ceiling: text head . quantized image (no T5)", _EMOJI + "main.gin", kind="ceiling"),
+                _row("Ceiling: query's own RQ code prefix (no T5)", _EMOJI + "main.gin", kind="ceiling_codes"))),
     SweepTable("grace_table1", "GRACE Table 1: text-to-image retrieval on Flickr30K", "Identifier", "flickr30k",
                _grace_rows("flickr30k", _GRACE_F30K, tuple(_GRACE_NAMES))),
     SweepTable("grace_table1_coco", "GRACE Table 1: text-to-image retrieval on MS-COCO (5K)", "Identifier", "coco",
@@ -164,9 +184,18 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
 )}
 
 
+def _exists(gin_file: str) -> bool:
+    return (config.GIN_CONFIG_DIR / gin_file).exists()
+
+
 def experiment_files() -> list[str]:
-    """Every experiment gin file some table runs (relative to gin_configs/), sorted."""
-    return sorted({f for t in TABLES.values() for r in t.rows for f in r.gin_files})
+    """Every experiment gin file some table runs (relative to gin_configs/) that exists, sorted."""
+    return sorted({f for t in TABLES.values() for r in t.rows for f in r.gin_files if _exists(f)})
+
+
+def missing_experiment_files() -> list[str]:
+    """Gin files named by a table row but not (yet) in gin_configs/: those rows report the missing file."""
+    return sorted({f for t in TABLES.values() for r in t.rows for f in r.gin_files if not _exists(f)})
 
 
 def _slug(label: str) -> str:
@@ -206,6 +235,10 @@ class RowPlan:
     config_digest: str
 
 
+def row_dir(table: SweepTable, row: SweepRow, out_dir: str | Path) -> Path:
+    return Path(out_dir) / table.name / _slug(row.label)
+
+
 def parse_row(table: SweepTable, row: SweepRow, out_dir: str | Path, corpus_dir: str | None = None,
               gin_files: Sequence[str] = (), gin_params: Sequence[str] = ()) -> RowPlan:
     """Parse the row's gin files (then `gin_files`, `gin_params` and the corpus override) and plan its dirs."""
@@ -217,16 +250,37 @@ def parse_row(table: SweepTable, row: SweepRow, out_dir: str | Path, corpus_dir:
     out = Path(out_dir)
     return RowPlan(table=table.name, row=row, gin_files=files, gin_params=tuple(params), corpus_dir=corpus,
                    identifiers_dir=out / "identifiers" / tok, run_dir=out / "runs" / training_key(tok),
-                   row_dir=out / table.name / _slug(row.label), config_digest=_digest(gin.config_str()))
+                   row_dir=row_dir(table, row, out),
+                   config_digest=_digest(("" if row.kind == "train" else row.kind) + gin.config_str()))
 
 
 def run_row(plan: RowPlan) -> dict[str, float]:
-    """Tokenize (unless the table exists), train (resumes; a finished run only re-evaluates) and score one row.
+    """Tokenize (unless the table exists), train (resumes; a finished run only re-evaluates) and score one row;
+    a tokenizer-only row (dense / ceiling) scores the tokenizer instead of training.
 
-    Expects the row's gin config to be parsed (`parse_row`). Returns the image-level metrics.
+    Expects the row's gin config to be parsed (`parse_row`). Returns the image-level metrics; row.json records
+    the row's wall seconds.
     """
+    start = time.perf_counter()
+    scores = _run_row(plan)
+    record = {**_row_record(plan), "wall_s": round(time.perf_counter() - start, 3)}
+    (plan.row_dir / ROW_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return scores
+
+
+def _tokenizer_row(plan: RowPlan, corpus: Any, split: str) -> tuple[dict[str, float], list[list[str]]]:
+    """Metrics and ranked image ids of a dense / ceiling row: the tokenizer of `plan.identifiers_dir` only."""
+    from avg_jax.evaluation import ceiling, dense
+
+    if plan.row.kind == "dense":
+        text, image = dense.tokenizer_head_projections(str(plan.identifiers_dir))
+        return dense.dense_baseline(corpus, split, text_projection=text, image_projection=image)
+    return ceiling.ceiling_diagnostic(corpus, plan.identifiers_dir, split, plan.row.kind)
+
+
+def _run_row(plan: RowPlan) -> dict[str, float]:
     from avg_jax.data.corpus import Corpus
-    from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl, write_metrics
+    from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl, write_metrics, write_ranked_jsonl
     from avg_jax.identifiers.table import IdentifierTable
     from avg_jax.tokenizer.pipeline import tokenize_corpus
     from avg_jax.training.evaluator import GENERATION_METRICS
@@ -238,6 +292,17 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     if not (plan.identifiers_dir / "identifiers.json").exists():
         tokenize_corpus(plan.corpus_dir, str(plan.identifiers_dir))
         config.write_operative_config(plan.identifiers_dir)
+    if plan.row.kind != "train":
+        corpus = Corpus.load(plan.corpus_dir)
+        split = gin.get_bindings("train_retrieval").get("eval_split", "test") or "test"
+        start = time.perf_counter()
+        scores, ranked_ids = _tokenizer_row(plan, corpus, split)
+        scores["queries_per_s"] = len(ranked_ids) / max(time.perf_counter() - start, 1e-9)
+        plan.row_dir.mkdir(parents=True, exist_ok=True)
+        write_ranked_jsonl(plan.row_dir / f"ranked_{split}.jsonl", corpus, corpus.query_rows(split), ranked_ids)
+        write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
+        config.write_operative_config(plan.row_dir)
+        return scores
     result = train_retrieval(plan.corpus_dir, str(plan.identifiers_dir), str(plan.run_dir))
     if result.get("preempted"):
         raise RuntimeError(f"training of {plan.run_dir} was stopped (SIGTERM) at step {result['step']}; rerun "
@@ -246,7 +311,8 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     if split is None:
         raise ValueError(f"{plan.table} row {plan.row.label!r}: train_retrieval.eval_split is None, nothing to "
                          "score")
-    ranked = plan.run_dir / f"ranked_{split}.jsonl"
+    # AVG + rerank: the reranked outputs (the generative ones stay in the run; their metrics are the AVG row's).
+    ranked = Path(result.get("rerank_ranked") or plan.run_dir / f"ranked_{split}.jsonl")
     corpus = Corpus.load(plan.corpus_dir)
     table = IdentifierTable.load(plan.identifiers_dir)
     split_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
@@ -255,17 +321,19 @@ def run_row(plan: RowPlan) -> dict[str, float]:
     scores = evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
                              num_results=result["beam_size"])
     scores.update({k: result[k] for k in GENERATION_METRICS if k in result})  # free generation's failures
+    prefix = "rerank/" if result.get("rerank_ranked") else ""
+    if f"{prefix}queries_per_s" in result:
+        scores["queries_per_s"] = result[f"{prefix}queries_per_s"]
     plan.row_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ranked, plan.row_dir / ranked.name)
     write_metrics(plan.row_dir, corpus, plan.corpus_dir, split, {plan.row.label: scores})
     config.write_operative_config(plan.row_dir)
-    (plan.row_dir / ROW_FILE).write_text(json.dumps(_row_record(plan), indent=2) + "\n")
     return scores
 
 
 def _row_record(plan: RowPlan) -> dict[str, Any]:
     return {"table": plan.table, "label": plan.row.label, "gin_files": list(plan.gin_files),
-            "gin_params": list(plan.gin_params), "corpus": plan.corpus_dir,
+            "gin_params": list(plan.gin_params), "kind": plan.row.kind, "corpus": plan.corpus_dir,
             "identifiers": str(plan.identifiers_dir), "run_dir": str(plan.run_dir),
             "config_digest": plan.config_digest}
 
@@ -288,6 +356,10 @@ def _dataset_of(metrics: dict[str, Any]) -> str | None:
     return next((d for d in DATASETS if d in name), None)
 
 
+def _number(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, (int, float)) and value == value else "-"
+
+
 def _paper(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -298,11 +370,13 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
     root = Path(out_dir) / table.name
     rows, datasets, notes = [], set(), []
     for row in table.rows:
-        row_dir = root / _slug(row.label)
+        directory = root / _slug(row.label)
         entry: dict[str, Any] = {"label": row.label, "gin_files": list(row.gin_files),
                                  "paper": None if row.paper is None else dict(zip(
                                      [f"recall@{k}" for k in PAPER_KS], row.paper, strict=True))}
-        path = row_dir / METRICS_FILE
+        path = directory / METRICS_FILE
+        if (directory / ROW_FILE).exists():
+            entry["wall_s"] = json.loads((directory / ROW_FILE).read_text()).get("wall_s")
         if path.exists():
             metrics = json.loads(path.read_text())
             systems = metrics.get("systems", {})
@@ -311,8 +385,8 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
             entry.update(status="done", metrics=next(iter(systems.values())), split=metrics.get("split"),
                          corpus_name=metrics.get("corpus_name"), synthetic=bool(metrics.get("synthetic")))
             datasets.add(_dataset_of(metrics))
-        elif (row_dir / ERROR_FILE).exists():
-            entry.update(status="failed", error=(row_dir / ERROR_FILE).read_text().strip().splitlines()[-1])
+        elif (directory / ERROR_FILE).exists():
+            entry.update(status="failed", error=(directory / ERROR_FILE).read_text().strip().splitlines()[-1])
         else:
             entry["status"] = "not run"
         rows.append(entry)
@@ -325,6 +399,7 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
     show_invalid = any("invalid_rate" in r.get("metrics", {}) for r in rows)
     if show_invalid:
         header.append("invalid")
+    header += ["q/s", "time (s)"]
     num_ours = len(header) - 1
     if show_paper:
         header += ["paper R@1", "paper R@5", "paper R@10"]
@@ -343,6 +418,7 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
             cells = [pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
                 pct(m.get("mrr@10")), pct(m.get("identifier_recall@10")), pct(m.get("collision_rate"), 2)]
             cells += [pct(m.get("invalid_rate"))] if show_invalid else []
+            cells += [_number(m.get("queries_per_s")), _number(r.get("wall_s"))]
         else:
             cells = [r["status"]] + [""] * (num_ours - 1)
             if r["status"] == "failed":
@@ -402,11 +478,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     failed = 0
     for i, row in enumerate(table.rows, start=1):
-        plan = parse_row(table, row, args.out, args.corpus, args.gin_file, args.gin_param)
         head = f"[{i}/{len(table.rows)}] {table.name} / {row.label}"
+        try:
+            plan = parse_row(table, row, args.out, args.corpus, args.gin_file, args.gin_param)
+        except Exception as e:  # e.g. a row's gin file is missing: that row's error, not the sweep's
+            summary = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            print(f"{head}: FAILED to parse its config: {summary}", flush=True)
+            if not args.dry_run:
+                failed += 1
+                out = row_dir(table, row, args.out)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
+            continue
         if args.dry_run:
             tokenized = (plan.identifiers_dir / "identifiers.json").exists()
-            print(f"{head}\n  gin files:   {' '.join(plan.gin_files)}\n  gin params:  {list(plan.gin_params)}\n"
+            print(f"{head} ({row.kind})\n  gin files:   {' '.join(plan.gin_files)}\n"
+                  f"  gin params:  {list(plan.gin_params)}\n"
                   f"  corpus:      {plan.corpus_dir}\n"
                   f"  identifiers: {plan.identifiers_dir}{' (exists)' if tokenized else ''}\n"
                   f"  run dir:     {plan.run_dir}\n  metrics:     {plan.row_dir / METRICS_FILE}"

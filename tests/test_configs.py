@@ -50,7 +50,8 @@ def test_parsing_an_experiment_logs_no_error_and_keeps_cwd_includes(tmp_path, mo
 
 
 def test_registry_covers_every_experiment_and_labels_are_distinct():
-    assert sweep.experiment_files() == EXPERIMENTS  # no experiment file outside a table, no table row without one
+    assert sweep.experiment_files() == EXPERIMENTS  # no experiment file outside a table
+    assert sweep.missing_experiment_files() == []  # no table row without its file
     for table in sweep.TABLES.values():
         slugs = [sweep._slug(r.label) for r in table.rows]
         assert len(set(slugs)) == len(slugs), table.name
@@ -160,6 +161,7 @@ def test_aggregate_lays_out_the_papers_table(tmp_path):
     root = tmp_path / "avg_table4"
     _metrics_json(root / "256", 0.5, 0.75, 0.875)
     _metrics_json(root / "1_024", 0.625, 0.8125, 0.9)
+    (root / "1_024" / "row.json").write_text(json.dumps({"wall_s": 812.4}))
     (root / "2_048").mkdir()
     (root / "2_048" / "error.txt").write_text("Traceback ...\nValueError: kmeans: 2048 centroids > 1000 rows\n")
     markdown, data = sweep.aggregate(table, tmp_path)
@@ -168,12 +170,13 @@ def test_aggregate_lays_out_the_papers_table(tmp_path):
         "",
         "Ours on corpus `flickr30k`, split `test`, image-level recall in %.",
         "",
-        "| Codebook Size | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | paper R@1 | paper R@5 | paper R@10 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        "| 256 | 50.0 | 75.0 | 87.5 | 50.0 | 88.5 | 1.25 | 60.8 | 82 | 84.8 |",
-        "| 512 | not run |  |  |  |  |  | 61.1 | 82.8 | 86.1 |",
-        "| 1,024 | 62.5 | 81.2 | 90.0 | 50.0 | 91.0 | 1.25 | 62.3 | 83.5 | 86.6 |",
-        "| 2,048 | failed |  |  |  |  |  | 61.2 | 83 | 86 |",
+        "| Codebook Size | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | q/s | time (s) | paper R@1 | paper R@5 "
+        "| paper R@10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 256 | 50.0 | 75.0 | 87.5 | 50.0 | 88.5 | 1.25 | - | - | 60.8 | 82 | 84.8 |",
+        "| 512 | not run |  |  |  |  |  |  |  | 61.1 | 82.8 | 86.1 |",
+        "| 1,024 | 62.5 | 81.2 | 90.0 | 50.0 | 91.0 | 1.25 | - | 812 | 62.3 | 83.5 | 86.6 |",
+        "| 2,048 | failed |  |  |  |  |  |  |  | 61.2 | 83 | 86 |",
         "",
         "- 2,048: ValueError: kmeans: 2048 centroids > 1000 rows",
     ]
@@ -190,8 +193,8 @@ def test_aggregate_hides_paper_numbers_on_other_corpora_and_rejects_mixed_ones(t
     markdown, data = sweep.aggregate(table, tmp_path)
     lines = markdown.splitlines()
     assert lines[2] == "Ours on corpus `synthetic` (SYNTHETIC), split `test`, image-level recall in %."
-    assert lines[4] == "| Beam Size | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions |"
-    assert lines[6] == "| 1 | 25.0 | 25.0 | 25.0 | 50.0 | 26.0 | 1.25 |"
+    assert lines[4] == "| Beam Size | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | q/s | time (s) |"
+    assert lines[6] == "| 1 | 25.0 | 25.0 | 25.0 | 50.0 | 26.0 | 1.25 | - | - |"
     assert "- Paper numbers (flickr30k) are not shown: this corpus is not that dataset." in lines
     assert not data["paper_shown"]
     _metrics_json(tmp_path / "avg_table7" / "5", 0.5, 0.5, 0.5, corpus_name="emoji")
@@ -211,12 +214,13 @@ def test_aggregate_adds_the_invalid_rate_of_free_generation(tmp_path):
     metrics["systems"]["row"].update(invalid_rate=0.375, out_of_split_rate=0.25)
     (free / "metrics.json").write_text(json.dumps(metrics))
     lines = sweep.aggregate(table, tmp_path)[0].splitlines()
-    assert lines[4] == ("| Identifier | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | invalid | paper R@1 | "
-                        "paper R@5 | paper R@10 |")
-    assert lines[6] == "| Numeric Id | 50.0 | 75.0 | 87.5 | 50.0 | 88.5 | 1.25 | - | 22.5 | 28.9 | 29.4 |"
-    assert lines[7] == "| Numeric Id w/o learning to memorize | not run |  |  |  |  |  |  | 18.2 | 24.3 | 24.9 |"
-    assert lines[8] == ("| Numeric Id w/o constrained generation | 25.0 | 50.0 | 62.5 | 50.0 | 63.5 | 1.25 | 37.5 | "
-                        "7.72 | 16.7 | 21.1 |")
+    assert lines[4] == ("| Identifier | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | invalid | q/s | time (s) "
+                        "| paper R@1 | paper R@5 | paper R@10 |")
+    assert lines[6] == "| Numeric Id | 50.0 | 75.0 | 87.5 | 50.0 | 88.5 | 1.25 | - | - | - | 22.5 | 28.9 | 29.4 |"
+    assert lines[7] == ("| Numeric Id w/o learning to memorize | not run |  |  |  |  |  |  |  |  | 18.2 | 24.3 | "
+                        "24.9 |")
+    assert lines[8] == ("| Numeric Id w/o constrained generation | 25.0 | 50.0 | 62.5 | 50.0 | 63.5 | 1.25 | 37.5 "
+                        "| - | - | 7.72 | 16.7 | 21.1 |")
 
 
 def test_sweep_cli_lists_and_rejects_unknown_tables(capsys):
@@ -343,3 +347,37 @@ def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     assert cli.main(["sweep", "--table", "avg_table7", "--corpus", str(corpus_dir), "--out", str(out),
                      "--gin_file", "testing/tiny.gin"]) == code
     assert "done already" in capsys.readouterr().out
+
+
+def test_sweep_tokenizer_only_rows_and_a_missing_gin_file(corpus_dir, shared_out, monkeypatch, capsys):
+    """Dense and ceiling rows run the tokenizer only (one shared table, no T5 run); a row whose gin file does
+    not exist is reported as that row's error while the others run; row.json records the wall seconds."""
+    main = "experiments/avg/emoji_main.gin"
+    table = sweep.SweepTable("emoji_tok", "tokenizer-only rows", "Method", "emoji", (
+        sweep.SweepRow("Dense", (main,), kind="dense"),
+        sweep.SweepRow("Ceiling", (main,), kind="ceiling"),
+        sweep.SweepRow("Ceiling codes", (main,), kind="ceiling_codes"),
+        sweep.SweepRow("Missing", ("experiments/avg/emoji_does_not_exist.gin",))))
+    monkeypatch.setitem(sweep.TABLES, table.name, table)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sweep.SweepRow("x", (main,), kind="nope")
+    out = shared_out / "tok_only"
+    assert cli.main(["sweep", "--table", table.name, "--corpus", str(corpus_dir), "--out", str(out),
+                     "--gin_file", "testing/tiny.gin"]) == 1  # one failed row
+    root = out / table.name
+    records = {d: json.loads((root / d / "row.json").read_text()) for d in ("dense", "ceiling", "ceiling_codes")}
+    assert {r["kind"] for r in records.values()} == {"dense", "ceiling", "ceiling_codes"}
+    assert all(r["wall_s"] > 0 for r in records.values())
+    assert len({r["identifiers"] for r in records.values()}) == 1 and not (out / "runs").exists()
+    for d in records:
+        system = json.loads((root / d / "metrics.json").read_text())["systems"]
+        (m,) = system.values()
+        assert 0 <= m["recall@1"] <= m["recall@10"] <= 1 and m["queries_per_s"] > 0
+    assert "emoji_does_not_exist.gin" in (root / "missing" / "error.txt").read_text()
+    markdown = (root / "table.md").read_text()
+    assert "| Missing | failed |" in markdown and "- Missing: FileNotFoundError: gin file not found" in markdown
+    assert "q/s | time (s) |" in markdown
+    capsys.readouterr()
+    assert cli.main(["sweep", "--table", table.name, "--corpus", str(corpus_dir), "--out", str(out),
+                     "--dry_run"]) == 0  # a dry run names the missing file and goes on
+    assert "Missing: FAILED to parse its config" in capsys.readouterr().out

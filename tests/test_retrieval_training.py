@@ -416,3 +416,40 @@ def test_train_with_the_full_avg_recipe(setup, tmp_path):
     assert run["score_forced_steps"] is False and run["train_examples"] > 0
     model, _, _ = RetrievalModel.load_checkpoint(tmp_path / "retrieval")
     assert model.score_forced_steps is False
+
+
+def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
+    """train_retrieval.eval_rerank_weight > 0: the towers are the tokenizer heads of the identifiers dir; the
+    final evaluation keeps the generative metrics and adds rerank/ ones, both throughputs and the reranked file."""
+    import shutil
+
+    from avg_jax.tokenizer.model import RQTokenizerConfig
+    from avg_jax.tokenizer.model import init_params as init_tokenizer
+    from avg_jax.tokenizer.train import TrainedTokenizer, save_tokenizer
+
+    corpus = setup["corpus"]
+    table_dir = shutil.copytree(setup["table_dir"], tmp_path / "table")
+    dims = corpus.image_features.shape[1], corpus.text_features.shape[1]
+    config = RQTokenizerConfig(code_dim=8, codebook_size=CODEBOOK, num_levels=LEVELS, decoder_hidden_dim=8)
+    save_tokenizer(TrainedTokenizer(config, init_tokenizer(config, *dims, seed=0), *dims), table_dir)
+    run = tmp_path / "run"
+    assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 2",
+                  "train_retrieval.eval_rerank_weight = 1.0", "train_retrieval.eval_rerank_temperature = 0.1") == 0
+    final = json.loads((run / "eval_test.json").read_text())
+    assert {"recall@10", "rerank/recall@10", "queries_per_s", "rerank/queries_per_s"} <= set(final)
+    assert final["rerank_ranked"] == str(run / "ranked_test_rerank.jsonl")
+    plain = (run / "ranked_test.jsonl").read_text().splitlines()
+    reranked = (run / "ranked_test_rerank.jsonl").read_text().splitlines()
+    assert len(plain) == len(reranked) == len(corpus.query_rows("test"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/rerank/recall@10" in r for r in rows)
+    # The exported checkpoint's heads.npz reranks through `avg-jax retrieve` exactly as the evaluator did.
+    from avg_jax.retrieval.model import load_reranker
+
+    reranker = load_reranker(run / "retrieval")
+    assert reranker.config.weight == 1.0 and reranker.config.temperature == 0.1
+    retriever = Retriever.load(run / "retrieval", beam_size=10, reranker=reranker)
+    lines = [json.loads(line) for line in reranked[:4]]
+    features = corpus.text_features[[line["query_row"] for line in lines]]
+    got = retriever.retrieve([line["text"] for line in lines], k=10, query_features=features)
+    assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]

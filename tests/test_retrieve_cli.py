@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +108,57 @@ def test_errors_name_the_problem(checkpoint, tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert cli.main(["retrieve", "--checkpoint", str(ckpt), "--query", "  "]) == 2
     assert "empty query" in capsys.readouterr().err
+
+
+def test_rerank_with_query_features(checkpoint, tmp_path, capsys):
+    """--query_features: the beam's images reordered by generative score + weight * cosine / temperature with
+    the checkpoint's heads.npz towers (numpy brute force); clear errors on rows, dims and missing heads."""
+    import shutil
+
+    from avg_jax.retrieval.model import RerankConfig, TextHead, save_heads
+
+    ckpt, table = checkpoint[0], checkpoint[1]
+    rng = np.random.default_rng(3)
+    head = {"hidden": {"kernel": rng.normal(size=(5, 6)), "bias": rng.normal(size=6)},
+            "out": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=4)}}
+    images = rng.normal(size=(12, 4)).astype(np.float32)
+    features = rng.normal(size=(len(QUERIES), 5)).astype(np.float32)
+    np.save(tmp_path / "features.npy", features)
+    (tmp_path / "q.txt").write_text("\n".join(QUERIES) + "\n")
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare)
+    assert cli.main(["retrieve", "--checkpoint", str(bare), "--queries", str(tmp_path / "q.txt"), "--query_features",
+                  str(tmp_path / "features.npy")]) == 2
+    assert re.search("heads.npz", capsys.readouterr().err)
+    rerank_ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpt, rerank_ckpt)
+    save_heads(rerank_ckpt, table.image_ids, images, TextHead.arrays(head, True), RerankConfig(0.0, 1.0))
+    base = ["retrieve", "--checkpoint", str(rerank_ckpt), "--queries", str(tmp_path / "q.txt"), "--k", "12",
+            "--beam_size", "12"]
+    assert cli.main([*base, "--out", str(tmp_path / "plain.jsonl")]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "fused.jsonl"), "--query_features", str(tmp_path / "features.npy"),
+                     "--rerank_weight", "2.0", "--rerank_temperature", "0.5"]) == 0
+    plain = [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    fused = [json.loads(line) for line in (tmp_path / "fused.jsonl").read_text().splitlines()]
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    hidden = np.asarray(jax.nn.gelu(features @ head["hidden"]["kernel"] + head["hidden"]["bias"]))
+    queries = unit(hidden @ head["out"]["kernel"] + head["out"]["bias"])
+    image_vec = dict(zip(table.image_ids, unit(images), strict=True))
+    for q, (p, f) in enumerate(zip(plain, fused, strict=True)):
+        want = sorted(zip(p["image_ids"], p["scores"], strict=True),
+                      key=lambda x: -(x[1] + 4.0 * float(image_vec[x[0]] @ queries[q])))
+        assert f["image_ids"] == [i for i, _ in want]
+        assert f["identifiers"] == p["identifiers"]
+    np.save(tmp_path / "short.npy", features[:2])
+    assert cli.main([*base, "--query_features", str(tmp_path / "short.npy"), "--rerank_weight", "1"]) == 2
+    assert re.search(r"one row per query", capsys.readouterr().err)
+    np.save(tmp_path / "wide.npy", np.ones((3, 7), np.float32))
+    assert cli.main([*base, "--query_features", str(tmp_path / "wide.npy"), "--rerank_weight", "1"]) == 2
+    assert re.search("text head expects 5", capsys.readouterr().err)
+    assert cli.main([*base, "--query_features", str(tmp_path / "features.npy")]) == 2
+    assert re.search("rerank weight is 0", capsys.readouterr().err)
+    assert cli.main([*base, "--rerank_weight", "1"]) == 2
+    assert re.search("need --query_features", capsys.readouterr().err)

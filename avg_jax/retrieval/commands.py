@@ -4,6 +4,10 @@
   --queries FILE  JSONL (objects with "text", optional "query_row" echoed) or plain text (one query per
                   line); writes JSONL lines {"query_row"?, "text", "image_ids", "scores", "identifiers",
                   "identifier_scores"} to --out (stdout without), the format `avg-jax eval --ranked` reads.
+  --query_features FILE.npy   generate-then-rerank: the queries' text features (one float row per query, in
+                  query order; read with allow_pickle=False) rescored against the checkpoint's dense towers
+                  (heads.npz) and fused with the generative score; `scores` are then the fused scores.
+                  Weight / temperature: --rerank_weight / --rerank_temperature, else the ones stored at training.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from avg_jax import cli, config
-from avg_jax.retrieval.model import Retriever
+from avg_jax.retrieval.model import Retriever, load_reranker
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,8 +37,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of the search (bfloat16: float32 accumulation, faster on TPU and AMX CPUs)")
+    p.add_argument("--query_features", help="generate-then-rerank: .npy of the queries' text features, one row per "
+                   "query (needs the checkpoint's heads.npz)")
+    p.add_argument("--rerank_weight", type=float, default=None,
+                   help="fused = generative log-prob + weight * cosine / temperature (default: stored at training)")
+    p.add_argument("--rerank_temperature", type=float, default=None)
     cli.add_gin_flags(p)
     p.set_defaults(func=run_retrieve)
+
+
+def read_query_features(path: str | Path, num_queries: int) -> np.ndarray:
+    """[num_queries, f] float32 features from a .npy file (no pickles), checked for shape and values."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"query features file not found: {path}")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
+    if x.ndim != 2 or x.shape[0] != num_queries or not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{path}: query features of shape {x.shape} and dtype {x.dtype}; expected a numeric "
+                         f"[{num_queries}, dim] array, one row per query in query order")
+    return x.astype(np.float32)
 
 
 def read_queries(path: str | Path) -> list[dict]:
@@ -64,15 +90,25 @@ def run_retrieve(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
+    reranker = None
+    if args.query_features:
+        reranker = load_reranker(args.checkpoint, args.rerank_weight, args.rerank_temperature)
+        if not reranker.config.enabled:
+            raise ValueError("--query_features given but the rerank weight is 0 (the checkpoint was trained without "
+                             "rerank): pass --rerank_weight")
+    elif args.rerank_weight is not None or args.rerank_temperature is not None:
+        raise ValueError("--rerank_weight / --rerank_temperature need --query_features")
     retriever = Retriever.load(args.checkpoint, args.identifiers, dtype=args.dtype, beam_size=args.beam_size,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, reranker=reranker)
     if args.query is not None:
-        (result,) = retriever.retrieve([args.query], k=args.k)
+        features = read_query_features(args.query_features, 1) if args.query_features else None
+        (result,) = retriever.retrieve([args.query], k=args.k, query_features=features)
         for rank, (image_id, score) in enumerate(zip(result.image_ids, result.scores, strict=True), 1):
             print(f"{rank}\t{image_id}\t{score:.6f}")
         return 0
     records = read_queries(args.queries)
-    results = retriever.retrieve([r["text"] for r in records], k=args.k)
+    features = read_query_features(args.query_features, len(records)) if args.query_features else None
+    results = retriever.retrieve([r["text"] for r in records], k=args.k, query_features=features)
     lines = [json.dumps({**record, "image_ids": result.image_ids, "scores": result.scores,
                          "identifiers": [list(i) for i in result.identifiers],
                          "identifier_scores": result.identifier_scores}) + "\n"

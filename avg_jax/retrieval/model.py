@@ -28,6 +28,10 @@ Retrieval checkpoint layout (every file read without executing anything):
   DIR/spiece.model           the SentencePiece model of the text vocabulary
   DIR/retrieval_model.json   input length, instruction, head window, score normalisation, forced-step
                              scoring (`BeamSearchOptions.score_forced_steps`), extra ids
+  DIR/heads.npz              optional (np.load, allow_pickle=False): the dense towers for generate-then-rerank:
+                             the aligned vectors of the set's images (image_ids, image_embeddings), the
+                             tokenizer's text head (text_out_kernel/bias, text_hidden_kernel/bias if any,
+                             text_normalize; none = features already aligned) and the rerank weight/temperature
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ MODEL_DIR = "model"
 IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
 SPEC_FILE = "retrieval_model.json"
+HEADS_FILE = "heads.npz"
 Identifier = tuple[int, ...]
 
 
@@ -165,6 +170,153 @@ class Rankings(NamedTuple):
     identifiers: list[list[Identifier]]
     identifier_scores: list[list[float]]
     generated: list[list[Identifier]] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankConfig:
+    """Generate-then-rerank: fused score = generative score + weight * cos(text, image) / temperature.
+
+    The generative score is the beam's (normalised) log-probability of the image's identifier; the cosine is
+    the dense two-tower similarity of the query's aligned text vector and the image's aligned vector (the
+    tokenizer's contrastive heads). weight 0 = off (the pure generative ranking). Set by gin through
+    `train_retrieval.eval_rerank_weight` / `eval_rerank_temperature`."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.weight < 0 or not np.isfinite(self.weight):
+            raise ValueError(f"RerankConfig.weight must be a finite number >= 0, got {self.weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"RerankConfig.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Reranker:
+    """Rescores the images a beam returned with the dense towers and fuses the scores (`RerankConfig`).
+
+    `image_embeddings` [n, d]: aligned vectors of the searchable images `image_ids` (row i = image i);
+    `text_projection`: query features [q, f] -> aligned vectors [q, d] (None: the features are already
+    aligned). Cost per query is constant: only the beam's images (b identifiers, expanded) are scored."""
+
+    def __init__(self, config: RerankConfig, image_ids: Sequence[str], image_embeddings: np.ndarray,
+                 text_projection: Callable[[np.ndarray], np.ndarray] | None = None):
+        image_embeddings = np.asarray(image_embeddings, np.float32)
+        if image_embeddings.ndim != 2 or image_embeddings.shape[0] != len(image_ids):
+            raise ValueError(f"Reranker: image_embeddings {image_embeddings.shape} must be [{len(image_ids)}, dim]")
+        self.config = config
+        self.row = {image: i for i, image in enumerate(image_ids)}
+        self.images = _unit_rows(image_embeddings)
+        self.text_projection = text_projection
+
+    @classmethod
+    def from_tokenizer(cls, config: RerankConfig, tokenizer_dir: str | Path, image_ids: Sequence[str],
+                       image_features: np.ndarray) -> Reranker:
+        """Towers = a trained tokenizer's contrastive heads (`avg-jax tokenize` output, e.g. identifiers dir)."""
+        from avg_jax.evaluation.dense import tokenizer_head_projections
+
+        text, image = tokenizer_head_projections(str(tokenizer_dir))
+        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text)
+
+    def embed_queries(self, query_features: np.ndarray) -> np.ndarray:
+        """Unit aligned query vectors [q, d] of query features [q, f]."""
+        x = np.asarray(query_features, np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"Reranker: query features must be [queries, dim], got shape {x.shape}")
+        x = self.text_projection(x) if self.text_projection is not None else x
+        if x.shape[1] != self.images.shape[1]:
+            raise ValueError(f"Reranker: aligned query dim {x.shape[1]} != image embedding dim {self.images.shape[1]}")
+        return _unit_rows(x)
+
+    def __call__(self, rankings: Rankings, query_features: np.ndarray) -> Rankings:
+        """`rankings` with each query's images reordered by the fused score (stable: ties keep the beam's
+        order) and `image_scores` the fused scores; identifiers and their scores stay the beam's."""
+        if len(query_features) != len(rankings.images):
+            raise ValueError(f"Reranker: {len(query_features)} query feature rows for {len(rankings.images)} queries")
+        if not self.config.enabled:
+            return rankings
+        queries = self.embed_queries(query_features)
+        scale = self.config.weight / self.config.temperature
+        images, scores = [], []
+        for q, (ids, gen) in enumerate(zip(rankings.images, rankings.image_scores, strict=True)):
+            if not ids:
+                images.append([])
+                scores.append([])
+                continue
+            cos = self.images[[self.row[i] for i in ids]] @ queries[q]
+            fused = np.asarray(gen, np.float64) + scale * cos.astype(np.float64)
+            order = np.argsort(-fused, kind="stable")
+            images.append([ids[i] for i in order])
+            scores.append([float(fused[i]) for i in order])
+        return rankings._replace(images=images, image_scores=scores)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """flax `nn.gelu` (tanh approximation) in numpy."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+class TextHead:
+    """A tokenizer text head as numpy arrays (from heads.npz): features [q, f] -> aligned vectors [q, d]."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("text_")
+                       and k != "text_normalize"}
+        self.normalize = bool(arrays.get("text_normalize", True))
+        first = next((self.arrays[k] for k in ("text_hidden_kernel", "text_out_kernel") if k in self.arrays), None)
+        self.dim = None if first is None else first.shape[0]  # the feature dim the head takes
+
+    @staticmethod
+    def arrays(head: dict | None, normalize: bool) -> dict[str, np.ndarray]:
+        """heads.npz arrays of a flax `ProjectionHead`'s params (None: no head, features used as given)."""
+        out = {"text_normalize": np.asarray(normalize)}
+        for layer in ("hidden", "out") if head else ():
+            if layer in head:
+                out[f"text_{layer}_kernel"] = np.asarray(head[layer]["kernel"], np.float32)
+                out[f"text_{layer}_bias"] = np.asarray(head[layer]["bias"], np.float32)
+        return out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        a = self.arrays
+        if self.dim is not None and x.shape[1] != self.dim:
+            raise ValueError(f"query features have dim {x.shape[1]}, the text head expects {self.dim}")
+        if "text_hidden_kernel" in a:
+            x = _gelu(x @ a["text_hidden_kernel"] + a["text_hidden_bias"])
+        if "text_out_kernel" in a:
+            x = x @ a["text_out_kernel"] + a["text_out_bias"]
+        return _unit_rows(x) if self.normalize else x
+
+
+def save_heads(out_dir: str | Path, image_ids: Sequence[str], image_embeddings: np.ndarray,
+               text_head: dict[str, np.ndarray], rerank: RerankConfig) -> Path:
+    """Write DIR/heads.npz (module docstring): what `load_reranker` needs to rerank the set's images."""
+    path = Path(out_dir) / HEADS_FILE
+    np.savez(path, image_ids=np.asarray(list(image_ids), dtype=str),
+             image_embeddings=np.asarray(image_embeddings, np.float32), rerank_weight=np.float64(rerank.weight),
+             rerank_temperature=np.float64(rerank.temperature), **text_head)
+    return path
+
+
+def load_reranker(checkpoint: str | Path, weight: float | None = None, temperature: float | None = None
+                  ) -> Reranker:
+    """The `Reranker` of a retrieval checkpoint's heads.npz; `weight` / `temperature` None: the stored ones."""
+    path = Path(checkpoint) / HEADS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: this retrieval checkpoint has no dense towers, it cannot rerank (train "
+                                "with an RQ / heads tokenizer to have them exported)")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    config = RerankConfig(float(arrays["rerank_weight"]) if weight is None else weight,
+                          float(arrays["rerank_temperature"]) if temperature is None else temperature)
+    return Reranker(config, [str(i) for i in arrays["image_ids"]], arrays["image_embeddings"], TextHead(arrays))
 
 
 def generated_sequence(row: Sequence[int]) -> Identifier:
@@ -363,13 +515,22 @@ class RetrievalModel:
         return self._searches[key]
 
     def rank(self, params: Any, input_ids: np.ndarray, index: SearchIndex, *, beam_size: int,
-             constrained: bool = True, batch_size: int = 32, out_sharding: Any = None) -> Rankings:
+             constrained: bool = True, batch_size: int = 32, out_sharding: Any = None,
+             rerank: Reranker | None = None, query_features: np.ndarray | None = None) -> Rankings:
         """Ranked images of encoded queries `input_ids [n, input_length]` over `index`.
 
         Constrained: identifier groups of the trie expanded to their images (table order within a group).
         Free generation (GRACE's "w/o constrained generation"): each sequence, cut after its EOS, retrieves
         images only when it is exactly an identifier of the set. Queries go through in fixed batches of
-        `batch_size` (one compiled shape)."""
+        `batch_size` (one compiled shape).
+
+        `rerank`: generate-then-rerank, the beam's images rescored with the dense towers from the queries'
+        `query_features` [n, f] (one row per query) and fused with the generative score (`Reranker`)."""
+        if rerank is not None and rerank.config.enabled:
+            if query_features is None:
+                raise ValueError("rank: rerank needs the queries' features (query_features)")
+            if len(query_features) != len(input_ids):
+                raise ValueError(f"rank: {len(query_features)} query feature rows for {len(input_ids)} queries")
         lo_tok, hi_tok = index.trie.token_range
         start, size = self.window
         if index.trie.num_identifiers and (lo_tok < start or hi_tok > start + size):
@@ -391,6 +552,8 @@ class RetrievalModel:
                     self._rank_constrained(out, index.trie, result.groups[q], result.scores[q])
                 else:
                     self._rank_generated(out, index, result.tokens[q], result.scores[q])
+        if rerank is not None and rerank.config.enabled:
+            out = rerank(out, query_features)
         return out
 
     @staticmethod
@@ -497,14 +660,21 @@ class Retriever:
     """A loaded model, its weights and one image set: text queries -> top-k images (`avg-jax retrieve`)."""
 
     def __init__(self, model: RetrievalModel, params: Any, table: IdentifierTable, beam_size: int | None = None,
-                 batch_size: int = 32):
-        """`beam_size` None: `BeamSearchOptions.beam_size` (gin)."""
+                 batch_size: int = 32, reranker: Reranker | None = None):
+        """`beam_size` None: `BeamSearchOptions.beam_size` (gin). `reranker`: generate-then-rerank when
+        `retrieve` is given query features (it must cover the table's images)."""
         self.beam_size = BeamSearchOptions().beam_size if beam_size is None else beam_size
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         self.model, self.params, self.table = model, params, table
         self.index = SearchIndex.from_table(table)
         self.batch_size = batch_size
+        self.reranker = reranker
+        if reranker is not None:
+            missing = [i for i in table.image_ids if i not in reranker.row]
+            if missing:
+                raise ValueError(f"the reranker's heads cover none of {len(missing)} image(s) of the searched set, "
+                                 f"e.g. {missing[0]!r}")
 
     @classmethod
     def load(cls, checkpoint: str | Path, identifiers: str | Path | None = None, dtype: str = "float32",
@@ -513,13 +683,25 @@ class Retriever:
         model, params, table = RetrievalModel.load_checkpoint(checkpoint, identifiers, dtype)
         return cls(model, params, table, **kwargs)
 
-    def retrieve(self, texts: Sequence[str], k: int = 10) -> list[RetrievalResult]:
-        """Top-k images per text. The beam is max(beam_size, k), so k identifiers are always reachable."""
+    def retrieve(self, texts: Sequence[str], k: int = 10, query_features: np.ndarray | None = None
+                 ) -> list[RetrievalResult]:
+        """Top-k images per text. The beam is max(beam_size, k), so k identifiers are always reachable.
+        `query_features` [len(texts), f] (with a reranker): generate-then-rerank, `scores` the fused ones."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if query_features is not None:
+            if self.reranker is None:
+                raise ValueError("query features given but this Retriever has no reranker")
+            query_features = np.asarray(query_features)
+            if query_features.ndim != 2 or len(query_features) != len(texts):
+                raise ValueError(f"query features of shape {query_features.shape}: expected one row per query "
+                                 f"({len(texts)} queries)")
+            if not np.isfinite(query_features).all():
+                raise ValueError("query features contain NaN/inf")
         ids = self.model.encode_queries(texts)
+        rerank = self.reranker if query_features is not None else None
         ranked = self.model.rank(self.params, ids, self.index, beam_size=max(self.beam_size, k),
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, rerank=rerank, query_features=query_features)
         return [RetrievalResult(text, ranked.images[q][:k], ranked.image_scores[q][:k], ranked.identifiers[q],
                                 ranked.identifier_scores[q]) for q, text in enumerate(texts)]
 

@@ -9,11 +9,19 @@ sequence retrieves images only when it is exactly the identifier of an image of 
 add `invalid_rate` (share of generated sequences that are no image's identifier: out of corpus) and
 `out_of_split_rate` (the identifier of images outside the split only, e.g. training images), the two failure
 modes the GRACE paper names.
+
+Generate-then-rerank (`reranker`, a `Reranker` with `RerankConfig.weight > 0`): the beam's images are
+rescored with the dense towers (the tokenizer's heads) from the split queries' own text FEATURES
+(`corpus.text_features`) and fused with the generative score. The evaluator then reports both rankings:
+the pure generative metrics (unprefixed) and the reranked ones under `rerank/`, each with its throughput
+(`queries_per_s`, `rerank/queries_per_s`: wall time of the whole `rank` call, search compiled beforehand);
+`write_ranked` writes the generative ranking and, beside it, the reranked one (`rerank_path`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import jax
@@ -23,9 +31,10 @@ from avg_jax import partitioning
 from avg_jax.data.corpus import Corpus
 from avg_jax.evaluation.metrics import DEFAULT_KS, applicable_ks, chance_metrics, evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
-from avg_jax.retrieval.model import Rankings, RetrievalModel, SearchIndex
+from avg_jax.retrieval.model import Rankings, Reranker, RetrievalModel, SearchIndex
 
 GENERATION_METRICS = ("invalid_rate", "out_of_split_rate")  # reported by unconstrained evaluation only
+RERANK_PREFIX = "rerank/"
 
 
 class RetrievalEvaluator:
@@ -36,7 +45,9 @@ class RetrievalEvaluator:
 
     def __init__(self, model: RetrievalModel, corpus: Corpus, table: IdentifierTable, split: str,
                  beam_size: int = 10, batch_size: int = 32, max_queries: int | None = None,
-                 mesh: jax.sharding.Mesh | None = None, constrained: bool = True):
+                 mesh: jax.sharding.Mesh | None = None, constrained: bool = True,
+                 reranker: Reranker | None = None):
+        """`reranker`: also rank with generate-then-rerank (module docstring); it must cover the split's images."""
         image_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
         query_rows = corpus.query_rows(split)
         if not image_ids or query_rows.size == 0:
@@ -51,12 +62,39 @@ class RetrievalEvaluator:
         self.batch_size = batch_size
         self.max_queries = len(query_rows) if max_queries is None else min(max_queries, len(query_rows))
         self.out_sharding = None if mesh is None else partitioning.replicated(mesh)
+        self.reranker = reranker if reranker is not None and reranker.config.enabled else None
+        self.query_features = None
+        if self.reranker is not None:
+            if corpus.text_features is None:
+                raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: rerank needs the queries' "
+                                 "text features")
+            missing = [i for i in image_ids if i not in self.reranker.row]
+            if missing:
+                raise ValueError(f"reranker has no embedding for {len(missing)} {split} image(s), e.g. {missing[0]}")
+            self.query_features = corpus.text_features[query_rows]
 
-    def rankings(self, params: Any, n: int | None = None) -> Rankings:
-        """Ranked image ids and identifiers (and free generations) of the first `n` (default all) queries."""
+    def rankings(self, params: Any, n: int | None = None, rerank: bool = False) -> Rankings:
+        """Ranked image ids and identifiers (and free generations) of the first `n` (default all) queries;
+        `rerank`: generate-then-rerank (needs the evaluator's `reranker`)."""
         inputs = self.inputs if n is None else self.inputs[:n]
+        extra: dict[str, Any] = {}
+        if rerank:
+            if self.reranker is None:
+                raise ValueError("this evaluator has no reranker (RerankConfig.weight > 0)")
+            extra = {"rerank": self.reranker, "query_features": self.query_features[: len(inputs)]}
         return self.model.rank(params, inputs, self.index, beam_size=self.beam_size, constrained=self.constrained,
-                               batch_size=self.batch_size, out_sharding=self.out_sharding)
+                               batch_size=self.batch_size, out_sharding=self.out_sharding, **extra)
+
+    def timed_rankings(self, params: Any, n: int | None = None) -> tuple[dict[str, Rankings], dict[str, float]]:
+        """{"": generative, "rerank/": reranked (with a reranker)} rankings and their queries per second
+        (`queries_per_s` under each prefix). One batch is ranked first so compilation is not timed."""
+        self.rankings(params, 1, rerank=self.reranker is not None)  # warm-up: the compiled search
+        out, speed = {}, {}
+        for prefix in ("", RERANK_PREFIX) if self.reranker is not None else ("",):
+            start = time.perf_counter()
+            out[prefix] = ranked = self.rankings(params, n, rerank=bool(prefix))
+            speed[f"{prefix}queries_per_s"] = len(ranked.images) / max(time.perf_counter() - start, 1e-9)
+        return out, speed
 
     def score(self, rankings: Rankings) -> dict[str, float]:
         """Image-level metrics of the first len(rankings.images) queries at the beam's cutoffs, plus the
@@ -72,21 +110,40 @@ class RetrievalEvaluator:
             metrics["out_of_split_rate"] = out_of_split / total
         return metrics
 
+    def score_all(self, rankings: dict[str, Rankings]) -> dict[str, float]:
+        """`score` of each ranking of `timed_rankings`, the reranked one's keys prefixed `rerank/`."""
+        return {f"{prefix}{k}": v for prefix, ranked in rankings.items() for k, v in self.score(ranked).items()}
+
     def __call__(self, params: Any, step: int) -> dict[str, float]:
-        metrics = self.score(self.rankings(params, self.max_queries))
+        if self.reranker is None:
+            metrics = self.score(self.rankings(params, self.max_queries))
+        else:
+            metrics = self.score_all({"": self.rankings(params, self.max_queries),
+                                      RERANK_PREFIX: self.rankings(params, self.max_queries, rerank=True)})
         k = max(self.ks)
         metrics[f"chance_recall@{k}"] = self.chance[f"recall@{k}"]  # expected R@k of a random ranking
         return metrics
 
     def write_ranked(self, params: Any, path: epath.PathLike) -> dict[str, float]:
-        """Ranked outputs as `avg-jax eval` reads them (JSONL) plus the metrics; returns the metrics."""
-        rankings = self.rankings(params)
-        lines = []
-        for q, j in enumerate(self.query_rows):
-            record = {"query_row": int(j), "text": self.corpus.queries[j].text, "image_ids": rankings.images[q],
-                      "identifiers": [list(x) for x in rankings.identifiers[q]]}
-            if rankings.generated is not None:  # every free generation, valid or not
-                record["generated"] = [list(x) for x in rankings.generated[q]]
-            lines.append(json.dumps(record) + "\n")
-        epath.Path(path).write_text("".join(lines))
-        return self.score(rankings)
+        """Ranked outputs as `avg-jax eval` reads them (JSONL) plus the metrics (and throughput); returns the
+        metrics. With a reranker the reranked outputs go to `rerank_path(path)`, their metrics under `rerank/`."""
+        rankings, speed = self.timed_rankings(params)
+        for prefix, ranked in rankings.items():
+            lines = []
+            for q, j in enumerate(self.query_rows):
+                record = {"query_row": int(j), "text": self.corpus.queries[j].text, "image_ids": ranked.images[q],
+                          "identifiers": [list(x) for x in ranked.identifiers[q]]}
+                if prefix:
+                    record["ranking"] = "rerank"
+                    record["scores"] = ranked.image_scores[q]
+                if ranked.generated is not None:  # every free generation, valid or not
+                    record["generated"] = [list(x) for x in ranked.generated[q]]
+                lines.append(json.dumps(record) + "\n")
+            epath.Path(rerank_path(path) if prefix else path).write_text("".join(lines))
+        return {**self.score_all(rankings), **speed}
+
+
+def rerank_path(path: epath.PathLike) -> epath.Path:
+    """Where the reranked outputs of `path` (ranked_<split>.jsonl) go: ranked_<split>_rerank.jsonl."""
+    path = epath.Path(path)
+    return path.parent / f"{path.stem}_rerank{path.suffix}"

@@ -10,7 +10,8 @@ The run directory receives:
   ranked_<split>.jsonl    final ranked outputs of the evaluation split (`avg-jax eval --ranked` format)
   eval_<split>.json       final image-level R@1/5/10 of that split
   retrieval/              the trained `RetrievalModel` as a retrieval checkpoint (`avg-jax retrieve --checkpoint`)
-                          over the evaluation split's images (all images without an evaluation split)
+                          over the evaluation split's images (all images without an evaluation split), with
+                          heads.npz (the tokenizer's dense towers, for rerank) when the identifiers have a tokenizer
 Everything that turns a query into model input or a ranking is the `RetrievalModel`'s (avg_jax.retrieval.model).
 """
 
@@ -31,14 +32,25 @@ from avg_jax.data.pipeline import make_batch_iterator
 from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
+from avg_jax.evaluation.dense import tokenizer_head_projections
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.json_io import write_json
-from avg_jax.retrieval.model import TRAIN_TRIE, RetrievalLossConfig, RetrievalModel, model_window, table_vocabulary
+from avg_jax.retrieval.model import (
+    TRAIN_TRIE,
+    RerankConfig,
+    Reranker,
+    RetrievalLossConfig,
+    RetrievalModel,
+    TextHead,
+    model_window,
+    save_heads,
+    table_vocabulary,
+)
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params
 from avg_jax.t5.vocab_expand import expand_vocab
-from avg_jax.training.evaluator import RetrievalEvaluator
+from avg_jax.training.evaluator import RetrievalEvaluator, rerank_path
 from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
 from avg_jax.training.trainer import train_loop
 
@@ -142,6 +154,8 @@ def train_retrieval(
     eval_max_queries: int | None = None,
     eval_constrained: bool = True,
     discriminative_images: str = "indexed",
+    eval_rerank_weight: float = 0.0,
+    eval_rerank_temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
     periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
@@ -150,7 +164,10 @@ def train_retrieval(
     length cuts longer inputs (training and evaluation alike); the number cut is printed.
     `discriminative_images`: the image set of L_dis's candidate trie (eq. 8): 'indexed' (default) = every image
     the model is trained to emit (TRAIN, plus `TrainMixture.memorize_splits` when pseudo-queries or memorize
-    rows index them; = TRAIN otherwise), 'train' = TRAIN images only."""
+    rows index them; = TRAIN otherwise), 'train' = TRAIN images only.
+    `eval_rerank_weight` > 0: the evaluation also reports generate-then-rerank (`RerankConfig`: fused score =
+    generative score + weight * cosine / `eval_rerank_temperature`, towers = the tokenizer heads of
+    `identifiers_dir`) under `rerank/`, with ranked_<split>_rerank.jsonl beside ranked_<split>.jsonl."""
     if discriminative_images not in ("indexed", "train"):
         raise ValueError(f"train_retrieval.discriminative_images must be 'indexed' or 'train', got "
                          f"{discriminative_images!r}")
@@ -204,9 +221,15 @@ def train_retrieval(
     run_path = epath.Path(run_dir)  # local or gs://
     evaluator = None
     if eval_split is not None:
+        rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature)
+        reranker = None
+        if rerank.enabled:
+            rows = corpus.image_rows(eval_split)
+            reranker = Reranker.from_tokenizer(rerank, identifiers_dir, [corpus.images[i].id for i in rows],
+                                               corpus.image_features[rows])
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
                                        batch_size=eval_batch_size, max_queries=eval_max_queries,
-                                       constrained=eval_constrained)
+                                       constrained=eval_constrained, reranker=reranker)
     if jax.process_index() == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / RUN_FILE).write_text(json.dumps({
@@ -220,18 +243,39 @@ def train_retrieval(
     if not result.preempted:
         image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
         export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
+        if jax.process_index() == 0 and (run_path / RETRIEVAL_DIR).exists():
+            export_heads(run_path / RETRIEVAL_DIR, identifiers_dir, corpus, image_ids,
+                         RerankConfig(eval_rerank_weight, eval_rerank_temperature))
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"
         if jax.process_index() == 0:
             scores = evaluator.write_ranked(result.state.params, ranked)
         else:  # the same sharded searches, nothing written
-            scores = evaluator.score(evaluator.rankings(result.state.params))
+            scores = evaluator.score_all(evaluator.timed_rankings(result.state.params)[0])
         final.update(split=eval_split, beam_size=eval_beam_size, **scores)
+        if evaluator.reranker is not None:
+            final.update(rerank_weight=eval_rerank_weight, rerank_temperature=eval_rerank_temperature,
+                         rerank_ranked=str(rerank_path(ranked)))
         if jax.process_index() == 0:
             write_json(run_path / f"eval_{eval_split}.json", final)
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, image_ids: list[str],
+                 rerank: RerankConfig) -> None:
+    """heads.npz in a retrieval checkpoint: the dense towers of the identifiers' tokenizer (none: no file)."""
+    from avg_jax.tokenizer.train import CONFIG_FILE, load_tokenizer
+
+    if not (Path(identifiers_dir) / CONFIG_FILE).exists():
+        return
+    tok = load_tokenizer(identifiers_dir)
+    index = corpus.image_index()
+    features = corpus.image_features[[index[i] for i in image_ids]]
+    _, image = tokenizer_head_projections(identifiers_dir)
+    head = tok.params.get("text_head") if tok.config.projection_heads else None
+    save_heads(out_dir, image_ids, image(features), TextHead.arrays(head, tok.config.normalize_embeddings), rerank)
 
 
 def export_retrieval_checkpoint(out_dir: epath.PathLike, model: RetrievalModel, params: Any,
