@@ -454,6 +454,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", help="corpus directory for every row (default: each row's CORPUS_DIR macro)")
     p.add_argument("--out", default="sweeps", help="output directory (default: sweeps)")
     p.add_argument("--dry_run", action="store_true", help="print what would run, where, and what is reused")
+    p.add_argument("--rows", action="append",
+                   help="run only this row (its label, repeatable; default all); the table shows every finished row")
     p.add_argument("--aggregate_only", action="store_true", help="only rebuild table.md from existing rows")
     cli.add_gin_flags(p)  # applied to every row after its own gin files (e.g. a mesh, smaller steps)
     p.set_defaults(func=run)
@@ -476,9 +478,16 @@ def run(args: argparse.Namespace) -> int:
     if args.aggregate_only:
         print(write_table(table, args.out).read_text(), end="")
         return 0
+    labels = {_slug(r.label): r for r in table.rows}
+    unknown = [x for x in args.rows or () if _slug(x) not in labels]
+    if unknown:
+        raise ValueError(f"--rows {unknown}: not rows of {table.name} ({[r.label for r in table.rows]})")
+    chosen = {_slug(x) for x in args.rows} if args.rows else set(labels)
     failed = 0
     for i, row in enumerate(table.rows, start=1):
         head = f"[{i}/{len(table.rows)}] {table.name} / {row.label}"
+        if _slug(row.label) not in chosen:
+            continue
         try:
             plan = parse_row(table, row, args.out, args.corpus, args.gin_file, args.gin_param)
         except Exception as e:  # e.g. a row's gin file is missing: that row's error, not the sweep's
