@@ -17,10 +17,8 @@ COMMAND_MODULES = (
     "avg_jax.tokenizer.commands",
     "avg_jax.evaluation.commands",
     "avg_jax.retrieval.commands",
-    "avg_jax.launch",
     "avg_jax.training.commands",
-    "avg_jax.sweep",
-    "avg_jax.demo",
+    "avg_jax.commands",
 )
 
 

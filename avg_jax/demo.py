@@ -17,7 +17,6 @@ avg_jax/evaluation/report.py, chance level in `avg_jax.evaluation.metrics.chance
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,7 +31,7 @@ import jax
 import numpy as np
 import tqdm
 
-from avg_jax import cli, config
+from avg_jax import config
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.synthetic import make_synthetic_corpus
 from avg_jax.evaluation import dense, metrics
@@ -52,22 +51,6 @@ METRICS_FILE = "metrics.json"
 CONFIG_DIR = "configs"
 SPLIT = "test"
 RETRIEVAL_CHECKPOINT = f"t5_run/{RETRIEVAL_DIR}"  # the trainer's export: `avg-jax retrieve` over the test images
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="end-to-end AVG on the built-in synthetic benchmark (report + plots)")
-    p.add_argument("--out", required=True, help="output directory (report.md, metrics.json, plots, stages)")
-    cli.add_gin_flags(p)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    config.parse_gin(["demo.gin", *args.gin_file], args.gin_param)
-    result = run_demo(args.out)
-    print(f"wrote {Path(args.out) / REPORT_FILE} ({result['wall_seconds']['total']:.0f} s): AVG R@10 "
-          f"{result['avg']['recall@10']:.3f}, dense R@10 {result['dense']['recall@10']:.3f}, chance R@10 "
-          f"{result['chance']['recall@10']:.3f}")
-    return 0
 
 
 class _Stages:

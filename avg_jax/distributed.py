@@ -10,7 +10,7 @@ count and process id from the TPU metadata, so nothing needs to be set. Elsewher
 `tpu_scripts/launch.sh --local_workers N`, a CPU/GPU cluster) they come from gin or from the environment
 variables `JAX_COORDINATOR_ADDRESS` (also read by JAX itself), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`.
 
-`launch_check` is what `avg-jax launch-check` (avg_jax/launch.py) runs before training: it joins the cluster,
+`launch_check` is what `avg-jax launch-check` (avg_jax/commands.py) runs before training: it joins the cluster,
 builds the mesh and checks a sharded reduction over data that every process holds only a part of.
 """
 

@@ -23,7 +23,6 @@ On a TPU pod each row is its own job: `--dry_run` prints every row's gin files a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,7 @@ from typing import Any
 
 import gin
 
-from avg_jax import cli, config
+from avg_jax import config
 from avg_jax.evaluation.metrics import pct
 
 METRICS_FILE = "metrics.json"
@@ -445,61 +444,50 @@ def write_table(table: SweepTable, out_dir: str | Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sweep", help="run the experiments of a paper table and aggregate a markdown table")
-    p.add_argument("--table", help=f"one of {sorted(TABLES)}")
-    p.add_argument("--list", action="store_true", help="list the tables and their rows")
-    p.add_argument("--corpus", help="corpus directory for every row (default: each row's CORPUS_DIR macro)")
-    p.add_argument("--out", default="sweeps", help="output directory (default: sweeps)")
-    p.add_argument("--dry_run", action="store_true", help="print what would run, where, and what is reused")
-    p.add_argument("--rows", action="append",
-                   help="run only this row (its label, repeatable; default all); the table shows every finished row")
-    p.add_argument("--aggregate_only", action="store_true", help="only rebuild table.md from existing rows")
-    cli.add_gin_flags(p)  # applied to every row after its own gin files (e.g. a mesh, smaller steps)
-    p.set_defaults(func=run)
-
-
 def get_table(name: str | None) -> SweepTable:
     if name not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {name!r}")
     return TABLES[name]
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.list:
-        for t in TABLES.values():
-            print(f"{t.name}: {t.title}")
-            for r in t.rows:
-                print(f"  {r.label:<45} {' '.join(r.gin_files)}" + "".join(f" [{p}]" for p in r.gin_params))
-        return 0
-    table = get_table(args.table)
-    if args.aggregate_only:
-        print(write_table(table, args.out).read_text(), end="")
-        return 0
+def describe_tables() -> str:
+    """Every table with its rows and their gin files (`avg-jax sweep --list`)."""
+    lines = []
+    for t in TABLES.values():
+        lines.append(f"{t.name}: {t.title}")
+        lines += [f"  {r.label:<45} {' '.join(r.gin_files)}" + "".join(f" [{p}]" for p in r.gin_params)
+                  for r in t.rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(table: SweepTable, out_dir: str, corpus_dir: str | None = None, gin_files: Sequence[str] = (),
+              gin_params: Sequence[str] = (), rows: Sequence[str] | None = None, dry_run: bool = False) -> int:
+    """Run the rows of `table` (those labelled in `rows`, default all) that are not done yet, one after the other
+    in this process, then rewrite the aggregated table; `gin_files`/`gin_params` apply to every row after its
+    own files. A failing row is written to its error.txt and the others still run. Returns the number of
+    failed rows. `dry_run` prints what would run, where, and what is reused."""
     labels = {_slug(r.label): r for r in table.rows}
-    unknown = [x for x in args.rows or () if _slug(x) not in labels]
+    unknown = [x for x in rows or () if _slug(x) not in labels]
     if unknown:
-        raise ValueError(f"--rows {unknown}: not rows of {table.name} ({[r.label for r in table.rows]})")
-    chosen = {_slug(x) for x in args.rows} if args.rows else set(labels)
+        raise ValueError(f"rows {unknown} are not rows of {table.name} ({[r.label for r in table.rows]})")
+    chosen = {_slug(x) for x in rows} if rows else set(labels)
     failed = 0
     for i, row in enumerate(table.rows, start=1):
         head = f"[{i}/{len(table.rows)}] {table.name} / {row.label}"
         if _slug(row.label) not in chosen:
             continue
         try:
-            plan = parse_row(table, row, args.out, args.corpus, args.gin_file, args.gin_param)
+            plan = parse_row(table, row, out_dir, corpus_dir, gin_files, gin_params)
         except Exception as e:  # e.g. a row's gin file is missing: that row's error, not the sweep's
             summary = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
             print(f"{head}: FAILED to parse its config: {summary}", flush=True)
-            if not args.dry_run:
+            if not dry_run:
                 failed += 1
-                out = row_dir(table, row, args.out)
+                out = row_dir(table, row, out_dir)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / ERROR_FILE).write_text(traceback.format_exc() + "\n" + summary + "\n")
             continue
-        if args.dry_run:
+        if dry_run:
             tokenized = (plan.identifiers_dir / "identifiers.json").exists()
             print(f"{head} ({row.kind})\n  gin files:   {' '.join(plan.gin_files)}\n"
                   f"  gin params:  {list(plan.gin_params)}\n"
@@ -523,9 +511,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{head}: FAILED: {summary} (see {plan.row_dir / ERROR_FILE})", flush=True)
             continue
         print(f"{head}: " + " ".join(f"R@{k}={pct(scores.get(f'recall@{k}'))}" for k in PAPER_KS), flush=True)
-    if args.dry_run:
-        return 0
-    path = write_table(table, args.out)
-    print(path.read_text(), end="")
-    print(f"wrote {path}")
-    return 1 if failed else 0
+    if not dry_run:
+        path = write_table(table, out_dir)
+        print(path.read_text(), end="")
+        print(f"wrote {path}")
+    return failed
