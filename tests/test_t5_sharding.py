@@ -87,7 +87,7 @@ def test_sharded_beam_search_matches_unsharded(version, rules_name):
                                                            window=window, head_chunk_size=64))
     expected = search(params, trie.tables, input_ids)
 
-    mesh = partitioning.make_mesh((4, 2))
+    mesh = partitioning.make_device_mesh(4, 2)
     rules = partitioning.logical_axis_rules(rules_name)
     sharded_params = jax.device_put(params, partitioning.logical_shardings(param_logical_axes(config), mesh, rules))
     sharded_ids = jax.device_put(input_ids, partitioning.batch_sharding(mesh, rules, ndim=2))
