@@ -102,3 +102,20 @@ def test_retrieve_cli_conditioned(conditioned, tmp_path, capsys):
     assert [i for _, i, _ in lines] == [i for i, _ in expected]
     assert cli.main(["retrieve", "--checkpoint", str(ckpt), "--query", QUERIES[0]]) != 0
     assert "query-conditioned model: pass --query_features" in capsys.readouterr().err
+
+
+def test_interpolation_moves_only_query_rows_towards_the_target(conditioned):
+    _, table, _, config, vocab, head, _ = conditioned
+    start = table.text_vocab_size
+    model = RetrievalModel(config, vocab, window=(start, config.vocab_size - start), input_length=8, target_length=M,
+                           query_head=head, max_alpha=0.5)
+    rng = np.random.default_rng(1)
+    q, v = rng.standard_normal((2, 6, ALIGNED)).astype(np.float32)
+    batch = {"image_features": jnp.asarray(q), "target_features": jnp.asarray(v),
+             "query_row": jnp.asarray([0, 3, -1, -2, 7, 1])}
+    out = np.asarray(model.interpolate(batch, jax.random.key(0))["image_features"])
+    alpha = ((out - q) / (v - q)).mean(-1)
+    np.testing.assert_allclose(out, q + alpha[:, None] * (v - q), atol=1e-5)  # on the segment q -> v
+    assert np.all(alpha[[0, 1, 4, 5]] > 0) and np.all(alpha <= 0.5) and np.all(alpha[[2, 3]] == 0)
+    assert model.interpolate(batch, None) is batch  # evaluation: no interpolation
+    assert model.replace(max_alpha=0.0).interpolate(batch, jax.random.key(0)) is batch
