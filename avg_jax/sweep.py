@@ -157,6 +157,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                (_row("IRGen", _EMOJI + "irgen.gin"),
                 _row("AVG", _EMOJI + "main.gin"),
                 _row("AVG + rerank", _EMOJI + "rerank.gin"),
+                _row("AVG + query conditioning", _EMOJI + "conditioned.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
                 _row("w/o L_dis", _EMOJI + "no_dis.gin"),
                 _row("random voken embeddings", _EMOJI + "random_voken.gin"),

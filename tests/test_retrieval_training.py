@@ -453,3 +453,38 @@ def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
     features = corpus.text_features[[line["query_row"] for line in lines]]
     got = retriever.retrieve([line["text"] for line in lines], k=10, query_features=features)
     assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]
+
+
+def test_train_query_conditioning_checkpoint_ranks_like_evaluator(setup, tmp_path):
+    """QueryConditioning on (+ interpolation, L_dis and pseudo-queries): the prefix is the tokenizer text head's
+    aligned vector of the query feature; the exported checkpoint keeps the prefix projection and the text head,
+    and `Retriever.retrieve(texts, query_features=...)` ranks exactly as the evaluator's ranked file."""
+    import shutil
+
+    from avg_jax.retrieval.model import CONDITIONING_FILE
+    from avg_jax.tokenizer.model import RQTokenizerConfig
+    from avg_jax.tokenizer.model import init_params as init_tokenizer
+    from avg_jax.tokenizer.train import TrainedTokenizer, save_tokenizer
+
+    corpus = setup["corpus"]
+    table_dir = shutil.copytree(setup["table_dir"], tmp_path / "table")
+    dims = corpus.image_features.shape[1], corpus.text_features.shape[1]
+    config = RQTokenizerConfig(code_dim=8, codebook_size=CODEBOOK, num_levels=LEVELS, decoder_hidden_dim=8)
+    save_tokenizer(TrainedTokenizer(config, init_tokenizer(config, *dims, seed=0), *dims), table_dir)
+    run = tmp_path / "run"
+    assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 2",
+                  "QueryConditioning.enabled = True", "QueryConditioning.num_prefix_tokens = 2",
+                  "QueryConditioning.max_alpha = 0.5", "RetrievalLossConfig.discriminative_weight = 0.5",
+                  "RetrievalLossConfig.beam_size = 3", "TrainMixture.pseudo_query_rate = 1.0") == 0
+    t5 = json.loads((run / "run.json").read_text())["t5_config"]
+    assert t5["num_image_tokens"] == 2 and t5["image_feature_dim"] == 8
+    assert (run / "retrieval" / CONDITIONING_FILE).exists()
+    lines = [json.loads(line) for line in (run / "ranked_test.jsonl").read_text().splitlines()]
+    assert len(lines) == len(corpus.query_rows("test"))
+    retriever = Retriever.load(run / "retrieval", beam_size=10)
+    assert retriever.model.conditioned
+    features = corpus.text_features[[line["query_row"] for line in lines]]
+    got = retriever.retrieve([line["text"] for line in lines], k=10, query_features=features)
+    assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]
+    with pytest.raises(ValueError, match="query-conditioned"):
+        retriever.retrieve([lines[0]["text"]], k=10)

@@ -8,6 +8,8 @@
                   query order; read with allow_pickle=False) rescored against the checkpoint's dense towers
                   (heads.npz) and fused with the generative score; `scores` are then the fused scores.
                   Weight / temperature: --rerank_weight / --rerank_temperature, else the ones stored at training.
+                  A query-conditioned checkpoint (query_conditioning.npz) REQUIRES them: its text head maps
+                  them to the encoder prefix (rerank then only when heads.npz has a weight > 0 or one is given).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from avg_jax import cli, config
-from avg_jax.retrieval.model import Retriever, load_reranker
+from avg_jax.json_io import read_json
+from avg_jax.retrieval.model import HEADS_FILE, SPEC_FILE, Retriever, load_reranker
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -91,9 +94,19 @@ def run_retrieve(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     reranker = None
-    if args.query_features:
+    spec_path = Path(args.checkpoint) / SPEC_FILE
+    conditioned = spec_path.exists() and "query_conditioning" in read_json(spec_path, "retrieval model spec")
+    if conditioned and not args.query_features:
+        raise ValueError(f"{args.checkpoint} is a query-conditioned model: pass --query_features FILE.npy (the "
+                         "queries' text features, one row per query)")
+    if args.query_features and conditioned and not (Path(args.checkpoint) / HEADS_FILE).exists():
+        if args.rerank_weight is not None or args.rerank_temperature is not None:
+            load_reranker(args.checkpoint)  # raises: no dense towers to rerank with
+    elif args.query_features:
         reranker = load_reranker(args.checkpoint, args.rerank_weight, args.rerank_temperature)
-        if not reranker.config.enabled:
+        if conditioned and not reranker.config.enabled:
+            reranker = None
+        elif not reranker.config.enabled:
             raise ValueError("--query_features given but the rerank weight is 0 (the checkpoint was trained without "
                              "rerank): pass --rerank_weight")
     elif args.rerank_weight is not None or args.rerank_temperature is not None:

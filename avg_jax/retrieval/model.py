@@ -28,6 +28,9 @@ Retrieval checkpoint layout (every file read without executing anything):
   DIR/spiece.model           the SentencePiece model of the text vocabulary
   DIR/retrieval_model.json   input length, instruction, head window, score normalisation, forced-step
                              scoring (`BeamSearchOptions.score_forced_steps`), extra ids
+  DIR/query_conditioning.npz only for a query-conditioned model (np.load, allow_pickle=False): the encoder's
+                             prefix projection (image_projection_kernel/bias) and the text head that maps raw
+                             query text features to the aligned vector fed to it (TextHead arrays)
   DIR/heads.npz              optional (np.load, allow_pickle=False): the dense towers for generate-then-rerank:
                              the aligned vectors of the set's images (image_ids, image_embeddings), the
                              tokenizer's text head (text_out_kernel/bias, text_hidden_kernel/bias if any,
@@ -67,6 +70,8 @@ IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
 SPEC_FILE = "retrieval_model.json"
 HEADS_FILE = "heads.npz"
+CONDITIONING_FILE = "query_conditioning.npz"
+PREFIX_PARAMS = ("image_projection_kernel", "image_projection_bias")
 Identifier = tuple[int, ...]
 
 
@@ -113,6 +118,27 @@ class RetrievalLossConfig:
         ramp = (step - self.discriminative_start_step + 1) / max(self.discriminative_warmup_steps, 1)
         ramp = jnp.where(step >= self.discriminative_start_step, jnp.clip(ramp, 0.0, 1.0), 0.0)
         return jnp.asarray(self.discriminative_weight, jnp.float32) * ramp.astype(jnp.float32)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class QueryConditioning:
+    """Query conditioning (gin: `QueryConditioning.enabled = True`): every encoder input gets
+    `num_prefix_tokens` soft prefix tokens (the T5 image-prefix projection, `T5Config.num_image_tokens`) from an
+    ALIGNED vector of the tokenizer's contrastive heads: query rows the text head of the query's corpus text
+    feature, pseudo-query rows that of their TRAIN caption, memorize rows the image head of the image feature.
+    `max_alpha` > 0 (training only, query rows only, GENIUS-style): prefix = q + α (v − q), α ~ U(0, max_alpha)
+    per example, q the query's aligned vector and v its target image's."""
+
+    enabled: bool = False
+    num_prefix_tokens: int = 1
+    max_alpha: float = 0.0
+
+    def __post_init__(self):
+        if self.num_prefix_tokens < 1:
+            raise ValueError(f"QueryConditioning.num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
+        if not 0.0 <= self.max_alpha <= 1.0:
+            raise ValueError(f"QueryConditioning.max_alpha must be in [0, 1], got {self.max_alpha}")
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
@@ -339,8 +365,12 @@ class RetrievalModel:
     def __init__(self, config: T5Config, vocab: Vocabulary | None, *, window: tuple[int, int], input_length: int,
                  target_length: int, retrieve_instruction: str = "", score_normalization: str = "vocab",
                  share_first_step: bool = True, score_forced_steps: bool = True,
-                 loss: RetrievalLossConfig | None = None):
-        """`vocab` None: a model over already tokenized inputs (benchmarks); it cannot encode texts or save."""
+                 loss: RetrievalLossConfig | None = None, query_head: TextHead | None = None,
+                 max_alpha: float = 0.0):
+        """`vocab` None: a model over already tokenized inputs (benchmarks); it cannot encode texts or save.
+        `query_head`: a query-conditioned model (`QueryConditioning`): raw query text features -> the aligned
+        vector the encoder's prefix projection takes (needs `config.num_image_tokens`); `max_alpha`: its
+        training-time interpolation towards the target image's aligned vector ("target_features")."""
         if vocab is not None and config.vocab_size < vocab.size:
             raise ValueError(f"model vocabulary {config.vocab_size} is smaller than the text vocabulary + new "
                              f"tokens ({vocab.text_size} + {vocab.num_new})")
@@ -355,11 +385,14 @@ class RetrievalModel:
         self.retrieve_instruction, self.score_normalization = retrieve_instruction, score_normalization
         self.share_first_step, self.score_forced_steps = share_first_step, bool(score_forced_steps)
         self.loss_config = loss or RetrievalLossConfig()
+        if query_head is not None and not config.num_image_tokens:
+            raise ValueError("a query-conditioned RetrievalModel needs T5Config.num_image_tokens (the prefix length)")
+        self.query_head, self.max_alpha = query_head, float(max_alpha)
         self.module = T5(config)
         self._fields = {"window": self.window, "input_length": input_length, "target_length": target_length,
                         "retrieve_instruction": retrieve_instruction, "score_normalization": score_normalization,
                         "share_first_step": share_first_step, "score_forced_steps": self.score_forced_steps,
-                        "loss": self.loss_config}
+                        "loss": self.loss_config, "query_head": query_head, "max_alpha": self.max_alpha}
         self._searches: dict[tuple, Any] = {}  # search settings -> jitted search
 
     def replace(self, **changes: Any) -> RetrievalModel:
@@ -368,6 +401,27 @@ class RetrievalModel:
         return RetrievalModel(fields.pop("config"), fields.pop("vocab"), **fields)
 
     # ------------------------------------------------------------------------------------------------ queries
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether queries need their text features (the encoder prefix, `QueryConditioning`)."""
+        return self.query_head is not None
+
+    def aligned_queries(self, query_features: np.ndarray | None, num_queries: int) -> np.ndarray:
+        """[num_queries, d] prefix vectors of a conditioned model: its text head on raw query text features."""
+        if query_features is None:
+            raise ValueError("this model is query-conditioned: ranking needs the queries' text features "
+                             "(query_features / --query_features FILE.npy, one row per query)")
+        x = np.asarray(query_features, np.float32)
+        if x.ndim != 2 or len(x) != num_queries:
+            raise ValueError(f"query features of shape {x.shape}: expected one row per query ({num_queries})")
+        if not np.isfinite(x).all():
+            raise ValueError("query features contain NaN/inf")
+        x = np.asarray(self.query_head(x), np.float32)
+        if x.shape[1] != self.config.image_feature_dim:
+            raise ValueError(f"aligned query dim {x.shape[1]} != the prefix projection's input dim "
+                             f"{self.config.image_feature_dim}")
+        return x
 
     def tokenize(self, text: str) -> list[int]:
         """Instruction + query text as EOS-terminated token ids, not yet cut to the input length."""
@@ -410,6 +464,15 @@ class RetrievalModel:
                  else None)
         return self.module.init(rng, ids, jnp.ones((1, self.target_length), jnp.int32), image)["params"]
 
+    def interpolate(self, batch: dict, rng: jax.Array | None) -> dict:
+        """Training-time prefix interpolation of a conditioned model (`QueryConditioning.max_alpha`): query rows'
+        "image_features" q become q + α ("target_features" − q), α ~ U(0, max_alpha); other rows unchanged."""
+        if rng is None or not self.conditioned or self.max_alpha <= 0 or "target_features" not in batch:
+            return batch
+        q = batch["image_features"]
+        alpha = jax.random.uniform(rng, q.shape[:1], q.dtype, 0.0, self.max_alpha) * (batch["query_row"] >= 0)
+        return {**batch, "image_features": q + alpha[:, None] * (batch["target_features"] - q)}
+
     def encode(self, params: Any, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Encoder states and key mask of a batch (dropout on when `rng` is given); rows with an image
         prefix (memorize rows) keep it, query rows mask it out."""
@@ -428,13 +491,17 @@ class RetrievalModel:
         return self.module.apply({"params": params}, encoded, mask, shift_right(targets), deterministic=rng is None,
                                  method=T5.decode, rngs=None if rng is None else {"dropout": rng})
 
-    def candidates(self, params: Any, input_ids: jax.Array, tables: Any) -> tuple[jax.Array, jax.Array]:
-        """Eq. 8: the top-b train identifiers of each query by constrained beam search, no gradient.
+    def candidates(self, params: Any, input_ids: jax.Array, tables: Any,
+                   prefix_features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Eq. 8: the top-b train identifiers of each query by constrained beam search, no gradient
+        (`prefix_features`: a conditioned model's prefix vectors).
 
         Returns tokens [b, beam, T] (PAD-padded to the target length) and validity [b, beam].
         """
         result = self.beam_search(jax.lax.stop_gradient(params), input_ids, tables,
-                                  beam_size=self.loss_config.beam_size)
+                                  beam_size=self.loss_config.beam_size,
+                                  prefix_features=None if prefix_features is None
+                                  else jax.lax.stop_gradient(prefix_features))
         tokens = result.tokens
         if tokens.shape[-1] > self.target_length:
             raise ValueError(f"trie identifiers have {tokens.shape[-1]} tokens > target length {self.target_length}")
@@ -451,6 +518,7 @@ class RetrievalModel:
             dis_rows |= batch["query_row"] == PSEUDO_ROW
         query_weights = weights * dis_rows
         targets = batch["targets"]  # [b, T]
+        batch = self.interpolate(batch, jax.random.fold_in(rng, 3))
         encoded, mask = self.encode(params, batch, jax.random.fold_in(rng, 0))
         decode_rng = jax.random.fold_in(rng, 1)
         lam = cfg.weight_at(step)
@@ -461,7 +529,8 @@ class RetrievalModel:
             return total, {**metrics, "dis_loss": jnp.zeros(()), "positive_in_beam": jnp.zeros(())}
 
         def with_discriminative(_):
-            cands, valid = self.candidates(params, batch["inputs"], constants[TRAIN_TRIE])  # [b, k, T], [b, k]
+            prefix = batch["image_features"] if self.conditioned else None
+            cands, valid = self.candidates(params, batch["inputs"], constants[TRAIN_TRIE], prefix)  # [b, k, T]
             cands, positive, valid, found = losses.inject_positive(cands, valid, targets,
                                                                    jax.random.fold_in(rng, 2))
             keep = losses.duplicate_free(cands, valid)
@@ -490,26 +559,30 @@ class RetrievalModel:
     # --------------------------------------------------------------------------------------------- prediction
 
     def beam_search(self, params: Any, input_ids: jax.Array, tables: Any, *, beam_size: int,
-                    max_length: int | None = None, eos_id: int | None = None, **decode_options: Any
-                    ) -> BeamSearchResult:
+                    max_length: int | None = None, eos_id: int | None = None,
+                    prefix_features: jax.Array | None = None, **decode_options: Any) -> BeamSearchResult:
         """Pure (jit-able) beam search for `input_ids [batch, input_length]`: trie-constrained over `tables`,
         or free generation with `tables=None` for `max_length` steps, a beam ending at `eos_id`.
+        `prefix_features` [batch, d]: a conditioned model's ALIGNED prefix vectors (`aligned_queries`).
         `decode_options` go to `t5_beam_search` (e.g. `head_chunk_size`)."""
+        if self.conditioned and prefix_features is None:
+            raise ValueError("this model is query-conditioned: beam_search needs prefix_features")
         options = BeamSearchOptions(beam_size=beam_size, score_normalization=self.score_normalization,
                                     share_first_step=self.share_first_step,
                                     score_forced_steps=self.score_forced_steps)
         return t5_beam_search(params, self.config, input_ids, tables, options=options, window=self.window,
-                              max_length=max_length, eos_id=eos_id, **decode_options)
+                              max_length=max_length, eos_id=eos_id, prefix_features=prefix_features,
+                              **decode_options)
 
     def search_fn(self, beam_size: int, *, max_length: int | None = None, eos_id: int | None = None,
-                  out_sharding: Any = None, **decode_options: Any) -> Callable[[Any, Any, jax.Array], BeamSearchResult]:
-        """`jit(beam_search)(params, tables, input_ids)`, compiled once per setting (params and tables are
-        inputs, so other image sets and other weights reuse it)."""
+                  out_sharding: Any = None, **decode_options: Any) -> Callable[..., BeamSearchResult]:
+        """`jit(beam_search)(params, tables, input_ids, prefix_features=None)`, compiled once per setting (params
+        and tables are inputs, so other image sets and other weights reuse it)."""
         key = (beam_size, max_length, eos_id, out_sharding, tuple(sorted(decode_options.items())))
         if key not in self._searches:
-            def search(params, tables, input_ids):
+            def search(params, tables, input_ids, prefix_features=None):
                 return self.beam_search(params, input_ids, tables, beam_size=beam_size, max_length=max_length,
-                                        eos_id=eos_id, **decode_options)
+                                        eos_id=eos_id, prefix_features=prefix_features, **decode_options)
 
             self._searches[key] = jax.jit(search, out_shardings=out_sharding)
         return self._searches[key]
@@ -525,7 +598,10 @@ class RetrievalModel:
         `batch_size` (one compiled shape).
 
         `rerank`: generate-then-rerank, the beam's images rescored with the dense towers from the queries'
-        `query_features` [n, f] (one row per query) and fused with the generative score (`Reranker`)."""
+        `query_features` [n, f] (one row per query) and fused with the generative score (`Reranker`).
+        A query-conditioned model needs `query_features` (raw text features): its text head maps them to the
+        encoder prefix vectors (`aligned_queries`)."""
+        prefixes = self.aligned_queries(query_features, len(input_ids)) if self.conditioned else None
         if rerank is not None and rerank.config.enabled:
             if query_features is None:
                 raise ValueError("rank: rerank needs the queries' features (query_features)")
@@ -546,7 +622,12 @@ class RetrievalModel:
             chunk = input_ids[lo:lo + batch_size]
             padded = np.zeros((batch_size, input_ids.shape[1]), np.int32)  # one compiled shape
             padded[: len(chunk)] = chunk
-            result = jax.device_get(search(params, tables, jnp.asarray(padded)))
+            if prefixes is None:
+                result = jax.device_get(search(params, tables, jnp.asarray(padded)))
+            else:
+                prefix = np.zeros((batch_size, prefixes.shape[1]), np.float32)
+                prefix[: len(chunk)] = prefixes[lo:lo + batch_size]
+                result = jax.device_get(search(params, tables, jnp.asarray(padded), jnp.asarray(prefix)))
             for q in range(len(chunk)):
                 if constrained:
                     self._rank_constrained(out, index.trie, result.groups[q], result.scores[q])
@@ -584,19 +665,26 @@ class RetrievalModel:
         return {"input_length": self.input_length, "target_length": self.target_length,
                 "retrieve_instruction": self.retrieve_instruction, "window": list(self.window),
                 "score_normalization": self.score_normalization, "share_first_step": self.share_first_step,
-                "score_forced_steps": self.score_forced_steps, "num_extra_ids": self.vocab.num_extra_ids}
+                "score_forced_steps": self.score_forced_steps, "num_extra_ids": self.vocab.num_extra_ids,
+                **({"query_conditioning": {"num_prefix_tokens": self.config.num_image_tokens,
+                                           "feature_dim": self.config.image_feature_dim}} if self.conditioned else {})}
 
     def save_checkpoint(self, out_dir: str | Path, params: Any, table: IdentifierTable) -> Path:
         """Write the retrieval checkpoint layout (module docstring) for searching `table`'s images.
 
         An image prefix (GRACE memorize rows) is only used in training; queries are text, so its projection
-        is left out of the exported model."""
+        is left out of the exported model. A query-conditioned model keeps it (with its text head) in
+        query_conditioning.npz."""
         if self.vocab is None:
             raise ValueError("a RetrievalModel without a vocabulary cannot be saved as a retrieval checkpoint")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         config = self.config
         if config.num_image_tokens:
+            if self.conditioned:
+                head = self.query_head
+                np.savez(out / CONDITIONING_FILE, text_normalize=np.asarray(head.normalize), **head.arrays,
+                         **{k: np.asarray(jax.device_get(params["encoder"][k]), np.float32) for k in PREFIX_PARAMS})
             params = {**params, "encoder": {k: v for k, v in params["encoder"].items()
                                             if not k.startswith("image_projection")}}
             config = config.replace(num_image_tokens=0, image_feature_dim=0)
@@ -624,6 +712,9 @@ class RetrievalModel:
         if missing:
             raise ValueError(f"{root / SPEC_FILE}: missing field(s) {missing}")
         params, config = load_hf_t5(root / MODEL_DIR, dropout_rate=0.0, dtype=dtype)
+        query_head = None
+        if "query_conditioning" in spec:
+            params, config, query_head = _load_conditioning(root, spec["query_conditioning"], params, config)
         table = IdentifierTable.load(identifiers if identifiers is not None else root / IDENTIFIERS_DIR)
         vocab = table_vocabulary(table, root / SENTENCEPIECE_FILE)
         if "num_extra_ids" in spec and int(spec["num_extra_ids"]) != vocab.num_extra_ids:
@@ -633,8 +724,26 @@ class RetrievalModel:
                     target_length=int(spec["target_length"]), retrieve_instruction=spec["retrieve_instruction"],
                     score_normalization=spec["score_normalization"],
                     share_first_step=bool(spec.get("share_first_step", True)),
-                    score_forced_steps=bool(spec.get("score_forced_steps", True)))
+                    score_forced_steps=bool(spec.get("score_forced_steps", True)), query_head=query_head)
         return model, jax.device_put(params), table
+
+
+def _load_conditioning(root: Path, spec: dict, params: Any, config: T5Config) -> tuple[Any, T5Config, TextHead]:
+    """A conditioned checkpoint's prefix projection (back into the encoder params) and text head."""
+    path = root / CONDITIONING_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"query-conditioned retrieval checkpoint has no {CONDITIONING_FILE}: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    missing = [k for k in PREFIX_PARAMS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}")
+    k, f = int(spec["num_prefix_tokens"]), int(spec["feature_dim"])
+    kernel = arrays.pop(PREFIX_PARAMS[0])
+    if kernel.shape != (f, k, config.d_model):
+        raise ValueError(f"{path}: prefix projection of shape {kernel.shape}, expected {(f, k, config.d_model)}")
+    encoder = {**params["encoder"], PREFIX_PARAMS[0]: kernel, PREFIX_PARAMS[1]: arrays.pop(PREFIX_PARAMS[1])}
+    return {**params, "encoder": encoder}, config.replace(num_image_tokens=k, image_feature_dim=f), TextHead(arrays)
 
 
 def _encode_rows(module: T5, input_ids: jax.Array, image_features: jax.Array, has_image: jax.Array,
@@ -686,11 +795,15 @@ class Retriever:
     def retrieve(self, texts: Sequence[str], k: int = 10, query_features: np.ndarray | None = None
                  ) -> list[RetrievalResult]:
         """Top-k images per text. The beam is max(beam_size, k), so k identifiers are always reachable.
-        `query_features` [len(texts), f] (with a reranker): generate-then-rerank, `scores` the fused ones."""
+        `query_features` [len(texts), f] (with a reranker): generate-then-rerank, `scores` the fused ones; a
+        query-conditioned model needs them (its encoder prefix)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.model.conditioned and query_features is None:
+            raise ValueError("this retrieval model is query-conditioned: retrieve needs the queries' text features "
+                             "(query_features / --query_features FILE.npy, one row per query)")
         if query_features is not None:
-            if self.reranker is None:
+            if self.reranker is None and not self.model.conditioned:
                 raise ValueError("query features given but this Retriever has no reranker")
             query_features = np.asarray(query_features)
             if query_features.ndim != 2 or len(query_features) != len(texts):

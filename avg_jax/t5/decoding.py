@@ -147,11 +147,11 @@ def chunked_logsumexp(x: Array, rows: Array, chunk: int) -> Array:
 
 
 @gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length",
-                            "eos_id"])
+                            "eos_id", "prefix_features"])
 def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables: trie_lib.TrieTables | None, *,
                    options: BeamSearchOptions, window: tuple[int, int] | None = None,
                    max_length: int | None = None, eos_id: int | None = None,
-                   head_chunk_size: int = 2048) -> BeamSearchResult:
+                   head_chunk_size: int = 2048, prefix_features: jax.Array | None = None) -> BeamSearchResult:
     """Constrained beam search of T5 for `input_ids [batch, length]` (pure; jit with static config/options).
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`trie.identifier_window`);
@@ -159,6 +159,8 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
     generation; `eos_id` ends a beam, see `beam_search`).
     `head_chunk_size` > 0 computes the full-vocabulary log-normaliser that many columns at a time (on CPU
     about 1.4x faster than materialising `[rows, vocab]` logits for T5-small); 0 = one matmul.
+    `prefix_features` [batch, image_feature_dim]: the encoder's soft-token prefix (`T5Config.num_image_tokens`
+    tokens through its image projection, e.g. a query-conditioning vector); None = no prefix.
     """
     batch, beam = input_ids.shape[0], options.beam_size
     max_length = tables.max_length if tables is not None else max_length
@@ -168,8 +170,10 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
     full_window = (start, size) == (0, config.vocab_size)
     norm = options.score_normalization
 
-    encoded = T5(config).apply({"params": params}, input_ids, method=T5.encode)  # [batch, length, d]
-    cross_bias = jnp.where(encoder_input_mask(input_ids), 0.0, MASK_VALUE)  # [batch, length]
+    encoded = T5(config).apply({"params": params}, input_ids, prefix_features,
+                               method=T5.encode)  # [batch, prefix + length, d]
+    prefix = config.num_image_tokens if prefix_features is not None else 0
+    cross_bias = jnp.where(encoder_input_mask(input_ids, prefix), 0.0, MASK_VALUE)  # [batch, prefix + length]
     weights = decode_weights(params, config)
     cross = cross_attention_inputs(weights, encoded)
     head = head_matrix(params, config).astype(config.compute_dtype)  # [vocab, d]

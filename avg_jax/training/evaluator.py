@@ -16,6 +16,9 @@ rescored with the dense towers (the tokenizer's heads) from the split queries' o
 the pure generative metrics (unprefixed) and the reranked ones under `rerank/`, each with its throughput
 (`queries_per_s`, `rerank/queries_per_s`: wall time of the whole `rank` call, search compiled beforehand);
 `write_ranked` writes the generative ranking and, beside it, the reranked one (`rerank_path`).
+
+A query-conditioned model (`QueryConditioning`) gets the split queries' own text features as its encoder
+prefix (through its text head) in every ranking.
 """
 
 from __future__ import annotations
@@ -72,12 +75,19 @@ class RetrievalEvaluator:
             if missing:
                 raise ValueError(f"reranker has no embedding for {len(missing)} {split} image(s), e.g. {missing[0]}")
             self.query_features = corpus.text_features[query_rows]
+        if model.conditioned:  # the encoder prefix: the queries' own text features through the model's text head
+            if corpus.text_features is None:
+                raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: a query-conditioned model needs "
+                                 "the queries' text features")
+            self.query_features = corpus.text_features[query_rows]
 
     def rankings(self, params: Any, n: int | None = None, rerank: bool = False) -> Rankings:
         """Ranked image ids and identifiers (and free generations) of the first `n` (default all) queries;
         `rerank`: generate-then-rerank (needs the evaluator's `reranker`)."""
         inputs = self.inputs if n is None else self.inputs[:n]
         extra: dict[str, Any] = {}
+        if self.model.conditioned:
+            extra = {"query_features": self.query_features[: len(inputs)]}
         if rerank:
             if self.reranker is None:
                 raise ValueError("this evaluator has no reranker (RerankConfig.weight > 0)")

@@ -120,7 +120,7 @@ def memorize_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary,
 def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Tokenize, splits: tuple[str, ...],
                           per_image: int, image_dim: int | None, source: str = "nearest_image",
                           projections: tuple[Projection, Projection] | None = None,
-                          include_train: bool = False) -> list[Example]:
+                          include_train: bool = False, text_rows: bool = False) -> list[Example]:
     """Pseudo-queries ("gallery indexing") for the images of `splits` (TRAIN images only with
     `include_train`), made ONLY from TRAIN captions (GRACE appendix A; never a val/test caption).
 
@@ -131,7 +131,8 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
       'nearest_captions'  the `per_image` nearest distinct TRAIN caption texts in the tokenizer's aligned space:
                           cosine of the text head of the captions' features and the image head of the image's
                           feature (`projections` = (text, image), e.g. `tokenizer_head_projections`).
-    Rows have query_row PSEUDO_ROW (-2).
+    Rows have query_row PSEUDO_ROW (-2); `text_rows`: also "text_row", the donor caption's query row (its text
+    feature is the row's query-conditioning vector, `condition_examples`).
     """
     if source not in PSEUDO_QUERY_SOURCES:
         raise ValueError(f"pseudo_query_examples: source must be one of {PSEUDO_QUERY_SOURCES}, got {source!r}")
@@ -142,7 +143,8 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
         if donors.size == 0:
             raise ValueError("pseudo-queries need TRAIN images with TRAIN captions; the corpus has none")
         features = normalize_rows(corpus.image_features)
-        donor_texts = [corpus.queries[captioned[corpus.images[d].id][0]].text for d in donors]
+        donor_rows = [int(captioned[corpus.images[d].id][0]) for d in donors]
+        donor_texts = [corpus.queries[j].text for j in donor_rows]
 
         def neighbours(rows: np.ndarray) -> np.ndarray:
             return features[rows] @ features[donors].T
@@ -157,7 +159,7 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
             texts.setdefault(corpus.queries[j].text, int(j))
         if not texts:
             raise ValueError("pseudo-queries need TRAIN captions; the corpus has none")
-        donor_texts = list(texts)
+        donor_texts, donor_rows = list(texts), list(texts.values())
         text_project, image_project = projections
         caption_emb = normalize_rows(np.asarray(text_project(corpus.text_features[list(texts.values())]),
                                                 np.float32))
@@ -183,6 +185,8 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
                 for d in near:
                     ex = {"inputs": np.asarray(tokenize(donor_texts[d]), np.int32),
                           "query_row": np.int32(PSEUDO_ROW), "image_row": np.int32(i), "targets": target}
+                    if text_rows:
+                        ex["text_row"] = np.int32(donor_rows[d])
                     out.append(_image_fields(ex, zeros, False))
     return out
 
@@ -224,7 +228,7 @@ def repeat_at_rate(examples: list[Example], rate: float, seed: int) -> list[Exam
 def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tokenize: Tokenize,
                   mixture: TrainMixture, image_dim: int | None, seed: int,
                   projections: tuple[Projection, Projection] | None = None,
-                  max_relevant: int = 0) -> tuple[list[Example], list[Example]]:
+                  max_relevant: int = 0, text_rows: bool = False) -> tuple[list[Example], list[Example]]:
     """(memorize-stage examples, main-stream examples); the first list is empty unless sequential.
     `projections`: the tokenizer's (text, image) heads for pseudo_query_source 'nearest_captions';
     `max_relevant` > 0: every example carries "relevant"/"relevant_valid" (`add_relevant`).
@@ -243,7 +247,7 @@ def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tok
     if mixture.pseudo_query_rate > 0:
         pseudo = pseudo_query_examples(corpus, table, tokenize, mixture.memorize_splits,
                                        mixture.pseudo_queries_per_image, image_dim, mixture.pseudo_query_source,
-                                       projections, mixture.pseudo_queries_for_train)
+                                       projections, mixture.pseudo_queries_for_train, text_rows)
         stream += repeat_at_rate(pseudo, mixture.pseudo_query_rate, seed + 2)
     if not stream:
         raise ValueError("TrainMixture yields no training examples (all rates are 0?)")
@@ -251,6 +255,30 @@ def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tok
         stream, memorize = add_relevant(stream, corpus, table, max_relevant), add_relevant(memorize, corpus, table,
                                                                                               max_relevant)
     return (memorize if mixture.memorize_mode == "sequential" else []), stream
+
+
+def condition_examples(examples: list[Example], aligned_text: np.ndarray, aligned_image: np.ndarray
+                       ) -> list[Example]:
+    """Query conditioning (`QueryConditioning`): every example's "image_features" becomes its ALIGNED prefix
+    vector and "has_image" True: query rows the aligned text vector of their query (`aligned_text[query_row]`),
+    pseudo-query rows that of their donor caption ("text_row", dropped here), memorize rows the aligned image
+    vector of their image; "target_features" = the target image's aligned vector on query rows (interpolation),
+    the row's own prefix elsewhere."""
+    out = []
+    for ex in examples:
+        ex = dict(ex)
+        q, text_row = int(ex["query_row"]), ex.pop("text_row", None)
+        if q >= 0:
+            prefix, target = aligned_text[q], aligned_image[int(ex["image_row"])]
+        elif q == PSEUDO_ROW:
+            if text_row is None:
+                raise ValueError("condition_examples: a pseudo-query row without its donor caption's text_row")
+            prefix = target = aligned_text[int(text_row)]
+        else:
+            prefix = target = aligned_image[int(ex["image_row"])]
+        out.append({**ex, "image_features": np.asarray(prefix, np.float32), "has_image": np.bool_(True),
+                    "target_features": np.asarray(target, np.float32)})
+    return out
 
 
 def _check_covered(corpus: Corpus, table: IdentifierTable, split: str) -> None:

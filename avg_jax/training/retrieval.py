@@ -37,6 +37,7 @@ from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
     TRAIN_TRIE,
+    QueryConditioning,
     RerankConfig,
     Reranker,
     RetrievalLossConfig,
@@ -51,7 +52,7 @@ from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params
 from avg_jax.t5.vocab_expand import expand_vocab
 from avg_jax.training.evaluator import RetrievalEvaluator, rerank_path
-from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
+from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture, condition_examples
 from avg_jax.training.trainer import train_loop
 
 RUN_FILE = "run.json"
@@ -176,6 +177,12 @@ def train_retrieval(
     vocab = load_vocabulary(table, identifiers_dir)
     # The vocabulary and the corpus fix these two fields; gin sets the rest.
     model_config = T5Config(image_feature_dim=int(corpus.image_features.shape[1])).replace(vocab_size=vocab.size)
+    conditioning = QueryConditioning()
+    query_head, aligned = None, None
+    if conditioning.enabled:  # the prefix projection takes the tokenizer's aligned vectors
+        query_head, aligned = conditioning_vectors(corpus, identifiers_dir)
+        model_config = model_config.replace(num_image_tokens=conditioning.num_prefix_tokens,
+                                            image_feature_dim=int(aligned[0].shape[1]))
     initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
     mixture = TrainMixture()
     trie_splits = mixture.indexed_splits() if discriminative_images == "indexed" else ("train",)
@@ -187,14 +194,16 @@ def train_retrieval(
                            retrieve_instruction=mixture.retrieve_instruction,
                            score_normalization=search.score_normalization, share_first_step=search.share_first_step,
                            score_forced_steps=search.score_forced_steps,
-                           loss=RetrievalLossConfig())
+                           loss=RetrievalLossConfig(), query_head=query_head, max_alpha=conditioning.max_alpha)
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
     projections = None
     if mixture.pseudo_query_rate > 0 and mixture.pseudo_query_source == "nearest_captions":
         from avg_jax.evaluation.dense import tokenizer_head_projections
         projections = tokenizer_head_projections(identifiers_dir)
     memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed,
-                                           projections, model.loss_config.max_relevant)
+                                           projections, model.loss_config.max_relevant, text_rows=model.conditioned)
+    if model.conditioned:
+        stream, memorize_stage = (condition_examples(part, *aligned) for part in (stream, memorize_stage))
     if input_length is None:
         longest = max(len(ex["inputs"]) for ex in stream + memorize_stage)
         if eval_split is not None:
@@ -261,6 +270,26 @@ def train_retrieval(
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def conditioning_vectors(corpus: Corpus, identifiers_dir: str) -> tuple[TextHead, tuple[np.ndarray, np.ndarray]]:
+    """Query conditioning's text head (the identifiers' tokenizer text head as a `TextHead`, the one the model
+    and its checkpoint apply to query features) and the corpus' aligned (text [queries, d], image [images, d])
+    vectors."""
+    from avg_jax.tokenizer.train import CONFIG_FILE, load_tokenizer
+
+    if not (Path(identifiers_dir) / CONFIG_FILE).exists():
+        raise ValueError(f"QueryConditioning needs the identifiers' tokenizer (its contrastive heads): "
+                         f"{identifiers_dir} has no {CONFIG_FILE}")
+    if corpus.text_features is None:
+        raise ValueError(f"QueryConditioning needs the corpus' text features: {corpus.name!r} has no "
+                         "text_features.npy")
+    tok = load_tokenizer(identifiers_dir)
+    head = TextHead(TextHead.arrays(tok.params.get("text_head") if tok.config.projection_heads else None,
+                                    tok.config.normalize_embeddings))
+    _, image = tokenizer_head_projections(identifiers_dir)
+    return head, (head(np.asarray(corpus.text_features, np.float32)),
+                  np.asarray(image(np.asarray(corpus.image_features, np.float32)), np.float32))
 
 
 def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, image_ids: list[str],

@@ -1,0 +1,121 @@
+"""Query conditioning (`QueryConditioning`): a query's aligned text vector (the text head of its feature) as the
+encoder's soft prefix. The conditioned model's trie-constrained beam search, through a saved and reloaded
+retrieval checkpoint, ranks exactly as brute-force teacher-forced scoring of every identifier with the same
+prefix through the flax `T5.__call__`; `avg-jax retrieve` needs the features."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avg_jax import cli
+from avg_jax.data.vocab import Vocabulary, pad_vocab_size, train_sentencepiece
+from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.retrieval.model import CONDITIONING_FILE, RetrievalModel, Retriever, TextHead
+from avg_jax.t5.configs import named_t5_config
+from avg_jax.t5.model import T5, init_params
+
+NUM_NEW, M, TEXT_DIM, ALIGNED, PREFIX = 8, 3, 6, 5, 2
+QUERIES = ["a red car on a street", "two dogs playing", "a bowl of fruit"]
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    """(checkpoint dir, table, params, config, vocab, text head, query features): a random tiny conditioned T5."""
+    root = tmp_path_factory.mktemp("conditioned")
+    texts = [f"{a} {b} {c}" for a in ("a", "two", "the", "red", "blue") for b in ("car", "dog", "bowl", "tree")
+             for c in ("on a street", "playing", "of fruit", "in the park")]
+    spm = train_sentencepiece(texts, root / "src" / "spm", vocab_size=60)
+    text_size = Vocabulary(spm).text_size
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, NUM_NEW, size=(12, M))
+    codes[5] = codes[4]  # shared identifier
+    table = IdentifierTable(image_ids=[f"img{i}" for i in range(12)], tokens=(text_size + codes).astype(np.int32),
+                            lengths=np.full(12, M, np.int32), scheme="avg", num_new_tokens=NUM_NEW,
+                            text_vocab_size=text_size, fixed_length=True)
+    config = named_t5_config("tiny", vocab_size=pad_vocab_size(text_size + NUM_NEW)).replace(
+        num_image_tokens=PREFIX, image_feature_dim=ALIGNED)
+    params = jax.device_get(init_params(config, jax.random.key(0)))
+    head = TextHead(TextHead.arrays({"out": {"kernel": rng.standard_normal((TEXT_DIM, ALIGNED)),
+                                             "bias": rng.standard_normal(ALIGNED)}}, True))
+    vocab = Vocabulary(spm, num_new=NUM_NEW)
+    model = RetrievalModel(config, vocab, window=(text_size, config.vocab_size - text_size), input_length=32,
+                           target_length=M, query_head=head)
+    model.save_checkpoint(root / "ckpt", params, table)
+    features = rng.standard_normal((len(QUERIES), TEXT_DIM)).astype(np.float32)
+    return root / "ckpt", table, params, config, vocab, head, features
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_forced(config, params, ids, decoder_in, targets, prefix):
+    logp = jax.nn.log_softmax(T5(config).apply({"params": params}, ids, decoder_in, prefix), -1)
+    return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0].sum(-1)
+
+
+def brute_force(text, prefix, table, params, config, vocab, k):
+    """Every distinct identifier scored by teacher forcing with the prefix vector, images in table order."""
+    groups = table.groups()
+    idents = list(groups)
+    targets = jnp.asarray(idents, jnp.int32)
+    decoder_in = jnp.concatenate([jnp.zeros((len(idents), 1), jnp.int32), targets[:, :-1]], axis=1)
+    ids = jnp.asarray([vocab.encode(text)] * len(idents), jnp.int32)
+    prefixes = jnp.asarray(np.repeat(prefix[None], len(idents), 0))
+    scores = np.asarray(_teacher_forced(config, params, ids, decoder_in, targets, prefixes))
+    ranked = []
+    for j in np.argsort(-scores, kind="stable"):
+        ranked.extend((image, float(scores[j])) for image in groups[idents[j]])
+    return ranked[:k]
+
+
+def test_conditioned_checkpoint_beam_search_matches_brute_force(conditioned):
+    ckpt, table, params, config, vocab, head, features = conditioned
+    assert (ckpt / CONDITIONING_FILE).exists()
+    retriever = Retriever.load(ckpt, beam_size=16)
+    assert retriever.model.conditioned and retriever.model.config.num_image_tokens == PREFIX
+    got = retriever.retrieve(QUERIES, k=7, query_features=features)
+    aligned = head(features)
+    differs = False
+    for q, text in enumerate(QUERIES):
+        expected = brute_force(text, aligned[q], table, params, config, vocab, 7)
+        assert got[q].image_ids == [i for i, _ in expected]
+        np.testing.assert_allclose(got[q].scores, [s for _, s in expected], atol=1e-5)
+        # the prefix matters: another query's vector gives other scores
+        other = brute_force(text, aligned[(q + 1) % len(QUERIES)], table, params, config, vocab, 7)
+        differs |= not np.allclose([s for _, s in other], [s for _, s in expected], atol=1e-4)
+    assert differs
+    with pytest.raises(ValueError, match="query-conditioned"):
+        retriever.retrieve(QUERIES, k=7)
+    with pytest.raises(ValueError, match="text head expects"):
+        retriever.retrieve(QUERIES, k=7, query_features=features[:, :4])
+
+
+def test_retrieve_cli_conditioned(conditioned, tmp_path, capsys):
+    ckpt, table, params, config, vocab, head, features = conditioned
+    path = tmp_path / "q.npy"
+    np.save(path, features[:1])
+    assert cli.main(["retrieve", "--checkpoint", str(ckpt), "--query", QUERIES[0], "--k", "5",
+                     "--query_features", str(path), "--gin_param", "BeamSearchOptions.beam_size = 16"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    expected = brute_force(QUERIES[0], head(features[:1])[0], table, params, config, vocab, 5)
+    assert [i for _, i, _ in lines] == [i for i, _ in expected]
+    assert cli.main(["retrieve", "--checkpoint", str(ckpt), "--query", QUERIES[0]]) != 0
+    assert "query-conditioned model: pass --query_features" in capsys.readouterr().err
+
+
+def test_interpolation_moves_only_query_rows_towards_the_target(conditioned):
+    _, table, _, config, vocab, head, _ = conditioned
+    start = table.text_vocab_size
+    model = RetrievalModel(config, vocab, window=(start, config.vocab_size - start), input_length=8, target_length=M,
+                           query_head=head, max_alpha=0.5)
+    rng = np.random.default_rng(1)
+    q, v = rng.standard_normal((2, 6, ALIGNED)).astype(np.float32)
+    batch = {"image_features": jnp.asarray(q), "target_features": jnp.asarray(v),
+             "query_row": jnp.asarray([0, 3, -1, -2, 7, 1])}
+    out = np.asarray(model.interpolate(batch, jax.random.key(0))["image_features"])
+    alpha = ((out - q) / (v - q)).mean(-1)
+    np.testing.assert_allclose(out, q + alpha[:, None] * (v - q), atol=1e-5)  # on the segment q -> v
+    assert np.all(alpha[[0, 1, 4, 5]] > 0) and np.all(alpha <= 0.5) and np.all(alpha[[2, 3]] == 0)
+    assert model.interpolate(batch, None) is batch  # evaluation: no interpolation
+    assert model.replace(max_alpha=0.0).interpolate(batch, jax.random.key(0)) is batch
