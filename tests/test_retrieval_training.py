@@ -105,7 +105,7 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
     cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
 
     fixed = task.replace()
-    fixed.candidates = lambda params, input_ids, tables: (cands, valid)
+    fixed.candidates = lambda params, input_ids, tables, prefix_features=None: (cands, valid)
     grad_fixed = jax.jit(jax.grad(lambda p: fixed.loss(p, batch, rng, step, constants)[0]))(params)
     for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_fixed), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-6, atol=1e-9)
