@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_table import NUM_NEW, M, tiny_vocab_and_table
 
 from avg_jax import cli
-from avg_jax.data.vocab import Vocabulary, pad_vocab_size, train_sentencepiece
-from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.data.vocab import Vocabulary, pad_vocab_size
 from avg_jax.retrieval.model import CONDITIONING_FILE, RetrievalModel, Retriever, TextHead
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5, init_params
 
-NUM_NEW, M, TEXT_DIM, ALIGNED, PREFIX = 8, 3, 6, 5, 2
+TEXT_DIM, ALIGNED, PREFIX = 6, 5, 2
 QUERIES = ["a red car on a street", "two dogs playing", "a bowl of fruit"]
 
 
@@ -25,16 +25,8 @@ QUERIES = ["a red car on a street", "two dogs playing", "a bowl of fruit"]
 def conditioned(tmp_path_factory):
     """(checkpoint dir, table, params, config, vocab, text head, query features): a random tiny conditioned T5."""
     root = tmp_path_factory.mktemp("conditioned")
-    texts = [f"{a} {b} {c}" for a in ("a", "two", "the", "red", "blue") for b in ("car", "dog", "bowl", "tree")
-             for c in ("on a street", "playing", "of fruit", "in the park")]
-    spm = train_sentencepiece(texts, root / "src" / "spm", vocab_size=60)
-    text_size = Vocabulary(spm).text_size
+    spm, text_size, table = tiny_vocab_and_table(root)
     rng = np.random.default_rng(0)
-    codes = rng.integers(0, NUM_NEW, size=(12, M))
-    codes[5] = codes[4]  # shared identifier
-    table = IdentifierTable(image_ids=[f"img{i}" for i in range(12)], tokens=(text_size + codes).astype(np.int32),
-                            lengths=np.full(12, M, np.int32), scheme="avg", num_new_tokens=NUM_NEW,
-                            text_vocab_size=text_size, fixed_length=True)
     config = named_t5_config("tiny", vocab_size=pad_vocab_size(text_size + NUM_NEW)).replace(
         num_image_tokens=PREFIX, image_feature_dim=ALIGNED)
     params = jax.device_get(init_params(config, jax.random.key(0)))

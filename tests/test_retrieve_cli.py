@@ -8,15 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_table import NUM_NEW, M, tiny_vocab_and_table
 
 from avg_jax import cli
-from avg_jax.data.vocab import Vocabulary, pad_vocab_size, train_sentencepiece
-from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.data.vocab import Vocabulary, pad_vocab_size
 from avg_jax.retrieval.model import RetrievalModel
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5, init_params
 
-NUM_NEW, M = 8, 3
 QUERIES = ["a red car on a street", "two dogs playing", "a bowl of fruit"]
 
 
@@ -24,16 +23,7 @@ QUERIES = ["a red car on a street", "two dogs playing", "a bowl of fruit"]
 def checkpoint(tmp_path_factory):
     """(dir, table, params, config, vocab): random tiny T5, 12 images, two of them sharing an identifier."""
     root = tmp_path_factory.mktemp("retrieval")
-    texts = [f"{a} {b} {c}" for a in ("a", "two", "the", "red", "blue") for b in ("car", "dog", "bowl", "tree")
-             for c in ("on a street", "playing", "of fruit", "in the park")]
-    spm = train_sentencepiece(texts, root / "src" / "spm", vocab_size=60)
-    text_size = Vocabulary(spm).text_size
-    rng = np.random.default_rng(0)
-    codes = rng.integers(0, NUM_NEW, size=(12, M))
-    codes[5] = codes[4]  # shared identifier ('share' collision policy)
-    table = IdentifierTable(image_ids=[f"img{i}" for i in range(12)], tokens=(text_size + codes).astype(np.int32),
-                            lengths=np.full(12, M, np.int32), scheme="avg", num_new_tokens=NUM_NEW,
-                            text_vocab_size=text_size, fixed_length=True)
+    spm, text_size, table = tiny_vocab_and_table(root)
     config = named_t5_config("tiny", vocab_size=pad_vocab_size(text_size + NUM_NEW))
     params = jax.device_get(init_params(config, jax.random.key(0)))
     model = RetrievalModel(config, Vocabulary(spm, num_new=NUM_NEW), window=(text_size, config.vocab_size - text_size),

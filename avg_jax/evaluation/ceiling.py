@@ -23,6 +23,7 @@ import numpy as np
 
 from avg_jax.data.corpus import Corpus
 from avg_jax.evaluation import metrics
+from avg_jax.evaluation.dense import split_rows
 from avg_jax.tokenizer.model import embed_texts
 from avg_jax.tokenizer.quantizer import rq_encode_codes
 from avg_jax.tokenizer.train import TrainedTokenizer, encode_images, load_tokenizer
@@ -67,12 +68,7 @@ def rank_by_scores(scores: np.ndarray, image_ids: Sequence[str], k: int | None =
 def ceiling_diagnostic(corpus: Corpus, tokenizer_dir: str | Path, split: str = "test", mode: str = "ceiling",
                        ks: Sequence[int] = metrics.DEFAULT_KS) -> tuple[dict[str, float], list[list[str]]]:
     """Image-level metrics and ranked image ids (per `corpus.query_rows(split)` query) of the `mode` ceiling."""
-    if corpus.text_features is None:
-        raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: the ceiling needs query features")
-    image_rows, query_rows = corpus.image_rows(split), corpus.query_rows(split)
-    if image_rows.size == 0 or query_rows.size == 0:
-        raise ValueError(f"corpus {corpus.name!r}: split {split!r} has {image_rows.size} images and "
-                         f"{query_rows.size} queries")
+    image_rows, query_rows = split_rows(corpus, split, "the ceiling")
     tok = load_tokenizer(tokenizer_dir)
     image_ids = [corpus.images[i].id for i in image_rows]
     ranked = []

@@ -162,6 +162,17 @@ def baseline_projections(corpus: Corpus, projection: str, tokenizer_dir: str | N
                      f"{PROJECTIONS}, 'heads' with a tokenizer directory")
 
 
+def split_rows(corpus: Corpus, split: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image rows, query rows) of `split` for a ranking by query features (`what` names it in errors)."""
+    if corpus.text_features is None:
+        raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: {what} needs query features")
+    image_rows, query_rows = corpus.image_rows(split), corpus.query_rows(split)
+    if image_rows.size == 0 or query_rows.size == 0:
+        raise ValueError(f"corpus {corpus.name!r}: split {split!r} has {image_rows.size} images and "
+                         f"{query_rows.size} queries; need at least one of each")
+    return image_rows, query_rows
+
+
 @gin.configurable(denylist=["corpus", "text_projection", "image_projection"])
 def dense_baseline(corpus: Corpus, split: str = "test", k: int = 10, backend: str = "jax",
                    text_projection: Projection | None = None, image_projection: Projection | None = None,
@@ -172,12 +183,7 @@ def dense_baseline(corpus: Corpus, split: str = "test", k: int = 10, backend: st
     Returns image-level metrics and the ranked image ids per query (in `corpus.query_rows(split)` order)."""
     if backend not in BACKENDS:
         raise ValueError(f"dense_baseline: backend must be one of {BACKENDS}, got {backend!r}")
-    if corpus.text_features is None:
-        raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: the dense baseline needs query features")
-    image_rows, query_rows = corpus.image_rows(split), corpus.query_rows(split)
-    if image_rows.size == 0 or query_rows.size == 0:
-        raise ValueError(f"corpus {corpus.name!r}: split {split!r} has {image_rows.size} images and "
-                         f"{query_rows.size} queries; need at least one of each")
+    image_rows, query_rows = split_rows(corpus, split, "the dense baseline")
     image_emb = corpus.image_features[image_rows]
     text_emb = corpus.text_features[query_rows]
     if image_projection is not None:

@@ -1,0 +1,27 @@
+"""A SentencePiece vocabulary and a 12-image voken table shared by the retrieval-checkpoint tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from avg_jax.data.vocab import Vocabulary, train_sentencepiece
+from avg_jax.identifiers.table import IdentifierTable
+
+NUM_NEW, M = 8, 3
+
+
+def tiny_vocab_and_table(root: Path) -> tuple[Path, int, IdentifierTable]:
+    """(SentencePiece model, text vocabulary size, table): 12 images with random M-voken identifiers over NUM_NEW
+    vokens, images 4 and 5 sharing one identifier."""
+    texts = [f"{a} {b} {c}" for a in ("a", "two", "the", "red", "blue") for b in ("car", "dog", "bowl", "tree")
+             for c in ("on a street", "playing", "of fruit", "in the park")]
+    spm = train_sentencepiece(texts, root / "src" / "spm", vocab_size=60)
+    text_size = Vocabulary(spm).text_size
+    codes = np.random.default_rng(0).integers(0, NUM_NEW, size=(12, M))
+    codes[5] = codes[4]  # a shared identifier
+    table = IdentifierTable(image_ids=[f"img{i}" for i in range(12)], tokens=(text_size + codes).astype(np.int32),
+                            lengths=np.full(12, M, np.int32), scheme="avg", num_new_tokens=NUM_NEW,
+                            text_vocab_size=text_size, fixed_length=True)
+    return spm, text_size, table
