@@ -418,9 +418,8 @@ def test_train_with_the_full_avg_recipe(setup, tmp_path):
     assert model.score_forced_steps is False
 
 
-def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
-    """train_retrieval.eval_rerank_weight > 0: the towers are the tokenizer heads of the identifiers dir; the
-    final evaluation keeps the generative metrics and adds rerank/ ones, both throughputs and the reranked file."""
+def _table_with_tokenizer(setup, tmp_path):
+    """A copy of the identifier table directory holding a random tiny tokenizer (its heads: the dense towers)."""
     import shutil
 
     from avg_jax.tokenizer.model import RQTokenizerConfig
@@ -432,6 +431,14 @@ def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
     dims = corpus.image_features.shape[1], corpus.text_features.shape[1]
     config = RQTokenizerConfig(code_dim=8, codebook_size=CODEBOOK, num_levels=LEVELS, decoder_hidden_dim=8)
     save_tokenizer(TrainedTokenizer(config, init_tokenizer(config, *dims, seed=0), *dims), table_dir)
+    return table_dir
+
+
+def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
+    """train_retrieval.eval_rerank_weight > 0: the towers are the tokenizer heads of the identifiers dir; the
+    final evaluation keeps the generative metrics and adds rerank/ ones, both throughputs and the reranked file."""
+    corpus = setup["corpus"]
+    table_dir = _table_with_tokenizer(setup, tmp_path)
     run = tmp_path / "run"
     assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 2",
                   "train_retrieval.eval_rerank_weight = 1.0", "train_retrieval.eval_rerank_temperature = 0.1") == 0
@@ -459,18 +466,10 @@ def test_train_query_conditioning_checkpoint_ranks_like_evaluator(setup, tmp_pat
     """QueryConditioning on (+ interpolation, L_dis and pseudo-queries): the prefix is the tokenizer text head's
     aligned vector of the query feature; the exported checkpoint keeps the prefix projection and the text head,
     and `Retriever.retrieve(texts, query_features=...)` ranks exactly as the evaluator's ranked file."""
-    import shutil
-
     from avg_jax.retrieval.model import CONDITIONING_FILE
-    from avg_jax.tokenizer.model import RQTokenizerConfig
-    from avg_jax.tokenizer.model import init_params as init_tokenizer
-    from avg_jax.tokenizer.train import TrainedTokenizer, save_tokenizer
 
     corpus = setup["corpus"]
-    table_dir = shutil.copytree(setup["table_dir"], tmp_path / "table")
-    dims = corpus.image_features.shape[1], corpus.text_features.shape[1]
-    config = RQTokenizerConfig(code_dim=8, codebook_size=CODEBOOK, num_levels=LEVELS, decoder_hidden_dim=8)
-    save_tokenizer(TrainedTokenizer(config, init_tokenizer(config, *dims, seed=0), *dims), table_dir)
+    table_dir = _table_with_tokenizer(setup, tmp_path)
     run = tmp_path / "run"
     assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 2",
                   "QueryConditioning.enabled = True", "QueryConditioning.num_prefix_tokens = 2",
