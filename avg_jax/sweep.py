@@ -51,7 +51,8 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
 # Parameters read only by the final evaluation: rows differing only in these share one trained run.
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
                     "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained",
-                    "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature")
+                    "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature",
+                    "train_retrieval.eval_prior_weight")
 ROW_KINDS = ("train", "dense", "ceiling", "ceiling_codes")  # see the module docstring
 DATASETS = ("flickr30k", "coco", "emoji")
 
@@ -157,6 +158,8 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                (_row("IRGen", _EMOJI + "irgen.gin"),
                 _row("AVG", _EMOJI + "main.gin"),
                 _row("AVG + rerank", _EMOJI + "rerank.gin"),
+                _row("AVG + voken prior", _EMOJI + "prior.gin"),
+                _row("AVG + voken prior + rerank", _EMOJI + "prior_rerank.gin"),
                 _row("AVG + query conditioning", _EMOJI + "conditioned.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
                 _row("w/o L_dis", _EMOJI + "no_dis.gin"),

@@ -203,6 +203,59 @@ def test_unscored_forced_steps_match_exhaustive_enumeration(identifiers, norm):
         assert scored != ranked
 
 
+@pytest.mark.parametrize("identifiers", [FIXED, SUFFIXED], ids=["fixed", "suffixed"])
+@pytest.mark.parametrize("forced", [True, False], ids=["scored", "unscored-forced"])
+@pytest.mark.parametrize("window", [None, (1, 12)], ids=["full", "window"])
+def test_token_bias_is_added_to_every_step_of_exhaustive_enumeration(identifiers, forced, window):
+    """`token_bias [batch, columns]`: each identifier's score = teacher-forced log-prob (forced steps 0 when
+    unscored) + the sum of its tokens' per-query biases, forced steps included; the search ranks all of them."""
+    tokens, lengths = pad_identifiers(identifiers)
+    trie = trie_lib.build_trie(tokens=tokens, lengths=lengths, **CAPACITY)
+    columns = VOCAB if window is None else window[1] - window[0]
+    offset = 0 if window is None else window[0]
+    bias = np.random.default_rng(7).normal(size=(4, columns)).astype(np.float32) * 2.0
+    search = compiled_search(0, 8, window=window, score_forced_steps=forced)
+    result = jax.device_get(search(tables=trie.tables, cache=MODELS[0].initial_cache(),
+                                   token_bias=jnp.asarray(bias)))
+    ref = reference_trie(identifiers)
+    model = MODELS[0]
+    for q in range(4):
+        ours = [(tuple(int(x) for x in result.tokens[q, j][:trie.group_lengths[g]]), float(s))
+                for j, (g, s) in enumerate(zip(result.groups[q], result.scores[q], strict=True)) if g >= 0]
+        expected = []
+        for ident in ref.keys():
+            h, total, prev = model.h0[q], 0.0, PAD_ID
+            for t, token in enumerate(ident):
+                h, logits = model.step_np(h, prev, t)
+                if forced or len(reference_children(ref, ident[:t])) > 1:
+                    total += log_softmax(logits)[token]
+                total += bias[q, token - offset]
+                prev = token
+            expected.append((ident, total))
+        assert_same_ranking(ours, sorted(expected, key=lambda x: -x[1]), atol=1e-4)
+    with pytest.raises(ValueError, match="token_bias has 3 rows"):
+        search(tables=trie.tables, cache=MODELS[0].initial_cache(), token_bias=jnp.asarray(bias[:3]))
+
+
+def test_token_bias_in_free_generation_is_exhaustive():
+    """Free generation (EOS ends a beam) with a bias: every possible output, scored by float64 teacher forcing
+    plus its tokens' biases (the carried-over PAD of a finished beam adds nothing), best first."""
+    model, length, window = MODELS[1], 3, (0, 5)
+    every = free_sequences(range(*window), length)
+    bias = np.random.default_rng(3).normal(size=(4, 5)).astype(np.float32)
+    options = BeamSearchOptions(beam_size=len(every))
+    step = functools.partial(model.tokens_to_logits, window=window)
+    result = jax.device_get(jax.jit(functools.partial(
+        beam_search, step, None, batch_size=4, options=options, max_length=length, eos_id=EOS_ID))(
+        cache=model.initial_cache(), token_bias=jnp.asarray(bias)))
+    for q in range(4):
+        expected = {s: teacher_forced(model, q, s, None, window=window) + sum(bias[q, t] for t in s) for s in every}
+        ours = free_ranking(result, q)
+        assert sorted(s for s, _ in ours) == sorted(every)
+        assert dict(ours) == pytest.approx(expected, abs=1e-4)
+        assert [sc for _, sc in ours] == sorted((sc for _, sc in ours), reverse=True)
+
+
 @pytest.mark.parametrize("identifiers", [FIXED, VARIABLE], ids=["fixed", "variable"])
 def test_narrow_beam_matches_reference_beam_search(identifiers):
     for beam in (1, 2, 3):

@@ -441,8 +441,10 @@ def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
     table_dir = _table_with_tokenizer(setup, tmp_path)
     run = tmp_path / "run"
     assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 2",
-                  "train_retrieval.eval_rerank_weight = 1.0", "train_retrieval.eval_rerank_temperature = 0.1") == 0
+                  "train_retrieval.eval_rerank_weight = 1.0", "train_retrieval.eval_rerank_temperature = 0.1",
+                  "train_retrieval.eval_prior_weight = 0.5") == 0
     final = json.loads((run / "eval_test.json").read_text())
+    assert final["prior_weight"] == 0.5
     assert {"recall@10", "rerank/recall@10", "queries_per_s", "rerank/queries_per_s"} <= set(final)
     assert final["rerank_ranked"] == str(run / "ranked_test_rerank.jsonl")
     plain = (run / "ranked_test.jsonl").read_text().splitlines()
@@ -454,12 +456,60 @@ def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
     from avg_jax.retrieval.model import load_reranker
 
     reranker = load_reranker(run / "retrieval")
-    assert reranker.config.weight == 1.0 and reranker.config.temperature == 0.1
+    assert (reranker.config.weight, reranker.config.temperature, reranker.config.prior_weight) == (1.0, 0.1, 0.5)
     retriever = Retriever.load(run / "retrieval", beam_size=10, reranker=reranker)
     lines = [json.loads(line) for line in reranked[:4]]
     features = corpus.text_features[[line["query_row"] for line in lines]]
     got = retriever.retrieve([line["text"] for line in lines], k=10, query_features=features)
     assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]
+
+
+def test_voken_prior_adds_the_aligned_voken_scores_to_every_identifier(setup, tmp_path):
+    """The aligned-voken prior in `RetrievalModel.rank`: with a beam over every test identifier, each
+    identifier's search score minus its pure generative score is prior_weight / temperature * <t, Σ c_voken>,
+    t the tokenizer text head's (numpy) output for the query feature and c the codebook rows of its tokens;
+    a zero rerank weight leaves the searched order as it is."""
+    from avg_jax.retrieval.model import RerankConfig, Reranker, SearchIndex
+    from avg_jax.t5.model import init_params
+    from avg_jax.tokenizer.train import load_tokenizer
+
+    corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
+    table_dir = _table_with_tokenizer(setup, tmp_path)
+    test_ids = [corpus.images[i].id for i in corpus.image_rows("test")]
+    index = SearchIndex.from_table(table.subset(test_ids))
+    beam = len(index.groups)
+    config = named_t5_config("tiny", vocab_size=vocab.size)
+    model = RetrievalModel(config, vocab, window=model_window(table, vocab.size), input_length=24,
+                           target_length=table.max_len)
+    params = init_params(config, jax.random.key(5))
+    rows = corpus.query_rows("test")[:6]
+    inputs = model.encode_queries([corpus.queries[j].text for j in rows])
+    features = corpus.text_features[rows]
+    reranker = Reranker.from_tokenizer(RerankConfig(0.0, 0.5, prior_weight=0.7), table_dir, test_ids,
+                                       corpus.image_features[corpus.image_rows("test")])
+    plain = model.rank(params, inputs, index, beam_size=beam)
+    fused = model.rank(params, inputs, index, beam_size=beam, rerank=reranker, query_features=features)
+    head = load_tokenizer(table_dir).params["text_head"]
+    assert set(head) == {"out"}  # a linear head: the reference below is exact
+    t = features.astype(np.float64) @ np.asarray(head["out"]["kernel"]) + np.asarray(head["out"]["bias"])
+    t /= np.linalg.norm(t, axis=-1, keepdims=True)
+    codebook = np.load(table_dir / "codebook.npy")[0].astype(np.float64)
+    for q in range(len(rows)):
+        gen = dict(zip(plain.identifiers[q], plain.identifier_scores[q], strict=True))
+        got = dict(zip(fused.identifiers[q], fused.identifier_scores[q], strict=True))
+        assert set(got) == set(gen) == set(index.groups)
+        for ident, score in got.items():
+            codes = [tok - table.text_vocab_size for tok in ident]
+            z = codebook[[c for c in codes if c < len(codebook)]].sum(0)  # collision suffixes have no vector
+            assert score - gen[ident] == pytest.approx(0.7 / 0.5 * t[q] @ z, abs=1e-4)
+        searched = [image for ident in fused.identifiers[q] for image in index.groups[ident]]
+        assert fused.images[q] == searched  # weight 0: no rerank after the search
+    assert plain.images != fused.images  # the prior changed some ranking
+    assert any(len(ident) > LEVELS for ident in index.groups)  # suffix tokens were covered (zero prior)
+    with pytest.raises(ValueError, match="needs the queries' features"):
+        model.rank(params, inputs, index, beam_size=beam, rerank=reranker)
+    with pytest.raises(ValueError, match="identifier window"):
+        reranker.voken_bias(features, (model.window[0] + 1, model.window[1]))
 
 
 def test_train_query_conditioning_checkpoint_ranks_like_evaluator(setup, tmp_path):

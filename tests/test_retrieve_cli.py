@@ -149,6 +149,11 @@ def test_rerank_with_query_features(checkpoint, tmp_path, capsys):
     assert cli.main([*base, "--query_features", str(tmp_path / "wide.npy"), "--rerank_weight", "1"]) == 2
     assert re.search("text head expects 5", capsys.readouterr().err)
     assert cli.main([*base, "--query_features", str(tmp_path / "features.npy")]) == 2
-    assert re.search("rerank weight is 0", capsys.readouterr().err)
+    assert re.search("rerank and prior weights are 0", capsys.readouterr().err)
     assert cli.main([*base, "--rerank_weight", "1"]) == 2
     assert re.search("need --query_features", capsys.readouterr().err)
+    assert cli.main([*base, "--prior_weight", "1"]) == 2
+    assert re.search("need --query_features", capsys.readouterr().err)
+    # heads.npz saved without voken vectors: the prior is refused by name
+    assert cli.main([*base, "--query_features", str(tmp_path / "features.npy"), "--prior_weight", "1"]) == 2
+    assert re.search("no voken_vectors", capsys.readouterr().err)

@@ -26,6 +26,12 @@ Scores (`score_normalization`):
 `score_forced_steps=False` (constrained search only): a step where the trie allows exactly one token adds 0
 to the score instead of that token's log-probability, so a forced token (e.g. the only collision suffix of an
 identifier body) cannot penalise an identifier; True (default) scores every step as above.
+
+`token_bias [batch, columns]` (optional): a per-query score added to every candidate token of every step
+(shallow fusion of a per-query prior over the returned columns, e.g. `retrieval.model.VokenPrior`): an
+identifier's score is its log-probability under the chosen normalisation plus the sum of its tokens' biases.
+The bias is added on forced steps too (it is not a probability the model spreads over one child); a finished
+beam's carry-over adds nothing.
 """
 
 from __future__ import annotations
@@ -114,12 +120,22 @@ def candidate_log_probs(out: Any, tokens: jax.Array, valid: jax.Array, column_of
     return jnp.where(valid, logp, NEG_INF)
 
 
-def unconstrained_candidates(out: Any, beam: int, column_offset: int, score_normalization: str
-                             ) -> tuple[jax.Array, jax.Array]:
-    """Each row's best `beam` tokens over all returned columns: (log-probs, tokens), each [rows, beam]."""
+def unconstrained_candidates(out: Any, beam: int, column_offset: int, score_normalization: str,
+                             bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Each row's best `beam` tokens over all returned columns: (scores, tokens), each [rows, beam]; a score
+    is the token's log-probability plus its `bias [rows, columns]` (if any)."""
     logits, lse = _logits_and_normalizer(out, score_normalization)
-    logp, columns = jax.lax.top_k(logits - lse[:, None], min(beam, logits.shape[-1]))
+    logp = logits - lse[:, None]
+    logp, columns = jax.lax.top_k(logp if bias is None else logp + bias, min(beam, logits.shape[-1]))
     return logp, columns + column_offset
+
+
+def _add_bias(logp: jax.Array, bias: jax.Array | None, tokens: jax.Array, column_offset: int) -> jax.Array:
+    """Candidate scores `logp [rows, F]` plus the `bias [rows, columns]` of their `tokens [rows, F]`."""
+    if bias is None:
+        return logp
+    columns = jnp.clip(tokens - column_offset, 0, bias.shape[-1] - 1)
+    return logp + jnp.take_along_axis(bias, columns, axis=-1)
 
 
 def _finished(tokens: jax.Array, eos_id: int | None) -> jax.Array:
@@ -157,8 +173,9 @@ def _top_beams(totals: jax.Array, beam: int) -> tuple[jax.Array, jax.Array]:
 
 def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | None, cache: Any, *,
                 batch_size: int, options: BeamSearchOptions, column_offset: int = 0,
-                max_length: int | None = None, eos_id: int | None = None) -> BeamSearchResult:
-    """Top `beam_size` identifiers per query, best first.
+                max_length: int | None = None, eos_id: int | None = None,
+                token_bias: jax.Array | None = None) -> BeamSearchResult:
+    """Top `beam_size` identifiers per query, best first (`token_bias [batch, columns]`: module docstring).
 
     `cache` has `batch_size` rows when `options.share_first_step` (the default), else `batch * beam`
     rows (beam-minor). `tables=None` runs the same search unconstrained over the returned columns for up
@@ -181,6 +198,11 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
             raise ValueError(f"beam_search: max_length={max_length} but the trie's identifiers have "
                              f"{tables.max_length} tokens")
 
+    if token_bias is not None and token_bias.shape[0] != batch:
+        raise ValueError(f"beam_search: token_bias has {token_bias.shape[0]} rows for a batch of {batch}")
+    row_bias = None if token_bias is None else jnp.repeat(token_bias.astype(jnp.float32), beam, axis=0)
+    query_bias = None if token_bias is None else token_bias.astype(jnp.float32)
+
     # Step 0: the decoder start token, identical for all beams of a query.
     first_rows = batch if options.share_first_step else rows
     out, cache = tokens_to_logits(DecodingState(jnp.zeros((), jnp.int32), jnp.full((first_rows,), PAD_ID,
@@ -188,11 +210,12 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
     if not options.share_first_step:  # keep beam 0 of each query
         out = jax.tree.map(lambda x: x.reshape(batch, beam, *x.shape[1:])[:, 0], out)
     if tables is None:  # state: 1 = finished (emitted eos_id), else 0
-        logp0, tok0 = unconstrained_candidates(out, beam, column_offset, norm)
+        logp0, tok0 = unconstrained_candidates(out, beam, column_offset, norm, query_bias)
         state0 = _finished(tok0, eos_id)
     else:
         tok0, state0, valid0 = trie_lib.children(tables, jnp.zeros((batch,), jnp.int32), width=tables.root_fanout)
-        logp0 = candidate_log_probs(out, tok0, valid0, column_offset, norm, forced)  # [batch, root_fanout]
+        logp0 = _add_bias(candidate_log_probs(out, tok0, valid0, column_offset, norm, forced), query_bias, tok0,
+                          column_offset)  # [batch, root_fanout]
     scores, flat = _top_beams(logp0[:, None, :], beam)  # [batch, beam]
     states = jnp.take_along_axis(state0, flat, axis=1)
     first = jnp.take_along_axis(tok0, flat, axis=1)
@@ -217,7 +240,7 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
         out, cache = tokens_to_logits(DecodingState(t, cur, cache))
         flat_states = states.reshape(rows)
         if tables is None:
-            logp, tokens = unconstrained_candidates(out, beam, column_offset, norm)
+            logp, tokens = unconstrained_candidates(out, beam, column_offset, norm, row_bias)
             next_states = _finished(tokens, eos_id)
             # A finished beam has one candidate: itself, unchanged, emitting PAD.
             done = (flat_states == 1)[:, None]
@@ -227,7 +250,8 @@ def beam_search(tokens_to_logits: TokensToLogits, tables: trie_lib.TrieTables | 
             next_states = jnp.where(done, 1, next_states)
         else:
             tokens, next_states, valid = trie_lib.children(tables, flat_states)
-            logp = candidate_log_probs(out, tokens, valid, column_offset, norm, forced)  # [rows, F]
+            logp = _add_bias(candidate_log_probs(out, tokens, valid, column_offset, norm, forced), row_bias, tokens,
+                             column_offset)  # [rows, F]
             # A finished beam (at a leaf) has one candidate: itself, unchanged, emitting PAD.
             stay = (tables.node_group[flat_states] >= 0)[:, None] & (jnp.arange(logp.shape[1]) == 0)
             logp = jnp.where(stay, 0.0, logp)

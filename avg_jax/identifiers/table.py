@@ -198,6 +198,25 @@ class IdentifierTable:
         return table
 
 
+def codebook_rows(table: IdentifierTable, table_dir: str | Path) -> np.ndarray:
+    """[num_new_tokens, code_dim] embedding seeds of the table's new tokens: the tokenizer's voken vectors in
+    token order (per-level codebooks flattened level-major), zero rows for disambiguation suffix tokens."""
+    name = table.metadata.get("codebook_file")
+    if not name:
+        raise ValueError(f"{table_dir}: voken_embedding_init='codebook' needs a voken table with a codebook "
+                         f"(scheme {table.scheme!r} has none)")
+    path = Path(table_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"codebook file missing: {path}")
+    codebook = np.load(path, allow_pickle=False)  # [C, N, code_dim]
+    vokens = codebook.reshape(-1, codebook.shape[-1]).astype(np.float32)
+    if vokens.shape[0] > table.num_new_tokens:
+        raise ValueError(f"{path}: {vokens.shape[0]} voken vectors but the table has {table.num_new_tokens} new "
+                         "tokens")
+    return np.concatenate([vokens, np.zeros((table.num_new_tokens - vokens.shape[0], vokens.shape[1]),
+                                            np.float32)])
+
+
 def group_rows(bodies: np.ndarray) -> np.ndarray:
     """Group index per row of a PAD-padded [n, L] id array: rows with equal ids share a group."""
     if bodies.shape[0] == 0:

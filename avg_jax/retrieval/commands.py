@@ -4,12 +4,14 @@
   --queries FILE  JSONL (objects with "text", optional "query_row" echoed) or plain text (one query per
                   line); writes JSONL lines {"query_row"?, "text", "image_ids", "scores", "identifiers",
                   "identifier_scores"} to --out (stdout without), the format `avg-jax eval --ranked` reads.
-  --query_features FILE.npy   generate-then-rerank: the queries' text features (one float row per query, in
-                  query order; read with allow_pickle=False) rescored against the checkpoint's dense towers
-                  (heads.npz) and fused with the generative score; `scores` are then the fused scores.
-                  Weight / temperature: --rerank_weight / --rerank_temperature, else the ones stored at training.
-                  A query-conditioned checkpoint (query_conditioning.npz) REQUIRES them: its text head maps
-                  them to the encoder prefix (rerank then only when heads.npz has a weight > 0 or one is given).
+  --query_features FILE.npy   fusion with the dense towers: the queries' text features (one float row per query,
+                  in query order; read with allow_pickle=False) through the checkpoint's heads (heads.npz):
+                  the aligned-voken prior inside the search (--prior_weight) and/or the beam's images rescored
+                  and fused with the search score (--rerank_weight); `scores` are then the fused scores.
+                  Weights / temperature: --rerank_weight / --prior_weight / --rerank_temperature, else the ones
+                  stored at training. A query-conditioned checkpoint (query_conditioning.npz) REQUIRES them: its
+                  text head maps them to the encoder prefix (fusion then only when heads.npz has a weight > 0
+                  or one is given).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank_weight", type=float, default=None,
                    help="fused = generative log-prob + weight * cosine / temperature (default: stored at training)")
     p.add_argument("--rerank_temperature", type=float, default=None)
+    p.add_argument("--prior_weight", type=float, default=None,
+                   help="aligned-voken prior: each voken adds weight * <text vector, voken vector> / temperature to "
+                        "the search score (default: stored at training)")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_retrieve)
 
@@ -99,18 +104,19 @@ def run_retrieve(args: argparse.Namespace) -> int:
     if conditioned and not args.query_features:
         raise ValueError(f"{args.checkpoint} is a query-conditioned model: pass --query_features FILE.npy (the "
                          "queries' text features, one row per query)")
+    fusion_flags = (args.rerank_weight, args.rerank_temperature, args.prior_weight)
     if args.query_features and conditioned and not (Path(args.checkpoint) / HEADS_FILE).exists():
-        if args.rerank_weight is not None or args.rerank_temperature is not None:
+        if any(f is not None for f in fusion_flags):
             load_reranker(args.checkpoint)  # raises: no dense towers to rerank with
     elif args.query_features:
-        reranker = load_reranker(args.checkpoint, args.rerank_weight, args.rerank_temperature)
+        reranker = load_reranker(args.checkpoint, *fusion_flags)
         if conditioned and not reranker.config.enabled:
             reranker = None
         elif not reranker.config.enabled:
-            raise ValueError("--query_features given but the rerank weight is 0 (the checkpoint was trained without "
-                             "rerank): pass --rerank_weight")
-    elif args.rerank_weight is not None or args.rerank_temperature is not None:
-        raise ValueError("--rerank_weight / --rerank_temperature need --query_features")
+            raise ValueError("--query_features given but the rerank and prior weights are 0 (the checkpoint was "
+                             "trained without fusion): pass --rerank_weight and/or --prior_weight")
+    elif any(f is not None for f in fusion_flags):
+        raise ValueError("--rerank_weight / --rerank_temperature / --prior_weight need --query_features")
     retriever = Retriever.load(args.checkpoint, args.identifiers, dtype=args.dtype, beam_size=args.beam_size,
                                batch_size=args.batch_size, reranker=reranker)
     if args.query is not None:

@@ -31,10 +31,12 @@ Retrieval checkpoint layout (every file read without executing anything):
   DIR/query_conditioning.npz only for a query-conditioned model (np.load, allow_pickle=False): the encoder's
                              prefix projection (image_projection_kernel/bias) and the text head that maps raw
                              query text features to the aligned vector fed to it (TextHead arrays)
-  DIR/heads.npz              optional (np.load, allow_pickle=False): the dense towers for generate-then-rerank:
-                             the aligned vectors of the set's images (image_ids, image_embeddings), the
-                             tokenizer's text head (text_out_kernel/bias, text_hidden_kernel/bias if any,
-                             text_normalize; none = features already aligned) and the rerank weight/temperature
+  DIR/heads.npz              optional (np.load, allow_pickle=False): the dense towers for generate-then-rerank
+                             and the aligned-voken prior: the aligned vectors of the set's images (image_ids,
+                             image_embeddings), the tokenizer's text head (text_out_kernel/bias,
+                             text_hidden_kernel/bias if any, text_normalize; none = features already aligned),
+                             the vokens' codebook vectors (voken_vectors from token voken_first_token on; RQ
+                             identifiers only) and rerank_weight / rerank_temperature / prior_weight
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import numpy as np
 from avg_jax.data.vocab import EOS_ID, PAD_ID, Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions, BeamSearchResult
 from avg_jax.decoding.trie import Trie, build_trie, identifier_window
-from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.identifiers.table import IdentifierTable, codebook_rows
 from avg_jax.json_io import read_json
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.decoding import t5_beam_search
@@ -200,25 +202,35 @@ class Rankings(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RerankConfig:
-    """Generate-then-rerank: fused score = generative score + weight * cos(text, image) / temperature.
+    """Fusion with the dense towers (the tokenizer's contrastive heads), inside and after the beam search.
 
-    The generative score is the beam's (normalised) log-probability of the image's identifier; the cosine is
-    the dense two-tower similarity of the query's aligned text vector and the image's aligned vector (the
-    tokenizer's contrastive heads). weight 0 = off (the pure generative ranking). Set by gin through
-    `train_retrieval.eval_rerank_weight` / `eval_rerank_temperature`."""
+    `prior_weight` (the aligned-voken prior, inside the search): every voken a beam emits adds
+    prior_weight * <t, c_voken> / temperature, t the query's aligned text vector and c_voken the voken's codebook
+    vector; summed over an identifier this is prior_weight * <t, ẑ_i> / temperature with ẑ_i the image's
+    quantized vector (the 'ceiling' of `evaluation.ceiling`). With temperature = the heads' InfoNCE
+    temperature and weight 1 it is the dense model's log-softmax over quantized images up to a per-query
+    constant, so the search ranks by a product of the generator and the dense expert (shallow fusion).
+    `weight` (generate-then-rerank, after the search): fused score = search score + weight * cos(t, v_i) /
+    temperature, v_i the image's aligned (unquantized) vector; only the beam's images are scored.
+    Both 0 = off (the pure generative ranking). Set by gin through `train_retrieval.eval_rerank_weight` /
+    `eval_prior_weight` / `eval_rerank_temperature`."""
 
     weight: float = 0.0
     temperature: float = 1.0
+    prior_weight: float = 0.0
 
     def __post_init__(self):
-        if self.weight < 0 or not np.isfinite(self.weight):
-            raise ValueError(f"RerankConfig.weight must be a finite number >= 0, got {self.weight}")
+        for name in ("weight", "prior_weight"):
+            value = getattr(self, name)
+            if value < 0 or not np.isfinite(value):
+                raise ValueError(f"RerankConfig.{name} must be a finite number >= 0, got {value}")
         if not self.temperature > 0:
             raise ValueError(f"RerankConfig.temperature must be > 0, got {self.temperature}")
 
     @property
     def enabled(self) -> bool:
-        return self.weight > 0
+        """Whether the dense towers change the ranking at all (prior or rerank)."""
+        return self.weight > 0 or self.prior_weight > 0
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -227,47 +239,82 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 class Reranker:
-    """Rescores the images a beam returned with the dense towers and fuses the scores (`RerankConfig`).
+    """The dense towers fused into a ranking (`RerankConfig`): the aligned-voken prior inside the search
+    (`voken_bias`) and the rescoring of the beam's images after it (`__call__`).
 
     `image_embeddings` [n, d]: aligned vectors of the searchable images `image_ids` (row i = image i);
     `text_projection`: query features [q, f] -> aligned vectors [q, d] (None: the features are already
-    aligned). Cost per query is constant: only the beam's images (b identifiers, expanded) are scored."""
+    aligned); `voken_vectors` [v, d]: codebook vectors of the tokens `first_token`, `first_token + 1`, ...
+    (zero rows for tokens that are not vokens, e.g. collision suffixes), needed by the prior only. Cost per
+    query is constant: a [v, d] product for the prior, the beam's images (b identifiers, expanded) for rerank."""
 
     def __init__(self, config: RerankConfig, image_ids: Sequence[str], image_embeddings: np.ndarray,
-                 text_projection: Callable[[np.ndarray], np.ndarray] | None = None):
+                 text_projection: Callable[[np.ndarray], np.ndarray] | None = None,
+                 voken_vectors: np.ndarray | None = None, first_token: int = 0):
         image_embeddings = np.asarray(image_embeddings, np.float32)
         if image_embeddings.ndim != 2 or image_embeddings.shape[0] != len(image_ids):
             raise ValueError(f"Reranker: image_embeddings {image_embeddings.shape} must be [{len(image_ids)}, dim]")
+        if voken_vectors is not None:
+            voken_vectors = np.asarray(voken_vectors, np.float32)
+            if voken_vectors.ndim != 2 or voken_vectors.shape[1] != image_embeddings.shape[1]:
+                raise ValueError(f"Reranker: voken_vectors {voken_vectors.shape} must be [tokens, "
+                                 f"{image_embeddings.shape[1]}]")
+        elif config.prior_weight > 0:
+            raise ValueError("Reranker: prior_weight > 0 needs the vokens' codebook vectors (voken_vectors)")
         self.config = config
         self.row = {image: i for i, image in enumerate(image_ids)}
         self.images = _unit_rows(image_embeddings)
         self.text_projection = text_projection
+        self.voken_vectors, self.first_token = voken_vectors, int(first_token)
 
     @classmethod
     def from_tokenizer(cls, config: RerankConfig, tokenizer_dir: str | Path, image_ids: Sequence[str],
                        image_features: np.ndarray) -> Reranker:
-        """Towers = a trained tokenizer's contrastive heads (`avg-jax tokenize` output, e.g. identifiers dir)."""
+        """Towers = a trained tokenizer's contrastive heads (`avg-jax tokenize` output, e.g. identifiers dir);
+        voken vectors = its identifier table's codebook (the table's new tokens), when it has one."""
         from avg_jax.evaluation.dense import tokenizer_head_projections
 
         text, image = tokenizer_head_projections(str(tokenizer_dir))
-        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text)
+        table = IdentifierTable.load(tokenizer_dir)
+        vokens = codebook_rows(table, tokenizer_dir) if table.metadata.get("codebook_file") else None
+        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text, vokens,
+                   table.text_vocab_size)
 
-    def embed_queries(self, query_features: np.ndarray) -> np.ndarray:
-        """Unit aligned query vectors [q, d] of query features [q, f]."""
+    def aligned_queries(self, query_features: np.ndarray) -> np.ndarray:
+        """Aligned query vectors [q, d] of query features [q, f] (the text head's output, not re-normalised)."""
         x = np.asarray(query_features, np.float32)
         if x.ndim != 2:
             raise ValueError(f"Reranker: query features must be [queries, dim], got shape {x.shape}")
         x = self.text_projection(x) if self.text_projection is not None else x
         if x.shape[1] != self.images.shape[1]:
             raise ValueError(f"Reranker: aligned query dim {x.shape[1]} != image embedding dim {self.images.shape[1]}")
-        return _unit_rows(x)
+        return np.asarray(x, np.float32)
+
+    def voken_bias(self, query_features: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        """[q, window size] per-step scores of the aligned-voken prior over a model's output-head `window`
+        (first column, size): prior_weight * <t, c_token> / temperature, 0 for tokens without a vector."""
+        start, size = window
+        if self.voken_vectors is None:
+            raise ValueError("the voken prior needs the vokens' codebook vectors (an RQ tokenizer's table)")
+        lo, count = self.first_token - start, len(self.voken_vectors)
+        if lo < 0 or lo + count > size:
+            raise ValueError(f"the voken prior's tokens [{self.first_token}, {self.first_token + count}) are not "
+                             f"inside the model's identifier window [{start}, {start + size})")
+        bias = np.zeros((len(query_features), size), np.float32)
+        scale = self.config.prior_weight / self.config.temperature
+        bias[:, lo:lo + count] = scale * (self.aligned_queries(query_features) @ self.voken_vectors.T)
+        return bias
+
+    def embed_queries(self, query_features: np.ndarray) -> np.ndarray:
+        """Unit aligned query vectors [q, d] of query features [q, f]."""
+        return _unit_rows(self.aligned_queries(query_features))
 
     def __call__(self, rankings: Rankings, query_features: np.ndarray) -> Rankings:
         """`rankings` with each query's images reordered by the fused score (stable: ties keep the beam's
         order) and `image_scores` the fused scores; identifiers and their scores stay the beam's."""
         if len(query_features) != len(rankings.images):
             raise ValueError(f"Reranker: {len(query_features)} query feature rows for {len(rankings.images)} queries")
-        if not self.config.enabled:
+        if self.config.weight == 0:
             return rankings
         queries = self.embed_queries(query_features)
         scale = self.config.weight / self.config.temperature
@@ -322,27 +369,39 @@ class TextHead:
 
 
 def save_heads(out_dir: str | Path, image_ids: Sequence[str], image_embeddings: np.ndarray,
-               text_head: dict[str, np.ndarray], rerank: RerankConfig) -> Path:
-    """Write DIR/heads.npz (module docstring): what `load_reranker` needs to rerank the set's images."""
+               text_head: dict[str, np.ndarray], rerank: RerankConfig, voken_vectors: np.ndarray | None = None,
+               first_token: int = 0) -> Path:
+    """Write DIR/heads.npz (module docstring): what `load_reranker` needs to fuse the dense towers into the
+    ranking of the set's images (`voken_vectors` from `first_token` on: the aligned-voken prior)."""
     path = Path(out_dir) / HEADS_FILE
+    vokens = {} if voken_vectors is None else {"voken_vectors": np.asarray(voken_vectors, np.float32),
+                                               "voken_first_token": np.int64(first_token)}
     np.savez(path, image_ids=np.asarray(list(image_ids), dtype=str),
              image_embeddings=np.asarray(image_embeddings, np.float32), rerank_weight=np.float64(rerank.weight),
-             rerank_temperature=np.float64(rerank.temperature), **text_head)
+             rerank_temperature=np.float64(rerank.temperature), prior_weight=np.float64(rerank.prior_weight),
+             **vokens, **text_head)
     return path
 
 
-def load_reranker(checkpoint: str | Path, weight: float | None = None, temperature: float | None = None
-                  ) -> Reranker:
-    """The `Reranker` of a retrieval checkpoint's heads.npz; `weight` / `temperature` None: the stored ones."""
+def load_reranker(checkpoint: str | Path, weight: float | None = None, temperature: float | None = None,
+                  prior_weight: float | None = None) -> Reranker:
+    """The `Reranker` of a retrieval checkpoint's heads.npz; `weight` / `temperature` / `prior_weight` None:
+    the stored ones."""
     path = Path(checkpoint) / HEADS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: this retrieval checkpoint has no dense towers, it cannot rerank (train "
                                 "with an RQ / heads tokenizer to have them exported)")
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
+    stored = float(arrays["prior_weight"]) if "prior_weight" in arrays else 0.0
     config = RerankConfig(float(arrays["rerank_weight"]) if weight is None else weight,
-                          float(arrays["rerank_temperature"]) if temperature is None else temperature)
-    return Reranker(config, [str(i) for i in arrays["image_ids"]], arrays["image_embeddings"], TextHead(arrays))
+                          float(arrays["rerank_temperature"]) if temperature is None else temperature,
+                          stored if prior_weight is None else prior_weight)
+    if config.prior_weight > 0 and "voken_vectors" not in arrays:
+        raise ValueError(f"{path}: no voken_vectors (the identifiers have no codebook): the voken prior is "
+                         "unavailable, use prior weight 0")
+    return Reranker(config, [str(i) for i in arrays["image_ids"]], arrays["image_embeddings"], TextHead(arrays),
+                    arrays.get("voken_vectors"), int(arrays.get("voken_first_token", 0)))
 
 
 def generated_sequence(row: Sequence[int]) -> Identifier:
@@ -560,10 +619,12 @@ class RetrievalModel:
 
     def beam_search(self, params: Any, input_ids: jax.Array, tables: Any, *, beam_size: int,
                     max_length: int | None = None, eos_id: int | None = None,
-                    prefix_features: jax.Array | None = None, **decode_options: Any) -> BeamSearchResult:
+                    prefix_features: jax.Array | None = None, token_bias: jax.Array | None = None,
+                    **decode_options: Any) -> BeamSearchResult:
         """Pure (jit-able) beam search for `input_ids [batch, input_length]`: trie-constrained over `tables`,
         or free generation with `tables=None` for `max_length` steps, a beam ending at `eos_id`.
         `prefix_features` [batch, d]: a conditioned model's ALIGNED prefix vectors (`aligned_queries`).
+        `token_bias` [batch, window size]: per-query step scores (the aligned-voken prior, `Reranker.voken_bias`).
         `decode_options` go to `t5_beam_search` (e.g. `head_chunk_size`)."""
         if self.conditioned and prefix_features is None:
             raise ValueError("this model is query-conditioned: beam_search needs prefix_features")
@@ -572,17 +633,18 @@ class RetrievalModel:
                                     score_forced_steps=self.score_forced_steps)
         return t5_beam_search(params, self.config, input_ids, tables, options=options, window=self.window,
                               max_length=max_length, eos_id=eos_id, prefix_features=prefix_features,
-                              **decode_options)
+                              token_bias=token_bias, **decode_options)
 
     def search_fn(self, beam_size: int, *, max_length: int | None = None, eos_id: int | None = None,
                   out_sharding: Any = None, **decode_options: Any) -> Callable[..., BeamSearchResult]:
-        """`jit(beam_search)(params, tables, input_ids, prefix_features=None)`, compiled once per setting (params
-        and tables are inputs, so other image sets and other weights reuse it)."""
+        """`jit(beam_search)(params, tables, input_ids, prefix_features=None, token_bias=None)`, compiled once per
+        setting (params and tables are inputs, so other image sets and other weights reuse it)."""
         key = (beam_size, max_length, eos_id, out_sharding, tuple(sorted(decode_options.items())))
         if key not in self._searches:
-            def search(params, tables, input_ids, prefix_features=None):
+            def search(params, tables, input_ids, prefix_features=None, token_bias=None):
                 return self.beam_search(params, input_ids, tables, beam_size=beam_size, max_length=max_length,
-                                        eos_id=eos_id, prefix_features=prefix_features, **decode_options)
+                                        eos_id=eos_id, prefix_features=prefix_features, token_bias=token_bias,
+                                        **decode_options)
 
             self._searches[key] = jax.jit(search, out_shardings=out_sharding)
         return self._searches[key]
@@ -597,16 +659,20 @@ class RetrievalModel:
         images only when it is exactly an identifier of the set. Queries go through in fixed batches of
         `batch_size` (one compiled shape).
 
-        `rerank`: generate-then-rerank, the beam's images rescored with the dense towers from the queries'
-        `query_features` [n, f] (one row per query) and fused with the generative score (`Reranker`).
+        `rerank`: fusion with the dense towers from the queries' `query_features` [n, f] (one row per query):
+        the aligned-voken prior inside the search (`RerankConfig.prior_weight`) and/or generate-then-rerank, the
+        beam's images rescored and fused with the search score (`RerankConfig.weight`; `Reranker`).
         A query-conditioned model needs `query_features` (raw text features): its text head maps them to the
         encoder prefix vectors (`aligned_queries`)."""
         prefixes = self.aligned_queries(query_features, len(input_ids)) if self.conditioned else None
-        if rerank is not None and rerank.config.enabled:
+        fuse = rerank is not None and rerank.config.enabled
+        if fuse:
             if query_features is None:
-                raise ValueError("rank: rerank needs the queries' features (query_features)")
+                raise ValueError("rank: fusion with the dense towers (rerank / voken prior) needs the queries' "
+                                 "features (query_features)")
             if len(query_features) != len(input_ids):
                 raise ValueError(f"rank: {len(query_features)} query feature rows for {len(input_ids)} queries")
+        bias = rerank.voken_bias(query_features, self.window) if fuse and rerank.config.prior_weight > 0 else None
         lo_tok, hi_tok = index.trie.token_range
         start, size = self.window
         if index.trie.num_identifiers and (lo_tok < start or hi_tok > start + size):
@@ -622,18 +688,18 @@ class RetrievalModel:
             chunk = input_ids[lo:lo + batch_size]
             padded = np.zeros((batch_size, input_ids.shape[1]), np.int32)  # one compiled shape
             padded[: len(chunk)] = chunk
-            if prefixes is None:
-                result = jax.device_get(search(params, tables, jnp.asarray(padded)))
-            else:
-                prefix = np.zeros((batch_size, prefixes.shape[1]), np.float32)
-                prefix[: len(chunk)] = prefixes[lo:lo + batch_size]
-                result = jax.device_get(search(params, tables, jnp.asarray(padded), jnp.asarray(prefix)))
+            extra = {}
+            if prefixes is not None:
+                extra["prefix_features"] = jnp.asarray(_pad_rows(prefixes[lo:lo + batch_size], batch_size))
+            if bias is not None:
+                extra["token_bias"] = jnp.asarray(_pad_rows(bias[lo:lo + batch_size], batch_size))
+            result = jax.device_get(search(params, tables, jnp.asarray(padded), **extra))
             for q in range(len(chunk)):
                 if constrained:
                     self._rank_constrained(out, index.trie, result.groups[q], result.scores[q])
                 else:
                     self._rank_generated(out, index, result.tokens[q], result.scores[q])
-        if rerank is not None and rerank.config.enabled:
+        if fuse:
             out = rerank(out, query_features)
         return out
 
@@ -726,6 +792,13 @@ class RetrievalModel:
                     share_first_step=bool(spec.get("share_first_step", True)),
                     score_forced_steps=bool(spec.get("score_forced_steps", True)), query_head=query_head)
         return model, jax.device_put(params), table
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x [n <= rows, ...]` as float32 with zero rows appended up to `rows` (one compiled batch shape)."""
+    out = np.zeros((rows, *x.shape[1:]), np.float32)
+    out[: len(x)] = x
+    return out
 
 
 def _load_conditioning(root: Path, spec: dict, params: Any, config: T5Config) -> tuple[Any, T5Config, TextHead]:

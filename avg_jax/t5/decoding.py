@@ -147,11 +147,12 @@ def chunked_logsumexp(x: Array, rows: Array, chunk: int) -> Array:
 
 
 @gin.configurable(denylist=["params", "config", "input_ids", "tables", "options", "window", "max_length",
-                            "eos_id", "prefix_features"])
+                            "eos_id", "prefix_features", "token_bias"])
 def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables: trie_lib.TrieTables | None, *,
                    options: BeamSearchOptions, window: tuple[int, int] | None = None,
                    max_length: int | None = None, eos_id: int | None = None,
-                   head_chunk_size: int = 2048, prefix_features: jax.Array | None = None) -> BeamSearchResult:
+                   head_chunk_size: int = 2048, prefix_features: jax.Array | None = None,
+                   token_bias: jax.Array | None = None) -> BeamSearchResult:
     """Constrained beam search of T5 for `input_ids [batch, length]` (pure; jit with static config/options).
 
     `window` = (first column, size) of the vocabulary the identifiers live in (`trie.identifier_window`);
@@ -161,6 +162,7 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
     about 1.4x faster than materialising `[rows, vocab]` logits for T5-small); 0 = one matmul.
     `prefix_features` [batch, image_feature_dim]: the encoder's soft-token prefix (`T5Config.num_image_tokens`
     tokens through its image projection, e.g. a query-conditioning vector); None = no prefix.
+    `token_bias` [batch, window size]: a per-query score added to every step's candidates (`beam_search`).
     """
     batch, beam = input_ids.shape[0], options.beam_size
     max_length = tables.max_length if tables is not None else max_length
@@ -195,4 +197,4 @@ def t5_beam_search(params: dict, config: T5Config, input_ids: jax.Array, tables:
     first_rows = batch if options.share_first_step else batch * beam
     return beam_search(tokens_to_logits, tables, init_self_cache(config, first_rows, max_length),
                        batch_size=batch, options=options, column_offset=start, max_length=max_length,
-                       eos_id=eos_id)
+                       eos_id=eos_id, token_bias=token_bias)

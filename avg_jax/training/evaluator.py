@@ -10,9 +10,10 @@ add `invalid_rate` (share of generated sequences that are no image's identifier:
 `out_of_split_rate` (the identifier of images outside the split only, e.g. training images), the two failure
 modes the GRACE paper names.
 
-Generate-then-rerank (`reranker`, a `Reranker` with `RerankConfig.weight > 0`): the beam's images are
-rescored with the dense towers (the tokenizer's heads) from the split queries' own text FEATURES
-(`corpus.text_features`) and fused with the generative score. The evaluator then reports both rankings:
+Fusion with the dense towers (`reranker`, a `Reranker` with `RerankConfig.enabled`): the aligned-voken prior
+inside the search (`prior_weight`) and/or generate-then-rerank (`weight`: the beam's images rescored and fused
+with the search score), both from the split queries' own text FEATURES (`corpus.text_features`) through the
+tokenizer's heads. The evaluator then reports both rankings:
 the pure generative metrics (unprefixed) and the reranked ones under `rerank/`, each with its throughput
 (`queries_per_s`, `rerank/queries_per_s`: wall time of the whole `rank` call, search compiled beforehand);
 `write_ranked` writes the generative ranking and, beside it, the reranked one (`rerank_path`).

@@ -33,7 +33,7 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.dense import tokenizer_head_projections
-from avg_jax.identifiers.table import IdentifierTable
+from avg_jax.identifiers.table import IdentifierTable, codebook_rows
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
     TRAIN_TRIE,
@@ -70,25 +70,6 @@ def load_vocabulary(table: IdentifierTable, table_dir: str | Path) -> Vocabulary
     if not path.exists() and (Path(table_dir) / path.name).exists():
         path = Path(table_dir) / path.name
     return table_vocabulary(table, path)
-
-
-def codebook_rows(table: IdentifierTable, table_dir: str | Path) -> np.ndarray:
-    """[num_new_tokens, code_dim] embedding seeds of the table's new tokens: the tokenizer's voken vectors in
-    token order (per-level codebooks flattened level-major), zero rows for disambiguation suffix tokens."""
-    name = table.metadata.get("codebook_file")
-    if not name:
-        raise ValueError(f"{table_dir}: voken_embedding_init='codebook' needs a voken table with a codebook "
-                         f"(scheme {table.scheme!r} has none)")
-    path = Path(table_dir) / name
-    if not path.exists():
-        raise FileNotFoundError(f"codebook file missing: {path}")
-    codebook = np.load(path, allow_pickle=False)  # [C, N, code_dim]
-    vokens = codebook.reshape(-1, codebook.shape[-1]).astype(np.float32)
-    if vokens.shape[0] > table.num_new_tokens:
-        raise ValueError(f"{path}: {vokens.shape[0]} voken vectors but the table has {table.num_new_tokens} new "
-                         "tokens")
-    return np.concatenate([vokens, np.zeros((table.num_new_tokens - vokens.shape[0], vokens.shape[1]),
-                                            np.float32)])
 
 
 @gin.configurable(denylist=["model_config", "vocab", "table", "table_dir"])
@@ -157,6 +138,7 @@ def train_retrieval(
     discriminative_images: str = "indexed",
     eval_rerank_weight: float = 0.0,
     eval_rerank_temperature: float = 1.0,
+    eval_prior_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
     periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
@@ -166,9 +148,11 @@ def train_retrieval(
     `discriminative_images`: the image set of L_dis's candidate trie (eq. 8): 'indexed' (default) = every image
     the model is trained to emit (TRAIN, plus `TrainMixture.memorize_splits` when pseudo-queries or memorize
     rows index them; = TRAIN otherwise), 'train' = TRAIN images only.
-    `eval_rerank_weight` > 0: the evaluation also reports generate-then-rerank (`RerankConfig`: fused score =
-    generative score + weight * cosine / `eval_rerank_temperature`, towers = the tokenizer heads of
-    `identifiers_dir`) under `rerank/`, with ranked_<split>_rerank.jsonl beside ranked_<split>.jsonl."""
+    `eval_rerank_weight` > 0 and/or `eval_prior_weight` > 0: the evaluation also reports the ranking fused with
+    the dense towers (`RerankConfig`, towers = the tokenizer heads of `identifiers_dir`): the aligned-voken prior
+    inside the search (each voken adds prior weight * <text vector, voken vector> / `eval_rerank_temperature`)
+    and/or generate-then-rerank (fused score = search score + weight * cosine / `eval_rerank_temperature`),
+    under `rerank/`, with ranked_<split>_rerank.jsonl beside ranked_<split>.jsonl."""
     if discriminative_images not in ("indexed", "train"):
         raise ValueError(f"train_retrieval.discriminative_images must be 'indexed' or 'train', got "
                          f"{discriminative_images!r}")
@@ -230,7 +214,7 @@ def train_retrieval(
     run_path = epath.Path(run_dir)  # local or gs://
     evaluator = None
     if eval_split is not None:
-        rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature)
+        rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature, eval_prior_weight)
         reranker = None
         if rerank.enabled:
             rows = corpus.image_rows(eval_split)
@@ -254,7 +238,7 @@ def train_retrieval(
         export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
         if jax.process_index() == 0 and (run_path / RETRIEVAL_DIR).exists():
             export_heads(run_path / RETRIEVAL_DIR, identifiers_dir, corpus, image_ids,
-                         RerankConfig(eval_rerank_weight, eval_rerank_temperature))
+                         RerankConfig(eval_rerank_weight, eval_rerank_temperature, eval_prior_weight))
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"
         if jax.process_index() == 0:
@@ -264,7 +248,7 @@ def train_retrieval(
         final.update(split=eval_split, beam_size=eval_beam_size, **scores)
         if evaluator.reranker is not None:
             final.update(rerank_weight=eval_rerank_weight, rerank_temperature=eval_rerank_temperature,
-                         rerank_ranked=str(rerank_path(ranked)))
+                         prior_weight=eval_prior_weight, rerank_ranked=str(rerank_path(ranked)))
         if jax.process_index() == 0:
             write_json(run_path / f"eval_{eval_split}.json", final)
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
@@ -304,7 +288,10 @@ def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, 
     features = corpus.image_features[[index[i] for i in image_ids]]
     _, image = tokenizer_head_projections(identifiers_dir)
     head = tok.params.get("text_head") if tok.config.projection_heads else None
-    save_heads(out_dir, image_ids, image(features), TextHead.arrays(head, tok.config.normalize_embeddings), rerank)
+    table = IdentifierTable.load(identifiers_dir)
+    vokens = codebook_rows(table, identifiers_dir) if table.metadata.get("codebook_file") else None
+    save_heads(out_dir, image_ids, image(features), TextHead.arrays(head, tok.config.normalize_embeddings), rerank,
+               vokens, table.text_vocab_size)
 
 
 def export_retrieval_checkpoint(out_dir: epath.PathLike, model: RetrievalModel, params: Any,
