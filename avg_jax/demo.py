@@ -126,6 +126,10 @@ def run_demo(
         ranked_file = run_dir / f"ranked_{SPLIT}.jsonl"
         avg_outputs = read_ranked_jsonl(ranked_file, corpus, SPLIT)
         avg_metrics = evaluate_ranked(corpus, avg_outputs, groups)
+        # With a fused evaluation (train_retrieval.eval_prior_weight / eval_rerank_weight): the trainer's ranking
+        # with the dense towers fused in, beside the pure generative one.
+        fused_metrics = (evaluate_ranked(corpus, read_ranked_jsonl(final["rerank_ranked"], corpus, SPLIT), groups)
+                         if final.get("rerank_ranked") else None)
         text_head, image_head = dense.tokenizer_head_projections(str(ids_dir))
         dense_metrics, dense_ranked = dense.dense_baseline(corpus, split=SPLIT, text_projection=text_head,
                                                            image_projection=image_head)
@@ -163,7 +167,11 @@ def run_demo(
             "t5": {"config": retriever.model.config.to_dict(), "steps": int(final["step"]),
                    "num_params": int(sum(x.size for x in jax.tree.leaves(retriever.params))),
                    "loss": dataclasses.asdict(RetrievalLossConfig())},
-            "avg": avg_metrics, "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
+            "avg": avg_metrics, **({"avg_fused": {**fused_metrics, "prior_weight": final["prior_weight"],
+                                                  "rerank_weight": final["rerank_weight"],
+                                                  "temperature": final["rerank_temperature"]}}
+                                   if fused_metrics else {}),
+            "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
             "examples": examples, "efficiency": efficiency,
         }
         plot_training(train_rows, dense_metrics, chance, out / PLOTS["training"])

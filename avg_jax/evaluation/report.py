@@ -138,8 +138,12 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]], config_di
         " | id-level ".join(f"R@{k}" for k in ks) + " | collision rate |",
         "|---" * (len(ks) * 2 + 4) + "|",
     ]
-    for name, m in (("AVG (constrained beam search)", r["avg"]), ("dense two-tower", r["dense"]),
-                    ("chance (random ranking)", r["chance"])):
+    systems = [("AVG (constrained beam search)", r["avg"])]
+    if "avg_fused" in r:
+        f = r["avg_fused"]
+        systems.append((f"AVG + voken prior {f['prior_weight']:g} + rerank {f['rerank_weight']:g} "
+                        f"(temperature {f['temperature']:g})", f))
+    for name, m in (*systems, ("dense two-tower", r["dense"]), ("chance (random ranking)", r["chance"])):
         cells = [pct(m.get(f"recall@{k}", float("nan"))) for k in ks] + [
             pct(m.get("mrr@10", float("nan"))), pct(m.get("empty_rate", float("nan")))]
         cells += [pct(m.get(f"identifier_recall@{k}", float("nan"))) for k in ks]
