@@ -110,16 +110,26 @@ def _grace_rows(dataset: str, numbers: dict[str, Paper], schemes: Sequence[str])
                  for s in schemes)
 
 
+def _fusion_rows(prefix: str) -> tuple[SweepRow, ...]:
+    """Beside a main AVG row (`{prefix}main.gin`): AVG fused with the dense towers (evaluation-only, the same
+    run), the dense baseline of the same tokenizer's heads and the no-T5 ceiling (no paper numbers)."""
+    return (_row("AVG + voken prior + rerank", prefix + "prior_rerank.gin"),
+            _row("Dense (tokenizer heads, no T5)", prefix + "main.gin", kind="dense"),
+            _row("Ceiling: text head . quantized image (no T5)", prefix + "main.gin", kind="ceiling"))
+
+
 TABLES: dict[str, SweepTable] = {t.name: t for t in (
     SweepTable("avg_table1", "AVG Table 1: generative cross-modal retrieval on Flickr30K", "Method", "flickr30k",
                (*_grace_rows("flickr30k", _GRACE_F30K, ("numeric", "string", "semantic", "structured")),
                 _row("IRGen", _AVG + "irgen.gin", (49.0, 68.9, 72.5)),
-                _row("AVG", _AVG + "main.gin", (62.8, 85.4, 91.2)))),
+                _row("AVG", _AVG + "main.gin", (62.8, 85.4, 91.2)),
+                *_fusion_rows(_AVG))),
     SweepTable("avg_table1_coco", "AVG Table 1: generative cross-modal retrieval on MS-COCO (5K)", "Method",
                "coco",
                (*_grace_rows("coco", _GRACE_COCO, ("numeric", "string", "semantic", "structured")),
                 _row("IRGen", "experiments/avg/coco_irgen.gin", (29.6, 50.7, 56.3)),
-                _row("AVG", "experiments/avg/coco_main.gin", (31.3, 58.0, 66.5)))),
+                _row("AVG", "experiments/avg/coco_main.gin", (31.3, 58.0, 66.5)),
+                *_fusion_rows("experiments/avg/coco_"))),
     SweepTable("avg_table3", "AVG Table 3: ablation study on key components of AVG (Flickr30K)", "Method",
                "flickr30k",
                (_row("AVG", _AVG_REF, (62.3, 83.5, 86.6)),
