@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 
-from avg_jax.data.vocab import Vocabulary, train_sentencepiece
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.retrieval.model import RerankConfig, Reranker, RetrievalModel, model_window
 from avg_jax.t5.configs import named_t5_config
@@ -21,10 +20,8 @@ BEAM, NUM_QUERIES, INPUT_LENGTH, DIM = 6, 12, 48, 8
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_corpus, tmp_path_factory):
-    spm = train_sentencepiece([tiny_corpus.queries[j].text for j in tiny_corpus.query_rows("train")],
-                              tmp_path_factory.mktemp("spm") / "spm", vocab_size=120)
-    vocab = Vocabulary(spm)
+def setup(tiny_corpus, tiny_vocab):
+    vocab = tiny_vocab
     config = named_t5_config("tiny", vocab_size=vocab.size)
     params = init_params(config, jax.random.key(2))
     # Two-token identifiers over a few text tokens, shared by several images each (so reranking reorders

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from avg_jax.data.vocab import EOS_ID, PAD_ID, Vocabulary, train_sentencepiece
+from avg_jax.data.vocab import EOS_ID, PAD_ID
 from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.retrieval.model import RetrievalModel, model_window
 from avg_jax.t5.configs import named_t5_config
@@ -19,12 +19,9 @@ BEAM, NUM_QUERIES, INPUT_LENGTH = 8, 10, 64
 
 
 @pytest.fixture(scope="module")
-def model(tiny_corpus, tmp_path_factory):
-    spm = train_sentencepiece([tiny_corpus.queries[j].text for j in tiny_corpus.query_rows("train")],
-                              tmp_path_factory.mktemp("spm") / "spm", vocab_size=120)
-    vocab = Vocabulary(spm)
-    config = named_t5_config("tiny", vocab_size=vocab.size)
-    return vocab, config, init_params(config, jax.random.key(1))
+def model(tiny_vocab):
+    config = named_t5_config("tiny", vocab_size=tiny_vocab.size)
+    return tiny_vocab, config, init_params(config, jax.random.key(1))
 
 
 def reference_free_beams(params, config, input_ids, length):
