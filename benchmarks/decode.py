@@ -8,6 +8,9 @@ either side: HF runs `max_new_tokens=M`, `length_penalty=0`, so its scores are r
 Measurements are interleaved in rounds (every configuration once per round) and reported as medians over
 rounds, since the machine is shared. Prints ONE JSON object (keys per ../shared/BENCHMARKS.md).
 
+'vocab_voken_prior' is the 'vocab' search with a per-query token bias over the vokens (the aligned-voken prior
+of `RerankConfig.prior_weight`); `voken_prior_overhead` = its extra time relative to 'vocab'.
+
 Every mode also runs with bfloat16 activations ('*_bf16': float32 parameters, accumulation and scores):
 its ratios are the '*_bf16' keys, its FLOP utilisation is against a bfloat16 `jnp.dot` (float32 result),
 and `bf16_top1_agreement` / `hf_agreement_bf16` say how far its rankings move from float32's.
@@ -155,9 +158,13 @@ def main(argv=None) -> dict:
     model = RetrievalModel(config, None, window=window, input_length=args.query_length, target_length=steps)
     bf16 = model.replace(config=dataclasses.replace(config, dtype="bfloat16"))
 
-    def searcher(tables, mode=model, **kw):
+    def searcher(tables, mode=model, token_bias=None, **kw):
         search = mode.search_fn(beam, **kw)
-        return lambda: jax.block_until_ready(search(params, tables, queries))
+        return lambda: jax.block_until_ready(search(params, tables, queries, token_bias=token_bias))
+
+    # The aligned-voken prior's per-query token bias (a [batch, vokens] array; its host-side [q, d] x [d, N]
+    # product is not timed): what fusing the dense expert into every step costs the search.
+    prior_bias = jnp.asarray(rng.normal(size=(args.batch, args.codebook)), jnp.float32)
 
     runs = {  # every configuration on the same batch of queries, interleaved in each round
         "vocab": searcher(trie.tables),
@@ -166,6 +173,7 @@ def main(argv=None) -> dict:
         "vocab_unchunked": searcher(trie.tables, head_chunk_size=0),
         "window": searcher(trie.tables, model.replace(score_normalization="window")),
         "vocab_unshared_first_step": searcher(trie.tables, model.replace(share_first_step=False)),
+        "vocab_voken_prior": searcher(trie.tables, token_bias=prior_bias),
         "unconstrained": searcher(None, model.replace(window=(0, config.vocab_size)), max_length=steps),
         **{f"scale_{n}": searcher(tries[n].tables) for n in sizes[1:]},
     }
@@ -218,6 +226,7 @@ def main(argv=None) -> dict:
         "constraint_overhead": median(lambda r: r["unconstrained"] / r["vocab"] - 1.0),
         "first_step_sharing_speedup": median(lambda r: r["vocab"] / r["vocab_unshared_first_step"]),
         "chunked_head_speedup": median(lambda r: r["vocab"] / r["vocab_unchunked"]),
+        "voken_prior_overhead": median(lambda r: r["vocab"] / r["vocab_voken_prior"] - 1.0),
     }
     # Voken-only head: how far its ranking moves from the full-softmax one (recall needs a trained model).
     def top1_agreement(a: str, b: str) -> float:
