@@ -28,7 +28,8 @@ to the score instead of that token's log-probability, so a forced token (e.g. th
 identifier body) cannot penalise an identifier; True (default) scores every step as above.
 
 `token_bias [batch, columns]` (optional): a per-query score added to every candidate token of every step
-(shallow fusion of a per-query prior over the returned columns, e.g. `retrieval.model.VokenPrior`): an
+(shallow fusion of a per-query prior over the returned columns, e.g. the aligned-voken prior of
+`retrieval.model.Reranker.voken_bias`): an
 identifier's score is its log-probability under the chosen normalisation plus the sum of its tokens' biases.
 The bias is added on forced steps too (it is not a probability the model spreads over one child); a finished
 beam's carry-over adds nothing.

@@ -217,6 +217,11 @@ def codebook_rows(table: IdentifierTable, table_dir: str | Path) -> np.ndarray:
                                             np.float32)])
 
 
+def table_voken_vectors(table: IdentifierTable, table_dir: str | Path) -> np.ndarray | None:
+    """`codebook_rows` of a table that has a codebook file, else None (schemes without vokens)."""
+    return codebook_rows(table, table_dir) if table.metadata.get("codebook_file") else None
+
+
 def group_rows(bodies: np.ndarray) -> np.ndarray:
     """Group index per row of a PAD-padded [n, L] id array: rows with equal ids share a group."""
     if bodies.shape[0] == 0:

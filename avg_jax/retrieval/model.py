@@ -57,7 +57,7 @@ import numpy as np
 from avg_jax.data.vocab import EOS_ID, PAD_ID, Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions, BeamSearchResult
 from avg_jax.decoding.trie import Trie, build_trie, identifier_window
-from avg_jax.identifiers.table import IdentifierTable, codebook_rows
+from avg_jax.identifiers.table import IdentifierTable, table_voken_vectors
 from avg_jax.json_io import read_json
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.decoding import t5_beam_search
@@ -276,8 +276,8 @@ class Reranker:
 
         text, image = tokenizer_head_projections(str(tokenizer_dir))
         table = IdentifierTable.load(tokenizer_dir)
-        vokens = codebook_rows(table, tokenizer_dir) if table.metadata.get("codebook_file") else None
-        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text, vokens,
+        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text,
+                   table_voken_vectors(table, tokenizer_dir),
                    table.text_vocab_size)
 
     def aligned_queries(self, query_features: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.dense import tokenizer_head_projections
-from avg_jax.identifiers.table import IdentifierTable, codebook_rows
+from avg_jax.identifiers.table import IdentifierTable, codebook_rows, table_voken_vectors
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
     TRAIN_TRIE,
@@ -289,9 +289,8 @@ def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, 
     _, image = tokenizer_head_projections(identifiers_dir)
     head = tok.params.get("text_head") if tok.config.projection_heads else None
     table = IdentifierTable.load(identifiers_dir)
-    vokens = codebook_rows(table, identifiers_dir) if table.metadata.get("codebook_file") else None
     save_heads(out_dir, image_ids, image(features), TextHead.arrays(head, tok.config.normalize_embeddings), rerank,
-               vokens, table.text_vocab_size)
+               table_voken_vectors(table, identifiers_dir), table.text_vocab_size)
 
 
 def export_retrieval_checkpoint(out_dir: epath.PathLike, model: RetrievalModel, params: Any,
