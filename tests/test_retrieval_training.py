@@ -12,10 +12,12 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
+from hlo_collectives import racing_collectives
 
-from avg_jax import cli
+from avg_jax import cli, partitioning
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.pipeline import corpus_examples, make_batch_iterator
 from avg_jax.data.vocab import Vocabulary, train_sentencepiece
@@ -33,6 +35,7 @@ from avg_jax.retrieval.model import (
 )
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5
+from avg_jax.training import trainer
 from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
 
 CODEBOOK, LEVELS = 12, 2
@@ -72,6 +75,23 @@ def _task_and_batch(setup, beam=4, batch_size=3, **loss):
                                      truncate=True))
     params = nn.unbox(task.init_params(jax.random.key(3)))
     return task, {k: jnp.asarray(v) for k, v in batch.items()}, params, {TRAIN_TRIE: trie.tables}
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_compiled_data_parallel_step_holds_no_collective_racing_control_flow(setup):
+    """The retrieval step (beam search under lax.cond, its while loop) as `train_loop` compiles it on 8
+    devices: every collective inside control flow is data-ordered with the others (XLA:CPU runs unordered ones
+    concurrently and can deadlock; see tests/hlo_collectives.py)."""
+    task, batch, _, constants = _task_and_batch(setup, batch_size=8)
+    mesh = partitioning.make_device_mesh(-1, 1, jax.devices()[:8])
+    rules = partitioning.logical_axis_rules()
+    tx = optax.adam(1e-3)
+    with partitioning.sharding_context(mesh, rules):
+        abstract, shardings = trainer.abstract_train_state(task, tx, mesh, rules)
+        step = trainer.jit_train_step(task, tx, optax.constant_schedule(1e-3), 0, mesh, rules, shardings)
+        text = step.lower(abstract, batch, constants).compile().as_text()
+    assert "all-reduce" in text and "conditional" in text
+    assert racing_collectives(text) == []
 
 
 def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:

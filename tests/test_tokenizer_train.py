@@ -5,13 +5,20 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from hlo_collectives import racing_collectives
+from jax.sharding import NamedSharding, PartitionSpec
 
+from avg_jax import partitioning
 from avg_jax.data.synthetic import make_synthetic_corpus
 from avg_jax.tokenizer import train as tok_train
+from avg_jax.tokenizer.losses import TokenizerLossWeights
 from avg_jax.tokenizer.model import RQTokenizerConfig
 from avg_jax.tokenizer.quantizer import RQCodes
 from avg_jax.tokenizer.train import (
+    ContrastiveTask,
+    RQTask,
     TokenizerData,
     TrainingPreempted,
     _reseed_dead_codes,
@@ -61,7 +68,12 @@ def test_reseed_replaces_dead_codes_with_worst_served_residuals():
     counts = np.array([[3, 0, 5, 0, 1], [0, 2, 2, 2, 2]], np.float32)
     rq = RQCodes(codes=jnp.zeros((b, m), jnp.int32), residuals=jnp.asarray(residuals),
                  partial_sums=jnp.zeros((b, m, d)), errors=jnp.asarray(errors))
-    new, num_dead = _reseed_dead_codes(jnp.asarray(books), jnp.asarray(counts), rq, threshold=1.0)
+    kept, none = _reseed_dead_codes(jnp.asarray(books), jnp.asarray(counts), rq, threshold=1.0,
+                                    due=jnp.asarray(False))
+    assert int(none) == 0
+    np.testing.assert_array_equal(np.asarray(kept), books)
+    new, num_dead = _reseed_dead_codes(jnp.asarray(books), jnp.asarray(counts), rq, threshold=1.0,
+                                       due=jnp.asarray(True))
     new = np.asarray(new)
     assert int(num_dead) == 3
     for level in range(m):
@@ -170,3 +182,48 @@ def test_data_parallel_steps_on_eight_host_devices_do_not_deadlock():
     tok = train_tokenizer(big, cfg, steps=40, batch_size=2048, contrastive_steps=10, kmeans_iters=2,
                           kmeans_init_batches=1, reseed_every=20, num_devices=8, log_every=40)
     assert np.isfinite(tok.history[-1]["total"]) and tok.history[-1]["step"] == 40
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_race_check_flags_a_conditional_collective_beside_an_independent_one():
+    """The check below must see the pattern that deadlocked: a cond holding a collective next to an
+    independent collective; data-ordering the two clears it."""
+    mesh = partitioning.make_device_mesh(-1, 1, jax.devices()[:8])
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    x, y = (jax.device_put(jnp.arange(16.0) + k, rows) for k in range(2))
+
+    def racing(x, y, p):
+        return jax.lax.cond(p, lambda: jnp.sum(x), lambda: 0.0), jnp.sum(y)
+
+    def ordered(x, y, p):
+        a = jax.lax.cond(p, lambda: jnp.sum(x), lambda: 0.0)
+        return a, jnp.sum(y * a)
+
+    texts = {f.__name__: jax.jit(f).lower(x, y, True).compile().as_text() for f in (racing, ordered)}
+    assert racing_collectives(texts["racing"]), texts["racing"]
+    assert racing_collectives(texts["ordered"]) == []
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_compiled_tokenizer_steps_hold_no_collective_racing_control_flow(data):
+    """The warm-up and RQ steps as `train_loop` compiles them on 8 devices: no collective inside a conditional or
+    loop may run beside another one (the CI run at be86d9f aborted on such a pair in the warm-up step: the
+    InfoNCE diagonal's gradient was a partitioned scatter under a conditional)."""
+    mesh = partitioning.make_device_mesh(-1, 1, jax.devices()[:8])
+    rules = partitioning.logical_axis_rules()
+    image_dim, text_dim = data.image_features.shape[1], data.text_features.shape[1]
+    rq_batch = data.batch(np.arange(64))
+    steps = {
+        "warm-up": (ContrastiveTask(SMALL, image_dim, text_dim, 0.05),
+                    {"image": rq_batch["image"], "caption": rq_batch["text"][:, 0]}),
+        "rq": (RQTask(SMALL, image_dim, text_dim, TokenizerLossWeights(), num_steps=10, reseed_every=5,
+                      threshold=1.0, contrastive_weight=0.5, temperature=0.05), rq_batch),
+    }
+    for name, (task, batch) in steps.items():
+        tx = optax.adam(1e-3)
+        with partitioning.sharding_context(mesh, rules):
+            abstract, shardings = trainer.abstract_train_state(task, tx, mesh, rules)
+            step = trainer.jit_train_step(task, tx, optax.constant_schedule(1e-3), 0, mesh, rules, shardings)
+            text = step.lower(abstract, batch, None).compile().as_text()
+        assert "all-reduce" in text, name  # data parallel indeed
+        assert racing_collectives(text) == [], name

@@ -66,7 +66,10 @@ def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature: float, vali
     valid = valid.astype(bool)
     pair = valid[:, None] & valid[None, :]
     logits = jnp.where(pair, logits, -1e9)
-    diag = jnp.diagonal(logits)
+    # the positives as row-wise dot products, not jnp.diagonal(logits): the diagonal's gradient is a scatter,
+    # which the SPMD partitioner wraps in a conditional holding all-gathers, and XLA:CPU does not order
+    # collectives inside a conditional with those outside it (8 host devices deadlocked)
+    diag = jnp.where(valid, jnp.sum(image_emb * text_emb, axis=-1) / temperature, -1e9)
     i2t = jax.nn.logsumexp(logits, axis=1) - diag
     t2i = jax.nn.logsumexp(logits, axis=0) - diag
     w = valid.astype(logits.dtype)

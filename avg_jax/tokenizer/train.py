@@ -3,7 +3,7 @@
 Both training stages are `TrainTask`s run by the generic `train_loop` (checkpoints in `run_dir`, resume,
 SIGTERM preemption, metrics.jsonl): data parallel on a ('data', 'model') mesh, batches sharded over 'data',
 parameters and optimizer state replicated (the tokenizer is small). Every step is one jit-compiled function:
-loss, update, code usage counts and dead-code re-seeding (under lax.cond, the task's `post_update`) all stay
+loss, update, code usage counts and dead-code re-seeding (the task's `post_update`, no lax.cond) all stay
 on device. Batches and RNG are functions of (seed, step), so a resumed run equals an uninterrupted one.
 
 Stages: (1) InfoNCE warm-up of both projection heads (`contrastive_steps`); (2) codebook init by k-means
@@ -166,12 +166,16 @@ def _param_labels(params: dict, finetune_image_head: bool) -> dict:
     return {k: jax.tree.map(lambda _, k=k: "freeze" if k in frozen else "train", v) for k, v in params.items()}
 
 
-def _reseed_dead_codes(codebooks: jax.Array, counts: jax.Array, rq: RQCodes, threshold: float,
+def _reseed_dead_codes(codebooks: jax.Array, counts: jax.Array, rq: RQCodes, threshold: float, due: jax.Array,
                        ) -> tuple[jax.Array, jax.Array]:
-    """Replace vokens used < threshold times since the last re-seeding by residuals of the worst-served samples.
+    """Where `due` (a bool scalar), replace vokens used < threshold times since the last re-seeding by residuals
+    of the worst-served samples; returns (codebooks, number re-seeded).
 
     Candidates for codebook c are the residual inputs r_j of the levels c serves, ranked by the error
-    left after step j (highest first); the k-th dead code takes the k-th candidate.
+    left after step j (highest first); the k-th dead code takes the k-th candidate. The candidates are computed
+    on every step and selected with `where`, not under `lax.cond`: with a data-parallel batch they need
+    collectives, and XLA:CPU does not order collectives inside a conditional with those outside it (8 host
+    devices deadlocked).
     """
     b, m, d = rq.residuals.shape
     cand = jax.lax.stop_gradient(rq.residuals).reshape(b * m, d)
@@ -183,7 +187,7 @@ def _reseed_dead_codes(codebooks: jax.Array, counts: jax.Array, rq: RQCodes, thr
         num_cand = b * m if codebooks.shape[0] == 1 else b
         k = min(codebooks.shape[1], num_cand)
         _, top = jax.lax.top_k(jnp.where(serves, err, -jnp.inf), k)  # [k]
-        dead = counts[c] < threshold  # [N]
+        dead = (counts[c] < threshold) & due  # [N]
         rank = (jnp.cumsum(dead) - 1) % k
         new_books.append(jnp.where(dead[:, None], cand[top[rank]], codebooks[c]))
         num_dead = num_dead + jnp.sum(dead).astype(jnp.int32)
@@ -257,18 +261,11 @@ class RQTask:
         flat = (book_of_level[None, :] * n + rq.codes).reshape(-1)
         counts = counts + jnp.bincount(flat, length=num_books * n).reshape(num_books, n)
 
-        def reseed(args):
-            books, cnt = args
-            books, num_dead = _reseed_dead_codes(books, cnt, rq, self.threshold)
-            return books, jnp.zeros_like(cnt), num_dead
-
-        def keep(args):
-            return args[0], args[1], jnp.zeros((), jnp.int32)
-
         done = step + 1
         due = ((done % self.reseed_every == 0) & (done < self.num_steps) if self.reseed_every > 0
                else jnp.zeros((), bool))
-        books, counts, num_dead = jax.lax.cond(due, reseed, keep, (params["codebooks"], counts))
+        books, num_dead = _reseed_dead_codes(params["codebooks"], counts, rq, self.threshold, due)
+        counts = jnp.where(due, jnp.zeros_like(counts), counts)
         return {**params, "codebooks": books, CODE_COUNTS: counts}, {"reseeded": num_dead.astype(jnp.float32)}
 
 

@@ -132,6 +132,17 @@ def make_train_step(task: TrainTask, tx: optax.GradientTransformation, schedule:
     return train_step
 
 
+def jit_train_step(task: TrainTask, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int,
+                   mesh: Mesh, rules: partitioning.LogicalRules, shardings: TrainState, accum_steps: int = 1,
+                   compute_dtype: str = "float32") -> Any:
+    """`make_train_step` jit-compiled as `train_loop` runs it: (state, global batch, constants) -> (state,
+    metrics), the state donated; `shardings` as from `abstract_train_state`."""
+    batch_sharding = _batch_sharding(mesh, rules)
+    return jax.jit(make_train_step(task, tx, schedule, seed, batch_sharding, accum_steps, compute_dtype),
+                   in_shardings=(shardings, batch_sharding, partitioning.replicated(mesh)),
+                   out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
+
+
 def abstract_train_state(task: TrainTask, tx: optax.GradientTransformation, mesh: Mesh,
                          rules: tuple[tuple[str, str | None], ...]) -> tuple[TrainState, TrainState]:
     """The train state's shapes with their shardings (the restore target) and those shardings alone."""
@@ -255,10 +266,7 @@ def train_loop(
             state, start = init(jax.random.key(seed)), 0
         else:
             state, start = restored
-        step_fn = jax.jit(make_train_step(task, tx, schedule, seed, _batch_sharding(mesh, rules), accum_steps,
-                                          compute_dtype),
-                          in_shardings=(shardings, _batch_sharding(mesh, rules), partitioning.replicated(mesh)),
-                          out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=0)
+        step_fn = jit_train_step(task, tx, schedule, seed, mesh, rules, shardings, accum_steps, compute_dtype)
         constants = jax.device_put(constants, partitioning.replicated(mesh))
         config_text = gin.operative_config_str()
         if jax.process_index() == 0:
