@@ -94,6 +94,22 @@ def test_compiled_data_parallel_step_holds_no_collective_racing_control_flow(set
     assert racing_collectives(text) == []
 
 
+def test_replace_changes_only_the_named_fields(setup):
+    task, *_ = _task_and_batch(setup, beam=3, max_relevant=2)
+    task = task.replace(retrieve_instruction="retrieve:", score_normalization="allowed", share_first_step=False,
+                        score_forced_steps=False, max_alpha=0.25)
+    other = task.replace(input_length=7)
+    assert other.input_length == 7 and task.input_length == 24
+    for name in ("config", "vocab", "window", "target_length", "retrieve_instruction", "score_normalization",
+                 "share_first_step", "score_forced_steps", "loss_config", "query_head", "max_alpha"):
+        assert getattr(other, name) == getattr(task, name), name
+    assert (other.retrieve_instruction, other.score_normalization, other.share_first_step,
+            other.score_forced_steps, other.max_alpha, other.loss_config.max_relevant) == ("retrieve:", "allowed",
+                                                                                          False, False, 0.25, 2)
+    with pytest.raises(TypeError):
+        task.replace(beam=5)
+
+
 def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
     logits = logits.astype(np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \

@@ -42,6 +42,7 @@ Retrieval checkpoint layout (every file read without executing anything):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import shutil
 import sys
@@ -448,16 +449,13 @@ class RetrievalModel:
             raise ValueError("a query-conditioned RetrievalModel needs T5Config.num_image_tokens (the prefix length)")
         self.query_head, self.max_alpha = query_head, float(max_alpha)
         self.module = T5(config)
-        self._fields = {"window": self.window, "input_length": input_length, "target_length": target_length,
-                        "retrieve_instruction": retrieve_instruction, "score_normalization": score_normalization,
-                        "share_first_step": share_first_step, "score_forced_steps": self.score_forced_steps,
-                        "loss": self.loss_config, "query_head": query_head, "max_alpha": self.max_alpha}
         self._searches: dict[tuple, Any] = {}  # search settings -> jitted search
 
     def replace(self, **changes: Any) -> RetrievalModel:
         """A copy with some constructor fields changed (e.g. `input_length`, `score_normalization`)."""
-        fields = {"config": self.config, "vocab": self.vocab, **self._fields, **changes}
-        return RetrievalModel(fields.pop("config"), fields.pop("vocab"), **fields)
+        names = [n for n in inspect.signature(RetrievalModel.__init__).parameters if n != "self"]
+        fields = {n: getattr(self, "loss_config" if n == "loss" else n) for n in names}  # every field is kept
+        return RetrievalModel(**(fields | changes))
 
     # ------------------------------------------------------------------------------------------------ queries
 
