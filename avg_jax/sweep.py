@@ -175,6 +175,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
                 _row("w/o L_dis", _EMOJI + "no_dis.gin"),
                 _row("L_dis on pseudo-queries too", _EMOJI + "dis_pseudo.gin"),
+                _row("L_dis over fused scores + voken prior + rerank", _EMOJI + "dis_prior.gin"),
                 _row("random voken embeddings", _EMOJI + "random_voken.gin"),
                 _row("w/o gallery indexing", _EMOJI + "no_indexing.gin"),
                 _row("Dense (tokenizer heads, no T5)", _EMOJI + "main.gin", kind="dense"),

@@ -25,6 +25,7 @@ from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.ranked import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
 from avg_jax.retrieval.model import (
+    PRIOR_VECTORS,
     TRAIN_TRIE,
     RetrievalLossConfig,
     RetrievalModel,
@@ -36,7 +37,7 @@ from avg_jax.retrieval.model import (
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5
 from avg_jax.training import trainer
-from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture
+from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture, prior_examples
 
 CODEBOOK, LEVELS = 12, 2
 
@@ -117,16 +118,33 @@ def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
     return float(sum(logp[t, tok] for t, tok in enumerate(tokens) if tok != 0))
 
 
-@pytest.mark.parametrize("relevant,reduction", [(False, "sum"), (True, "sum"), (True, "mean")])
-def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction):
+@pytest.mark.parametrize("relevant,reduction,prior", [(False, "sum", False), (True, "sum", False),
+                                                      (True, "mean", False), (True, "mean", True)])
+def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction, prior):
     """(1) The batched [batch * b, T] pass with injection, duplicate masking and (with `relevant`) the query's
     other relevant identifiers masked out of the softmax equals a per-candidate brute force, with L_gen
-    summed or averaged over tokens; (2) the gradient equals that of the same loss with the beam-search
-    candidates fed in as constants, i.e. it flows only through the teacher-forced scores, never through
-    the search."""
+    summed or averaged over tokens, and (with `prior`, L_dis over fused scores) each candidate's listwise score
+    plus its tokens' voken-prior biases, the candidates drawn by the search with that prior; (2) the gradient
+    equals that of the same loss with the beam-search candidates fed in as constants, i.e. it flows only
+    through the teacher-forced scores, never through the search or the prior."""
     task, batch, params, constants = _task_and_batch(setup, generative_reduction=reduction,
-                                                     max_relevant=3 if relevant else 0)
+                                                     max_relevant=3 if relevant else 0,
+                                                     prior_weight=0.5 if prior else 0.0, prior_temperature=0.25)
     rng, step = jax.random.key(11), jnp.int32(5)
+    start, size = task.window
+    bias = np.zeros((batch["inputs"].shape[0], size))
+    if prior:
+        draw_rng = np.random.default_rng(4)
+        vectors = draw_rng.standard_normal((size, 8)).astype(np.float32)
+        vectors[CODEBOOK:] = 0  # collision-suffix columns have no voken vector
+        queries = draw_rng.standard_normal((batch["inputs"].shape[0], 8)).astype(np.float32)
+        batch = {**batch, "prior_query": jnp.asarray(queries)}
+        constants = {**constants, PRIOR_VECTORS: jnp.asarray(vectors)}
+        bias = 0.5 / 0.25 * queries.astype(np.float64) @ vectors.T.astype(np.float64)
+        plain, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
+        fused, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE], None,
+                                            jnp.asarray(bias, jnp.float32))
+        assert not np.array_equal(np.asarray(plain), np.asarray(fused))  # the prior changes the candidates
     other = {}
     if relevant:  # other relevant identifiers: two beam candidates (one of them may be the positive) and a miss
         c0, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
@@ -138,10 +156,11 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
         other = {q: {tuple(r) for r, v in zip(rel[q], rel_valid[q], strict=True) if v} for q in range(rel.shape[0])}
     (total, metrics), grad = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng, step, constants),
                                                         has_aux=True))(params)
-    cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
+    cands, valid = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE], None,
+                                            jnp.asarray(bias, jnp.float32) if prior else None)
 
     fixed = task.replace()
-    fixed.candidates = lambda params, input_ids, tables, prefix_features=None: (cands, valid)
+    fixed.candidates = lambda params, input_ids, tables, prefix_features=None, token_bias=None: (cands, valid)
     grad_fixed = jax.jit(jax.grad(lambda p: fixed.loss(p, batch, rng, step, constants)[0]))(params)
     for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_fixed), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-6, atol=1e-9)
@@ -167,18 +186,19 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
         scores, keep, seen = [], [], set()
         for j, cand in enumerate(slots):  # one teacher-forced forward pass per candidate
             logits = forward(params, batch["inputs"][q:q + 1], jnp.asarray(cand)[None])
-            scores.append(_np_score(np.asarray(logits[0]), cand))
+            scores.append(_np_score(np.asarray(logits[0]), cand) + sum(bias[q, t - start] for t in cand if t))
             keep.append(ok[j] and tuple(cand) not in seen and (j == p or tuple(cand) not in other.get(q, ())))
             if ok[j]:
                 seen.add(tuple(cand))
         kept = np.array([s for s, k in zip(scores, keep, strict=True) if k])
         dis.append(np.log(np.exp(kept - kept.max()).sum()) + kept.max() - scores[p])
-        gen.append(-scores[p] / (np.count_nonzero(positive) if reduction == "mean" else 1))
+        prior_of_positive = sum(bias[q, t - start] for t in positive if t)
+        gen.append(-(scores[p] - prior_of_positive) / (np.count_nonzero(positive) if reduction == "mean" else 1))
     np.testing.assert_allclose(float(metrics["gen_loss"]), np.mean(gen), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["dis_loss"]), np.mean(dis), rtol=1e-4)
     np.testing.assert_allclose(float(total), np.mean(gen) + 0.7 * np.mean(dis), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["positive_in_beam"]), np.mean(found_any))
-    if relevant:  # the masking changed something
+    if relevant and not prior:  # the masking changed something
         plain = task.replace(loss=dataclasses.replace(task.loss_config, max_relevant=0))
         assert not np.isclose(float(plain.loss(params, batch, rng, step, constants)[1]["dis_loss"]),
                               float(metrics["dis_loss"]))
@@ -498,6 +518,46 @@ def test_train_with_rerank_reports_both_rankings(setup, tmp_path):
     features = corpus.text_features[[line["query_row"] for line in lines]]
     got = retriever.retrieve([line["text"] for line in lines], k=10, query_features=features)
     assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]
+
+
+def test_prior_examples_carry_the_query_or_donor_caption_vector(setup):
+    corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
+    aligned = np.random.default_rng(2).standard_normal((len(corpus.queries), 5)).astype(np.float32)
+    mixture = TrainMixture(memorize_rate=1.0, pseudo_query_rate=1.0, pseudo_queries_per_image=2,
+                           pseudo_query_source="nearest_image")
+    _, stream = build_mixture(corpus, table, vocab, vocab.encode, mixture, 64, 0, text_rows=True)
+    out = prior_examples(stream, aligned)
+    kinds = set()
+    for ex, got in zip(stream, out, strict=True):
+        q = int(ex["query_row"])
+        kinds.add(q if q < 0 else 0)
+        want = aligned[q] if q >= 0 else aligned[int(ex["text_row"])] if q == -2 else np.zeros(5, np.float32)
+        np.testing.assert_array_equal(got["prior_query"], want)
+        if q == -2:  # the donor caption is a TRAIN caption of the same text as the pseudo-query's input
+            assert corpus.queries[int(ex["text_row"])].split == "train"
+            assert vocab.decode([int(t) for t in ex["inputs"]]) == corpus.queries[int(ex["text_row"])].text
+    assert kinds == {0, -1, -2}  # query, memorize and pseudo-query rows all checked
+    pseudo = next(ex for ex in stream if int(ex["query_row"]) == -2)
+    with pytest.raises(ValueError, match="text_row"):
+        prior_examples([{k: v for k, v in pseudo.items() if k != "text_row"}], aligned)
+
+
+def test_train_with_discriminative_loss_over_fused_scores(setup, tmp_path, capsys):
+    """RetrievalLossConfig.prior_weight > 0 trains (L_dis over generator + voken-prior scores, candidates from the
+    fused search) from the identifiers' tokenizer; without a tokenizer it is a clear error."""
+    table_dir = _table_with_tokenizer(setup, tmp_path)
+    params = ("train_loop.num_steps = 2", "RetrievalLossConfig.discriminative_weight = 0.5",
+              "RetrievalLossConfig.beam_size = 4", "RetrievalLossConfig.prior_weight = 1.0",
+              "RetrievalLossConfig.prior_temperature = 0.5", "TrainMixture.pseudo_query_rate = 1.0",
+              "TrainMixture.pseudo_queries_per_image = 2", "train_retrieval.eval_prior_weight = 1.0",
+              "train_retrieval.eval_rerank_temperature = 0.5")
+    assert _train({**setup, "table_dir": table_dir}, tmp_path / "run", *params) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dis_loss"] > 0 for r in rows if "loss" in r)
+    assert "rerank/recall@10" in json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    capsys.readouterr()
+    assert _train(setup, tmp_path / "bare", *params) == 2
+    assert "tokenizer_config.json" in capsys.readouterr().err
 
 
 def test_voken_prior_adds_the_aligned_voken_scores_to_every_identifier(setup, tmp_path):

@@ -68,6 +68,7 @@ from avg_jax.training import losses
 from avg_jax.training.examples import PSEUDO_ROW
 
 TRAIN_TRIE = "train_trie"  # key of the indexed (training-time) image set's trie tables in the loss' `constants`
+PRIOR_VECTORS = "prior_vectors"  # key of the window's voken vectors [window size, d] (L_dis over fused scores)
 MODEL_DIR = "model"
 IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
@@ -90,6 +91,11 @@ class RetrievalLossConfig:
     `max_relevant` R > 0 (eqs. 8-9 with several relevant images): a query's other relevant images (up to R, from
     the batch's "relevant" [b, R, T] / "relevant_valid" [b, R]) found among the candidates are masked out of
     the listwise softmax instead of counting as negatives; 0 = every non-positive candidate is a negative.
+    `prior_weight` > 0 (L_dis over the fused scores): the candidates come from the search with the
+    aligned-voken prior and each candidate's listwise score adds its prior, prior_weight * <t, ẑ> /
+    `prior_temperature` (`RerankConfig`; t = the batch's "prior_query" aligned text vectors [b, d], the
+    vokens' codebook vectors in the loss constants' PRIOR_VECTORS [window size, d]), so L_dis trains the
+    generator on what the fused ranking gets wrong; 0 = the generator's scores alone (eqs. 8-9).
     """
 
     discriminative_weight: float = 0.0  # λ; 0 = generative training only
@@ -100,6 +106,8 @@ class RetrievalLossConfig:
     generative_reduction: str = "sum"  # 'sum' (eq. 7) or 'mean' (per token, the authors' code)
     max_relevant: int = 0  # R: other relevant identifiers carried per training example (0 = off)
     discriminative_pseudo_queries: bool = False  # L_dis also on pseudo-query rows (query_row -2)
+    prior_weight: float = 0.0  # L_dis over generator + aligned-voken prior scores (0 = generator alone)
+    prior_temperature: float = 1.0
 
     def __post_init__(self):
         if self.generative_reduction not in losses.GEN_REDUCTIONS:
@@ -115,6 +123,9 @@ class RetrievalLossConfig:
                              "must be >= 0")
         if self.beam_size < 1:
             raise ValueError(f"RetrievalLossConfig.beam_size must be >= 1, got {self.beam_size}")
+        if self.prior_weight < 0 or not self.prior_temperature > 0:
+            raise ValueError(f"RetrievalLossConfig: prior_weight must be >= 0 and prior_temperature > 0, got "
+                             f"{self.prior_weight} and {self.prior_temperature}")
 
     def weight_at(self, step: jax.Array) -> jax.Array:
         """λ(step): 0 before the start step, linear warm-up, then `discriminative_weight`."""
@@ -234,6 +245,19 @@ class RerankConfig:
         return self.weight > 0 or self.prior_weight > 0
 
 
+def window_voken_vectors(voken_vectors: np.ndarray, first_token: int, window: tuple[int, int]) -> np.ndarray:
+    """[window size, d]: the vectors of tokens `first_token`, `first_token + 1`, ... placed at their columns of
+    a model's output-head `window` (first column, size), zero rows elsewhere (the voken prior's matrix)."""
+    start, size = window
+    lo, count = first_token - start, len(voken_vectors)
+    if lo < 0 or lo + count > size:
+        raise ValueError(f"the voken prior's tokens [{first_token}, {first_token + count}) are not inside the "
+                         f"model's identifier window [{start}, {start + size})")
+    out = np.zeros((size, voken_vectors.shape[1]), np.float32)
+    out[lo:lo + count] = voken_vectors
+    return out
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -294,17 +318,11 @@ class Reranker:
     def voken_bias(self, query_features: np.ndarray, window: tuple[int, int]) -> np.ndarray:
         """[q, window size] per-step scores of the aligned-voken prior over a model's output-head `window`
         (first column, size): prior_weight * <t, c_token> / temperature, 0 for tokens without a vector."""
-        start, size = window
         if self.voken_vectors is None:
             raise ValueError("the voken prior needs the vokens' codebook vectors (an RQ tokenizer's table)")
-        lo, count = self.first_token - start, len(self.voken_vectors)
-        if lo < 0 or lo + count > size:
-            raise ValueError(f"the voken prior's tokens [{self.first_token}, {self.first_token + count}) are not "
-                             f"inside the model's identifier window [{start}, {start + size})")
-        bias = np.zeros((len(query_features), size), np.float32)
+        vectors = window_voken_vectors(self.voken_vectors, self.first_token, window)
         scale = self.config.prior_weight / self.config.temperature
-        bias[:, lo:lo + count] = scale * (self.aligned_queries(query_features) @ self.voken_vectors.T)
-        return bias
+        return (scale * (self.aligned_queries(query_features) @ vectors.T)).astype(np.float32)
 
     def embed_queries(self, query_features: np.ndarray) -> np.ndarray:
         """Unit aligned query vectors [q, d] of query features [q, f]."""
@@ -549,16 +567,18 @@ class RetrievalModel:
                                  method=T5.decode, rngs=None if rng is None else {"dropout": rng})
 
     def candidates(self, params: Any, input_ids: jax.Array, tables: Any,
-                   prefix_features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   prefix_features: jax.Array | None = None, token_bias: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
         """Eq. 8: the top-b train identifiers of each query by constrained beam search, no gradient
-        (`prefix_features`: a conditioned model's prefix vectors).
+        (`prefix_features`: a conditioned model's prefix vectors; `token_bias`: the aligned-voken prior).
 
         Returns tokens [b, beam, T] (PAD-padded to the target length) and validity [b, beam].
         """
         result = self.beam_search(jax.lax.stop_gradient(params), input_ids, tables,
                                   beam_size=self.loss_config.beam_size,
                                   prefix_features=None if prefix_features is None
-                                  else jax.lax.stop_gradient(prefix_features))
+                                  else jax.lax.stop_gradient(prefix_features),
+                                  token_bias=None if token_bias is None else jax.lax.stop_gradient(token_bias))
         tokens = result.tokens
         if tokens.shape[-1] > self.target_length:
             raise ValueError(f"trie identifiers have {tokens.shape[-1]} tokens > target length {self.target_length}")
@@ -587,7 +607,9 @@ class RetrievalModel:
 
         def with_discriminative(_):
             prefix = batch["image_features"] if self.conditioned else None
-            cands, valid = self.candidates(params, batch["inputs"], constants[TRAIN_TRIE], prefix)  # [b, k, T]
+            bias = self.prior_bias(batch, constants)  # [b, window] or None
+            cands, valid = self.candidates(params, batch["inputs"], constants[TRAIN_TRIE], prefix,
+                                           bias)  # [b, k, T]
             cands, positive, valid, found = losses.inject_positive(cands, valid, targets,
                                                                    jax.random.fold_in(rng, 2))
             keep = losses.duplicate_free(cands, valid)
@@ -598,6 +620,8 @@ class RetrievalModel:
             logits = self.decode(params, jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0),
                                  cands.reshape(b * k, t), decode_rng).reshape(b, k, t, -1)
             scores = losses.sequence_scores(logits, cands)  # [b, k]
+            if bias is not None:  # the fused score the search ranked by; the gradient reaches the generator only
+                scores = scores + losses.token_bias_sums(cands, bias, self.window[0])
             dis = losses.listwise_loss(scores, positive, keep)  # [b]
             denom = jnp.maximum(query_weights.sum(), 1e-9)
             dis_loss = jnp.sum(query_weights * dis) / denom
@@ -612,6 +636,21 @@ class RetrievalModel:
         else:
             total, metrics = jax.lax.cond(lam > 0, with_discriminative, generative_only, None)
         return total, {**metrics, "dis_weight": lam}
+
+    def prior_bias(self, batch: dict, constants: Any) -> jax.Array | None:
+        """[b, window size] aligned-voken prior of a batch for L_dis over fused scores (`prior_weight` > 0):
+        prior_weight / prior_temperature * <"prior_query", voken vector> per window column; None when off."""
+        cfg = self.loss_config
+        if cfg.prior_weight == 0:
+            return None
+        if "prior_query" not in batch or not constants or PRIOR_VECTORS not in constants:
+            raise ValueError("RetrievalLossConfig.prior_weight > 0 needs the batch's 'prior_query' aligned text "
+                             f"vectors and the loss constants' {PRIOR_VECTORS!r} (train_retrieval builds both)")
+        vectors = constants[PRIOR_VECTORS]
+        if vectors.shape[0] != self.window[1]:
+            raise ValueError(f"{PRIOR_VECTORS} has {vectors.shape[0]} rows for an identifier window of "
+                             f"{self.window[1]} columns")
+        return (cfg.prior_weight / cfg.prior_temperature) * (batch["prior_query"].astype(jnp.float32) @ vectors.T)
 
     # --------------------------------------------------------------------------------------------- prediction
 

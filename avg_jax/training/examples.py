@@ -261,24 +261,43 @@ def condition_examples(examples: list[Example], aligned_text: np.ndarray, aligne
                        ) -> list[Example]:
     """Query conditioning (`QueryConditioning`): every example's "image_features" becomes its ALIGNED prefix
     vector and "has_image" True: query rows the aligned text vector of their query (`aligned_text[query_row]`),
-    pseudo-query rows that of their donor caption ("text_row", dropped here), memorize rows the aligned image
+    pseudo-query rows that of their donor caption ("text_row"), memorize rows the aligned image
     vector of their image; "target_features" = the target image's aligned vector on query rows (interpolation),
     the row's own prefix elsewhere."""
     out = []
     for ex in examples:
         ex = dict(ex)
-        q, text_row = int(ex["query_row"]), ex.pop("text_row", None)
+        q = int(ex["query_row"])
         if q >= 0:
             prefix, target = aligned_text[q], aligned_image[int(ex["image_row"])]
         elif q == PSEUDO_ROW:
-            if text_row is None:
-                raise ValueError("condition_examples: a pseudo-query row without its donor caption's text_row")
-            prefix = target = aligned_text[int(text_row)]
+            prefix = target = aligned_text[_donor_row(ex, "condition_examples")]
         else:
             prefix = target = aligned_image[int(ex["image_row"])]
         out.append({**ex, "image_features": np.asarray(prefix, np.float32), "has_image": np.bool_(True),
                     "target_features": np.asarray(target, np.float32)})
     return out
+
+
+def prior_examples(examples: list[Example], aligned_text: np.ndarray) -> list[Example]:
+    """L_dis over fused scores (`RetrievalLossConfig.prior_weight`): every example gets "prior_query" [d], the
+    aligned text vector its voken prior is computed from: query rows their query's (`aligned_text[query_row]`),
+    pseudo-query rows their donor caption's ("text_row"), memorize rows zeros (no L_dis on them)."""
+    zeros = np.zeros(aligned_text.shape[1], np.float32)
+    out = []
+    for ex in examples:
+        q = int(ex["query_row"])
+        vector = (aligned_text[q] if q >= 0 else aligned_text[_donor_row(ex, "prior_examples")] if q == PSEUDO_ROW
+                  else zeros)
+        out.append({**ex, "prior_query": np.asarray(vector, np.float32)})
+    return out
+
+
+def _donor_row(ex: Example, caller: str) -> int:
+    if "text_row" not in ex:
+        raise ValueError(f"{caller}: a pseudo-query row without its donor caption's text_row (build_mixture(..., "
+                         "text_rows=True))")
+    return int(ex["text_row"])
 
 
 def _check_covered(corpus: Corpus, table: IdentifierTable, split: str) -> None:

@@ -29,6 +29,16 @@ def sequence_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return token_log_probs(logits, targets).sum(axis=-1)
 
 
+def token_bias_sums(sequences: jax.Array, token_bias: jax.Array, column_offset: int) -> jax.Array:
+    """Each sequence's summed per-token bias: sequences [b, k, T] (token ids, PAD-padded), token_bias
+    [b, columns] over token ids column_offset ... column_offset + columns - 1 -> [b, k]; PAD and tokens outside
+    the columns add 0 (the score `beam_search(token_bias=...)` adds to an identifier)."""
+    column = sequences - column_offset
+    inside = (sequences != PAD_ID) & (column >= 0) & (column < token_bias.shape[-1])
+    picked = jnp.take_along_axis(token_bias[:, None, :], jnp.clip(column, 0, token_bias.shape[-1] - 1), axis=-1)
+    return jnp.where(inside, picked, 0.0).sum(axis=-1)
+
+
 GEN_REDUCTIONS = ("sum", "mean")
 
 

@@ -36,6 +36,7 @@ from avg_jax.evaluation.dense import tokenizer_head_projections
 from avg_jax.identifiers.table import IdentifierTable, codebook_rows, table_voken_vectors
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
+    PRIOR_VECTORS,
     TRAIN_TRIE,
     QueryConditioning,
     RerankConfig,
@@ -46,13 +47,20 @@ from avg_jax.retrieval.model import (
     model_window,
     save_heads,
     table_vocabulary,
+    window_voken_vectors,
 )
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params
 from avg_jax.t5.vocab_expand import expand_vocab
 from avg_jax.training.evaluator import RetrievalEvaluator, rerank_path
-from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture, condition_examples
+from avg_jax.training.examples import (
+    SequentialIterator,
+    TrainMixture,
+    build_mixture,
+    condition_examples,
+    prior_examples,
+)
 from avg_jax.training.trainer import train_loop
 
 RUN_FILE = "run.json"
@@ -182,12 +190,20 @@ def train_retrieval(
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
     projections = None
     if mixture.pseudo_query_rate > 0 and mixture.pseudo_query_source == "nearest_captions":
-        from avg_jax.evaluation.dense import tokenizer_head_projections
         projections = tokenizer_head_projections(identifiers_dir)
+    fused_dis = model.loss_config.discriminative_weight > 0 and model.loss_config.prior_weight > 0
     memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed,
-                                           projections, model.loss_config.max_relevant, text_rows=model.conditioned)
+                                           projections, model.loss_config.max_relevant,
+                                           text_rows=model.conditioned or fused_dis)
     if model.conditioned:
         stream, memorize_stage = (condition_examples(part, *aligned) for part in (stream, memorize_stage))
+    constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else None
+    if fused_dis:  # L_dis over generator + aligned-voken prior scores
+        aligned_text, vectors = prior_vectors(corpus, table, identifiers_dir, model.window)
+        stream, memorize_stage = (prior_examples(part, aligned_text) for part in (stream, memorize_stage))
+        constants[PRIOR_VECTORS] = vectors
+    stream, memorize_stage = ([{k: v for k, v in ex.items() if k != "text_row"} for ex in part]
+                              for part in (stream, memorize_stage))
     if input_length is None:
         longest = max(len(ex["inputs"]) for ex in stream + memorize_stage)
         if eval_split is not None:
@@ -209,7 +225,6 @@ def train_retrieval(
     if memorize_stage:
         first = make_batch_iterator(memorize_stage, local_batch, seed + 1, lengths)
         iterator = SequentialIterator(first, iterator, mixture.memorize_steps)
-    constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else None
 
     run_path = epath.Path(run_dir)  # local or gs://
     evaluator = None
@@ -274,6 +289,21 @@ def conditioning_vectors(corpus: Corpus, identifiers_dir: str) -> tuple[TextHead
     _, image = tokenizer_head_projections(identifiers_dir)
     return head, (head(np.asarray(corpus.text_features, np.float32)),
                   np.asarray(image(np.asarray(corpus.image_features, np.float32)), np.float32))
+
+
+def prior_vectors(corpus: Corpus, table: IdentifierTable, identifiers_dir: str, window: tuple[int, int]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The aligned-voken prior of L_dis over fused scores, as the evaluation's `Reranker` computes it: the
+    corpus' aligned text vectors [queries, d] (the tokenizer's text head) and the window's voken vectors
+    [window size, d] (`window_voken_vectors` of the table's codebook)."""
+    vokens = table_voken_vectors(table, identifiers_dir)
+    if vokens is None or corpus.text_features is None:
+        raise ValueError(f"RetrievalLossConfig.prior_weight > 0 needs an RQ identifier table with a codebook "
+                         f"({identifiers_dir}: scheme {table.scheme!r}) and the corpus' text features "
+                         f"({corpus.name!r}: {'present' if corpus.text_features is not None else 'none'})")
+    text, _ = tokenizer_head_projections(identifiers_dir)
+    return (np.asarray(text(np.asarray(corpus.text_features, np.float32)), np.float32),
+            window_voken_vectors(vokens, table.text_vocab_size, window))
 
 
 def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, image_ids: list[str],
