@@ -37,7 +37,14 @@ from avg_jax.retrieval.model import (
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5
 from avg_jax.training import trainer
-from avg_jax.training.examples import SequentialIterator, TrainMixture, build_mixture, prior_examples
+from avg_jax.training.examples import (
+    AlignedCorpus,
+    SequentialIterator,
+    TrainMixture,
+    build_mixture,
+    condition_examples,
+    prior_examples,
+)
 
 CODEBOOK, LEVELS = 12, 2
 
@@ -439,12 +446,12 @@ def test_evaluation_captions_never_reach_any_training_input(tiny_corpus, tmp_pat
     config_ = named_t5_config("tiny", vocab_size=vocab.size).replace(num_image_tokens=1, image_feature_dim=64)
     model = RetrievalModel(config_, vocab, window=model_window(table, vocab.size), input_length=64,
                            target_length=table.max_len)
-    projections = tokenizer_head_projections(str(tmp_path / "ids"))
+    aligned = AlignedCorpus.project(corpus, *tokenizer_head_projections(str(tmp_path / "ids")))
     indexed = {int(i) for s in ("val", "test") for i in corpus.image_rows(s)}
     for source in ("nearest_captions", "nearest_image"):
         mixture = TrainMixture(memorize_rate=1.0, pseudo_query_rate=1.0, pseudo_queries_per_image=3,
                                pseudo_query_source=source)
-        _, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, 64, 0, projections, max_relevant=4)
+        _, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, 64, 0, aligned, max_relevant=4)
         texts = [vocab.decode([int(t) for t in ex["inputs"]]) for ex in stream]
         assert not any(w in t for w in words for t in texts), source
         pseudo = [ex for ex in stream if int(ex["query_row"]) == -2]
@@ -542,6 +549,30 @@ def test_prior_examples_carry_the_query_or_donor_caption_vector(setup):
         prior_examples([{k: v for k, v in pseudo.items() if k != "text_row"}], aligned)
 
 
+def test_condition_examples_prefix_the_query_donor_caption_or_image_vector(setup):
+    """Query conditioning's prefix per row kind (numpy reference): a query row its query's aligned text vector with
+    the target image's vector as interpolation target, a pseudo-query row its donor TRAIN caption's vector, a
+    memorize row its image's vector (both as their own target); every row is marked as having a prefix."""
+    corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
+    rng = np.random.default_rng(3)
+    aligned = AlignedCorpus(rng.standard_normal((len(corpus.queries), 5)).astype(np.float32),
+                            rng.standard_normal((corpus.num_images, 5)).astype(np.float32))
+    mixture = TrainMixture(memorize_rate=1.0, pseudo_query_rate=1.0, pseudo_queries_per_image=2,
+                           pseudo_query_source="nearest_image")
+    _, stream = build_mixture(corpus, table, vocab, vocab.encode, mixture, 64, 0, text_rows=True)
+    kinds = set()
+    for ex, got in zip(stream, condition_examples(stream, aligned), strict=True):
+        q, image = int(ex["query_row"]), aligned.image[int(ex["image_row"])]
+        kinds.add(q if q < 0 else 0)
+        prefix = aligned.text[q] if q >= 0 else aligned.text[int(ex["text_row"])] if q == -2 else image
+        np.testing.assert_array_equal(got["image_features"], prefix)
+        np.testing.assert_array_equal(got["target_features"], image if q >= 0 else prefix)
+        assert bool(got["has_image"])
+    assert kinds == {0, -1, -2}
+    with pytest.raises(ValueError, match="QueryConditioning needs the corpus' text features"):
+        condition_examples(stream, AlignedCorpus(None, aligned.image))
+
+
 def test_train_with_discriminative_loss_over_fused_scores(setup, tmp_path, capsys):
     """RetrievalLossConfig.prior_weight > 0 trains (L_dis over generator + voken-prior scores, candidates from the
     fused search) from the identifiers' tokenizer; without a tokenizer it is a clear error."""
@@ -565,9 +596,10 @@ def test_voken_prior_adds_the_aligned_voken_scores_to_every_identifier(setup, tm
     identifier's search score minus its pure generative score is prior_weight / temperature * <t, Σ c_voken>,
     t the tokenizer text head's (numpy) output for the query feature and c the codebook rows of its tokens;
     a zero rerank weight leaves the searched order as it is."""
-    from avg_jax.retrieval.model import RerankConfig, Reranker, SearchIndex
+    from avg_jax.retrieval.model import RerankConfig, SearchIndex
     from avg_jax.t5.model import init_params
     from avg_jax.tokenizer.train import load_tokenizer
+    from avg_jax.training.retrieval import TokenizerTowers
 
     corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
     table_dir = _table_with_tokenizer(setup, tmp_path)
@@ -581,8 +613,8 @@ def test_voken_prior_adds_the_aligned_voken_scores_to_every_identifier(setup, tm
     rows = corpus.query_rows("test")[:6]
     inputs = model.encode_queries([corpus.queries[j].text for j in rows])
     features = corpus.text_features[rows]
-    reranker = Reranker.from_tokenizer(RerankConfig(0.0, 0.5, prior_weight=0.7), table_dir, test_ids,
-                                       corpus.image_features[corpus.image_rows("test")])
+    reranker = TokenizerTowers.load(corpus, table, str(table_dir)).reranker(RerankConfig(0.0, 0.5, prior_weight=0.7),
+                                                                          corpus, test_ids)
     plain = model.rank(params, inputs, index, beam_size=beam)
     fused = model.rank(params, inputs, index, beam_size=beam, rerank=reranker, query_features=features)
     head = load_tokenizer(table_dir).params["text_head"]

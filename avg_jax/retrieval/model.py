@@ -48,7 +48,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import gin
 import jax
@@ -58,7 +58,7 @@ import numpy as np
 from avg_jax.data.vocab import EOS_ID, PAD_ID, Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions, BeamSearchResult
 from avg_jax.decoding.trie import Trie, build_trie, identifier_window
-from avg_jax.identifiers.table import IdentifierTable, table_voken_vectors
+from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.json_io import read_json
 from avg_jax.t5.configs import T5Config
 from avg_jax.t5.decoding import t5_beam_search
@@ -66,6 +66,8 @@ from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 from avg_jax.t5.model import T5, encoder_input_mask
 from avg_jax.training import losses
 from avg_jax.training.examples import PSEUDO_ROW
+
+ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
 TRAIN_TRIE = "train_trie"  # key of the indexed (training-time) image set's trie tables in the loss' `constants`
 PRIOR_VECTORS = "prior_vectors"  # key of the window's voken vectors [window size, d] (L_dis over fused scores)
@@ -258,6 +260,13 @@ def window_voken_vectors(voken_vectors: np.ndarray, first_token: int, window: tu
     return out
 
 
+def voken_prior(aligned_queries: ArrayT, window_vectors: ArrayT, weight: float, temperature: float) -> ArrayT:
+    """The aligned-voken prior's per-step scores [q, window size] (`RerankConfig`): weight / temperature *
+    <t, c_token> for aligned query vectors t [q, d] and the window's voken vectors [window size, d]
+    (`window_voken_vectors`); numpy in the evaluation (`Reranker.voken_bias`), jax in training (`prior_bias`)."""
+    return (weight / temperature) * (aligned_queries @ window_vectors.T)
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -292,19 +301,6 @@ class Reranker:
         self.text_projection = text_projection
         self.voken_vectors, self.first_token = voken_vectors, int(first_token)
 
-    @classmethod
-    def from_tokenizer(cls, config: RerankConfig, tokenizer_dir: str | Path, image_ids: Sequence[str],
-                       image_features: np.ndarray) -> Reranker:
-        """Towers = a trained tokenizer's contrastive heads (`avg-jax tokenize` output, e.g. identifiers dir);
-        voken vectors = its identifier table's codebook (the table's new tokens), when it has one."""
-        from avg_jax.evaluation.dense import tokenizer_head_projections
-
-        text, image = tokenizer_head_projections(str(tokenizer_dir))
-        table = IdentifierTable.load(tokenizer_dir)
-        return cls(config, image_ids, image(np.asarray(image_features, np.float32)), text,
-                   table_voken_vectors(table, tokenizer_dir),
-                   table.text_vocab_size)
-
     def aligned_queries(self, query_features: np.ndarray) -> np.ndarray:
         """Aligned query vectors [q, d] of query features [q, f] (the text head's output, not re-normalised)."""
         x = np.asarray(query_features, np.float32)
@@ -321,8 +317,8 @@ class Reranker:
         if self.voken_vectors is None:
             raise ValueError("the voken prior needs the vokens' codebook vectors (an RQ tokenizer's table)")
         vectors = window_voken_vectors(self.voken_vectors, self.first_token, window)
-        scale = self.config.prior_weight / self.config.temperature
-        return (scale * (self.aligned_queries(query_features) @ vectors.T)).astype(np.float32)
+        return voken_prior(self.aligned_queries(query_features), vectors, self.config.prior_weight,
+                           self.config.temperature).astype(np.float32)
 
     def embed_queries(self, query_features: np.ndarray) -> np.ndarray:
         """Unit aligned query vectors [q, d] of query features [q, f]."""
@@ -650,7 +646,7 @@ class RetrievalModel:
         if vectors.shape[0] != self.window[1]:
             raise ValueError(f"{PRIOR_VECTORS} has {vectors.shape[0]} rows for an identifier window of "
                              f"{self.window[1]} columns")
-        return (cfg.prior_weight / cfg.prior_temperature) * (batch["prior_query"].astype(jnp.float32) @ vectors.T)
+        return voken_prior(batch["prior_query"].astype(jnp.float32), vectors, cfg.prior_weight, cfg.prior_temperature)
 
     # --------------------------------------------------------------------------------------------- prediction
 

@@ -29,6 +29,28 @@ Tokenize = Callable[[str], Sequence[int]]
 Projection = Callable[[np.ndarray], np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignedCorpus:
+    """A corpus in the tokenizer's aligned space, its contrastive heads applied once per run: what the
+    nearest-caption pseudo-queries, query conditioning and L_dis over fused scores all read."""
+
+    text: np.ndarray | None  # [queries, d] text head of the corpus' text features (None: the corpus has none)
+    image: np.ndarray  # [images, d] image head of its image features
+
+    @classmethod
+    def project(cls, corpus: Corpus, text: Projection, image: Projection) -> AlignedCorpus:
+        """The corpus' features through the (text, image) heads (e.g. `tokenizer_head_projections`)."""
+        return cls(None if corpus.text_features is None
+                   else np.asarray(text(np.asarray(corpus.text_features, np.float32)), np.float32),
+                   np.asarray(image(np.asarray(corpus.image_features, np.float32)), np.float32))
+
+    def text_vectors(self, needed_by: str) -> np.ndarray:
+        """`text`, or an error naming what needs it when the corpus has no text features."""
+        if self.text is None:
+            raise ValueError(f"{needed_by} needs the corpus' text features (text_features.npy)")
+        return self.text
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainMixture:
@@ -119,7 +141,7 @@ def memorize_examples(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary,
 
 def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Tokenize, splits: tuple[str, ...],
                           per_image: int, image_dim: int | None, source: str = "nearest_image",
-                          projections: tuple[Projection, Projection] | None = None,
+                          aligned: AlignedCorpus | None = None,
                           include_train: bool = False, text_rows: bool = False) -> list[Example]:
     """Pseudo-queries ("gallery indexing") for the images of `splits` (TRAIN images only with
     `include_train`), made ONLY from TRAIN captions (GRACE appendix A; never a val/test caption).
@@ -130,7 +152,7 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
                           image features);
       'nearest_captions'  the `per_image` nearest distinct TRAIN caption texts in the tokenizer's aligned space:
                           cosine of the text head of the captions' features and the image head of the image's
-                          feature (`projections` = (text, image), e.g. `tokenizer_head_projections`).
+                          feature (`aligned`).
     Rows have query_row PSEUDO_ROW (-2); `text_rows`: also "text_row", the donor caption's query row (its text
     feature is the row's query-conditioning vector, `condition_examples`).
     """
@@ -149,24 +171,20 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
         def neighbours(rows: np.ndarray) -> np.ndarray:
             return features[rows] @ features[donors].T
     else:
-        if projections is None:
-            raise ValueError("pseudo_query_source 'nearest_captions' needs the tokenizer's (text, image) head "
-                             "projections")
-        if corpus.text_features is None:
-            raise ValueError("pseudo_query_source 'nearest_captions' needs the corpus' text features")
+        if aligned is None:
+            raise ValueError("pseudo_query_source 'nearest_captions' needs the corpus in the tokenizer's aligned "
+                             "space (AlignedCorpus)")
+        aligned_text = aligned.text_vectors("pseudo_query_source 'nearest_captions'")
         texts: dict[str, int] = {}
         for j in train_rows:  # distinct caption texts, first row of each
             texts.setdefault(corpus.queries[j].text, int(j))
         if not texts:
             raise ValueError("pseudo-queries need TRAIN captions; the corpus has none")
         donor_texts, donor_rows = list(texts), list(texts.values())
-        text_project, image_project = projections
-        caption_emb = normalize_rows(np.asarray(text_project(corpus.text_features[list(texts.values())]),
-                                                np.float32))
+        caption_emb = normalize_rows(aligned_text[donor_rows])
 
         def neighbours(rows: np.ndarray) -> np.ndarray:
-            image_emb = normalize_rows(np.asarray(image_project(corpus.image_features[rows]), np.float32))
-            return image_emb @ caption_emb.T
+            return normalize_rows(aligned.image[rows]) @ caption_emb.T
     rows_of = table.index()
     zeros = None if image_dim is None else np.zeros(image_dim, np.float32)
     out = []
@@ -227,10 +245,10 @@ def repeat_at_rate(examples: list[Example], rate: float, seed: int) -> list[Exam
 
 def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tokenize: Tokenize,
                   mixture: TrainMixture, image_dim: int | None, seed: int,
-                  projections: tuple[Projection, Projection] | None = None,
+                  aligned: AlignedCorpus | None = None,
                   max_relevant: int = 0, text_rows: bool = False) -> tuple[list[Example], list[Example]]:
     """(memorize-stage examples, main-stream examples); the first list is empty unless sequential.
-    `projections`: the tokenizer's (text, image) heads for pseudo_query_source 'nearest_captions';
+    `aligned`: the corpus in the tokenizer's aligned space, for pseudo_query_source 'nearest_captions';
     `max_relevant` > 0: every example carries "relevant"/"relevant_valid" (`add_relevant`).
 
     Query and pseudo-query inputs are `tokenize(text)` (the model's query tokenization, which applies
@@ -247,7 +265,7 @@ def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tok
     if mixture.pseudo_query_rate > 0:
         pseudo = pseudo_query_examples(corpus, table, tokenize, mixture.memorize_splits,
                                        mixture.pseudo_queries_per_image, image_dim, mixture.pseudo_query_source,
-                                       projections, mixture.pseudo_queries_for_train, text_rows)
+                                       aligned, mixture.pseudo_queries_for_train, text_rows)
         stream += repeat_at_rate(pseudo, mixture.pseudo_query_rate, seed + 2)
     if not stream:
         raise ValueError("TrainMixture yields no training examples (all rates are 0?)")
@@ -257,23 +275,18 @@ def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tok
     return (memorize if mixture.memorize_mode == "sequential" else []), stream
 
 
-def condition_examples(examples: list[Example], aligned_text: np.ndarray, aligned_image: np.ndarray
-                       ) -> list[Example]:
+def condition_examples(examples: list[Example], aligned: AlignedCorpus) -> list[Example]:
     """Query conditioning (`QueryConditioning`): every example's "image_features" becomes its ALIGNED prefix
-    vector and "has_image" True: query rows the aligned text vector of their query (`aligned_text[query_row]`),
-    pseudo-query rows that of their donor caption ("text_row"), memorize rows the aligned image
-    vector of their image; "target_features" = the target image's aligned vector on query rows (interpolation),
-    the row's own prefix elsewhere."""
+    vector and "has_image" True: query and pseudo-query rows the aligned text vector of their query
+    (`query_vector`), memorize rows the aligned image vector of their image; "target_features" = the target
+    image's aligned vector on query rows (interpolation), the row's own prefix elsewhere."""
+    text = aligned.text_vectors("QueryConditioning")
     out = []
     for ex in examples:
-        ex = dict(ex)
-        q = int(ex["query_row"])
-        if q >= 0:
-            prefix, target = aligned_text[q], aligned_image[int(ex["image_row"])]
-        elif q == PSEUDO_ROW:
-            prefix = target = aligned_text[_donor_row(ex, "condition_examples")]
-        else:
-            prefix = target = aligned_image[int(ex["image_row"])]
+        image = aligned.image[int(ex["image_row"])]
+        query = query_vector(ex, text, "condition_examples")
+        prefix = image if query is None else query
+        target = image if int(ex["query_row"]) >= 0 else prefix
         out.append({**ex, "image_features": np.asarray(prefix, np.float32), "has_image": np.bool_(True),
                     "target_features": np.asarray(target, np.float32)})
     return out
@@ -281,23 +294,28 @@ def condition_examples(examples: list[Example], aligned_text: np.ndarray, aligne
 
 def prior_examples(examples: list[Example], aligned_text: np.ndarray) -> list[Example]:
     """L_dis over fused scores (`RetrievalLossConfig.prior_weight`): every example gets "prior_query" [d], the
-    aligned text vector its voken prior is computed from: query rows their query's (`aligned_text[query_row]`),
-    pseudo-query rows their donor caption's ("text_row"), memorize rows zeros (no L_dis on them)."""
+    aligned text vector its voken prior is computed from (`query_vector`; zeros on memorize rows, which have
+    no L_dis)."""
     zeros = np.zeros(aligned_text.shape[1], np.float32)
     out = []
     for ex in examples:
-        q = int(ex["query_row"])
-        vector = (aligned_text[q] if q >= 0 else aligned_text[_donor_row(ex, "prior_examples")] if q == PSEUDO_ROW
-                  else zeros)
-        out.append({**ex, "prior_query": np.asarray(vector, np.float32)})
+        vector = query_vector(ex, aligned_text, "prior_examples")
+        out.append({**ex, "prior_query": np.asarray(zeros if vector is None else vector, np.float32)})
     return out
 
 
-def _donor_row(ex: Example, caller: str) -> int:
+def query_vector(ex: Example, aligned_text: np.ndarray, caller: str) -> np.ndarray | None:
+    """The aligned text vector [d] of a row's query: a query row's own (`aligned_text[query_row]`), a pseudo-query
+    row's donor TRAIN caption's ("text_row", `build_mixture(..., text_rows=True)`); None on memorize rows."""
+    q = int(ex["query_row"])
+    if q >= 0:
+        return aligned_text[q]
+    if q != PSEUDO_ROW:
+        return None
     if "text_row" not in ex:
         raise ValueError(f"{caller}: a pseudo-query row without its donor caption's text_row (build_mixture(..., "
                          "text_rows=True))")
-    return int(ex["text_row"])
+    return aligned_text[int(ex["text_row"])]
 
 
 def _check_covered(corpus: Corpus, table: IdentifierTable, split: str) -> None:

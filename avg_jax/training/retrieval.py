@@ -17,7 +17,9 @@ Everything that turns a query into model input or a ranking is the `RetrievalMod
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from avg_jax.t5.model import init_params
 from avg_jax.t5.vocab_expand import expand_vocab
 from avg_jax.training.evaluator import RetrievalEvaluator, rerank_path
 from avg_jax.training.examples import (
+    AlignedCorpus,
     SequentialIterator,
     TrainMixture,
     build_mixture,
@@ -169,12 +172,14 @@ def train_retrieval(
     vocab = load_vocabulary(table, identifiers_dir)
     # The vocabulary and the corpus fix these two fields; gin sets the rest.
     model_config = T5Config(image_feature_dim=int(corpus.image_features.shape[1])).replace(vocab_size=vocab.size)
+    towers = TokenizerTowers.load(corpus, table, identifiers_dir)  # None: the identifiers have no tokenizer
     conditioning = QueryConditioning()
-    query_head, aligned = None, None
+    query_head = None
     if conditioning.enabled:  # the prefix projection takes the tokenizer's aligned vectors
-        query_head, aligned = conditioning_vectors(corpus, identifiers_dir)
+        aligned = TokenizerTowers.require(towers, "QueryConditioning", identifiers_dir).aligned
+        query_head = TextHead(towers.text_head)
         model_config = model_config.replace(num_image_tokens=conditioning.num_prefix_tokens,
-                                            image_feature_dim=int(aligned[0].shape[1]))
+                                            image_feature_dim=int(aligned.text_vectors("QueryConditioning").shape[1]))
     initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
     mixture = TrainMixture()
     trie_splits = mixture.indexed_splits() if discriminative_images == "indexed" else ("train",)
@@ -188,20 +193,25 @@ def train_retrieval(
                            score_forced_steps=search.score_forced_steps,
                            loss=RetrievalLossConfig(), query_head=query_head, max_alpha=conditioning.max_alpha)
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
-    projections = None
+    aligned = None
     if mixture.pseudo_query_rate > 0 and mixture.pseudo_query_source == "nearest_captions":
-        projections = tokenizer_head_projections(identifiers_dir)
+        aligned = TokenizerTowers.require(towers, "TrainMixture.pseudo_query_source 'nearest_captions'",
+                                          identifiers_dir).aligned
     fused_dis = model.loss_config.discriminative_weight > 0 and model.loss_config.prior_weight > 0
     memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed,
-                                           projections, model.loss_config.max_relevant,
+                                           aligned, model.loss_config.max_relevant,
                                            text_rows=model.conditioned or fused_dis)
     if model.conditioned:
-        stream, memorize_stage = (condition_examples(part, *aligned) for part in (stream, memorize_stage))
+        stream, memorize_stage = (condition_examples(part, towers.aligned) for part in (stream, memorize_stage))
     constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else None
-    if fused_dis:  # L_dis over generator + aligned-voken prior scores
-        aligned_text, vectors = prior_vectors(corpus, table, identifiers_dir, model.window)
+    if fused_dis:  # L_dis over generator + aligned-voken prior scores, the evaluation's `Reranker.voken_bias`
+        needed_by = "RetrievalLossConfig.prior_weight > 0"
+        aligned_text = TokenizerTowers.require(towers, needed_by, identifiers_dir).aligned.text_vectors(needed_by)
+        if towers.voken_vectors is None:
+            raise ValueError(f"{needed_by} needs an RQ identifier table with a codebook ({identifiers_dir}: scheme "
+                             f"{table.scheme!r})")
         stream, memorize_stage = (prior_examples(part, aligned_text) for part in (stream, memorize_stage))
-        constants[PRIOR_VECTORS] = vectors
+        constants[PRIOR_VECTORS] = window_voken_vectors(towers.voken_vectors, towers.first_token, model.window)
     stream, memorize_stage = ([{k: v for k, v in ex.items() if k != "text_row"} for ex in part]
                               for part in (stream, memorize_stage))
     if input_length is None:
@@ -227,14 +237,14 @@ def train_retrieval(
         iterator = SequentialIterator(first, iterator, mixture.memorize_steps)
 
     run_path = epath.Path(run_dir)  # local or gs://
+    rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature, eval_prior_weight)
     evaluator = None
     if eval_split is not None:
-        rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature, eval_prior_weight)
         reranker = None
         if rerank.enabled:
-            rows = corpus.image_rows(eval_split)
-            reranker = Reranker.from_tokenizer(rerank, identifiers_dir, [corpus.images[i].id for i in rows],
-                                               corpus.image_features[rows])
+            reranker = TokenizerTowers.require(towers, "evaluation with the dense towers (rerank / voken prior)",
+                                               identifiers_dir).reranker(
+                rerank, corpus, [corpus.images[i].id for i in corpus.image_rows(eval_split)])
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
                                        batch_size=eval_batch_size, max_queries=eval_max_queries,
                                        constrained=eval_constrained, reranker=reranker)
@@ -251,9 +261,9 @@ def train_retrieval(
     if not result.preempted:
         image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
         export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
-        if jax.process_index() == 0 and (run_path / RETRIEVAL_DIR).exists():
-            export_heads(run_path / RETRIEVAL_DIR, identifiers_dir, corpus, image_ids,
-                         RerankConfig(eval_rerank_weight, eval_rerank_temperature, eval_prior_weight))
+        if jax.process_index() == 0 and (run_path / RETRIEVAL_DIR).exists() and towers is not None:
+            save_heads(run_path / RETRIEVAL_DIR, image_ids, towers.image_vectors(corpus, image_ids),  # heads.npz
+                       towers.text_head, rerank, towers.voken_vectors, towers.first_token)
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"
         if jax.process_index() == 0:
@@ -271,56 +281,50 @@ def train_retrieval(
     return final
 
 
-def conditioning_vectors(corpus: Corpus, identifiers_dir: str) -> tuple[TextHead, tuple[np.ndarray, np.ndarray]]:
-    """Query conditioning's text head (the identifiers' tokenizer text head as a `TextHead`, the one the model
-    and its checkpoint apply to query features) and the corpus' aligned (text [queries, d], image [images, d])
-    vectors."""
-    from avg_jax.tokenizer.train import CONFIG_FILE, load_tokenizer
+@dataclasses.dataclass(frozen=True)
+class TokenizerTowers:
+    """The identifiers' tokenizer's contrastive heads (the dense towers), loaded and applied to the corpus once
+    per run: pseudo-queries, query conditioning, L_dis over fused scores, the evaluation's fusion and the
+    checkpoint's heads.npz all read these."""
 
-    if not (Path(identifiers_dir) / CONFIG_FILE).exists():
-        raise ValueError(f"QueryConditioning needs the identifiers' tokenizer (its contrastive heads): "
-                         f"{identifiers_dir} has no {CONFIG_FILE}")
-    if corpus.text_features is None:
-        raise ValueError(f"QueryConditioning needs the corpus' text features: {corpus.name!r} has no "
-                         "text_features.npy")
-    tok = load_tokenizer(identifiers_dir)
-    head = TextHead(TextHead.arrays(tok.params.get("text_head") if tok.config.projection_heads else None,
-                                    tok.config.normalize_embeddings))
-    _, image = tokenizer_head_projections(identifiers_dir)
-    return head, (head(np.asarray(corpus.text_features, np.float32)),
-                  np.asarray(image(np.asarray(corpus.image_features, np.float32)), np.float32))
+    aligned: AlignedCorpus  # the corpus' text / image features through the heads
+    text_head: dict[str, np.ndarray]  # the text head as heads.npz arrays (`TextHead.arrays`, numpy)
+    voken_vectors: np.ndarray | None  # [vokens, d] codebook vectors of tokens first_token, ... (None: no codebook)
+    first_token: int
 
+    @classmethod
+    def load(cls, corpus: Corpus, table: IdentifierTable, identifiers_dir: str) -> TokenizerTowers | None:
+        """The towers of `identifiers_dir`'s tokenizer (`avg-jax tokenize` output, `table` its identifier table);
+        None when it has none."""
+        from avg_jax.tokenizer.train import CONFIG_FILE, load_tokenizer
 
-def prior_vectors(corpus: Corpus, table: IdentifierTable, identifiers_dir: str, window: tuple[int, int]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The aligned-voken prior of L_dis over fused scores, as the evaluation's `Reranker` computes it: the
-    corpus' aligned text vectors [queries, d] (the tokenizer's text head) and the window's voken vectors
-    [window size, d] (`window_voken_vectors` of the table's codebook)."""
-    vokens = table_voken_vectors(table, identifiers_dir)
-    if vokens is None or corpus.text_features is None:
-        raise ValueError(f"RetrievalLossConfig.prior_weight > 0 needs an RQ identifier table with a codebook "
-                         f"({identifiers_dir}: scheme {table.scheme!r}) and the corpus' text features "
-                         f"({corpus.name!r}: {'present' if corpus.text_features is not None else 'none'})")
-    text, _ = tokenizer_head_projections(identifiers_dir)
-    return (np.asarray(text(np.asarray(corpus.text_features, np.float32)), np.float32),
-            window_voken_vectors(vokens, table.text_vocab_size, window))
+        if not (Path(identifiers_dir) / CONFIG_FILE).exists():
+            return None
+        tok = load_tokenizer(identifiers_dir)
+        head = tok.params.get("text_head") if tok.config.projection_heads else None
+        return cls(AlignedCorpus.project(corpus, *tokenizer_head_projections(identifiers_dir)),
+                   TextHead.arrays(head, tok.config.normalize_embeddings),
+                   table_voken_vectors(table, identifiers_dir), table.text_vocab_size)
 
+    def image_vectors(self, corpus: Corpus, image_ids: Sequence[str]) -> np.ndarray:
+        """[len(image_ids), d] aligned vectors of those images of `corpus`."""
+        index = corpus.image_index()
+        return self.aligned.image[[index[i] for i in image_ids]]
 
-def export_heads(out_dir: epath.PathLike, identifiers_dir: str, corpus: Corpus, image_ids: list[str],
-                 rerank: RerankConfig) -> None:
-    """heads.npz in a retrieval checkpoint: the dense towers of the identifiers' tokenizer (none: no file)."""
-    from avg_jax.tokenizer.train import CONFIG_FILE, load_tokenizer
+    def reranker(self, config: RerankConfig, corpus: Corpus, image_ids: Sequence[str]) -> Reranker:
+        """The towers fused into a ranking of the images `image_ids` by `config` (what heads.npz restores)."""
+        return Reranker(config, image_ids, self.image_vectors(corpus, image_ids), TextHead(self.text_head),
+                        self.voken_vectors, self.first_token)
 
-    if not (Path(identifiers_dir) / CONFIG_FILE).exists():
-        return
-    tok = load_tokenizer(identifiers_dir)
-    index = corpus.image_index()
-    features = corpus.image_features[[index[i] for i in image_ids]]
-    _, image = tokenizer_head_projections(identifiers_dir)
-    head = tok.params.get("text_head") if tok.config.projection_heads else None
-    table = IdentifierTable.load(identifiers_dir)
-    save_heads(out_dir, image_ids, image(features), TextHead.arrays(head, tok.config.normalize_embeddings), rerank,
-               table_voken_vectors(table, identifiers_dir), table.text_vocab_size)
+    @staticmethod
+    def require(towers: TokenizerTowers | None, needed_by: str, identifiers_dir: str) -> TokenizerTowers:
+        """`towers`, or an error naming what needs them when the identifiers have no tokenizer."""
+        from avg_jax.tokenizer.train import CONFIG_FILE
+
+        if towers is None:
+            raise ValueError(f"{needed_by} needs the identifiers' tokenizer (its contrastive heads): "
+                             f"{identifiers_dir} has no {CONFIG_FILE}")
+        return towers
 
 
 def export_retrieval_checkpoint(out_dir: epath.PathLike, model: RetrievalModel, params: Any,
