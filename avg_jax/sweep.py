@@ -37,7 +37,7 @@ from typing import Any
 import gin
 
 from avg_jax import config
-from avg_jax.evaluation.metrics import pct
+from avg_jax.evaluation.metrics import FIT_PREFIX, pct
 
 METRICS_FILE = "metrics.json"
 ROW_FILE = "row.json"
@@ -45,6 +45,7 @@ ERROR_FILE = "error.txt"
 TABLE_MD = "table.md"
 TABLE_JSON = "table.json"
 PAPER_KS = (1, 5, 10)
+FIT_RECALL = f"{FIT_PREFIX}recall@10"
 # Bindings of the tokenizer stage: rows agreeing on these (and on the corpus) share an identifier table.
 TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerConfig", "TokenizerLossWeights",
                            "grace_semantic_identifiers", "grace_structured_identifiers")
@@ -52,7 +53,7 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
                     "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained",
                     "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature",
-                    "train_retrieval.eval_prior_weight")
+                    "train_retrieval.eval_prior_weight", "train_retrieval.fit_queries")
 ROW_KINDS = ("train", "dense", "ceiling", "ceiling_codes")  # see the module docstring
 DATASETS = ("flickr30k", "coco", "emoji")
 
@@ -337,6 +338,7 @@ def _run_row(plan: RowPlan) -> dict[str, float]:
     scores = evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
                              num_results=result["beam_size"])
     scores.update({k: result[k] for k in GENERATION_METRICS if k in result})  # free generation's failures
+    scores.update({k: v for k, v in result.items() if k.startswith(FIT_PREFIX)})  # the train queries' fit
     prefix = "rerank/" if result.get("rerank_ranked") else ""
     if f"{prefix}queries_per_s" in result:
         scores["queries_per_s"] = result[f"{prefix}queries_per_s"]
@@ -415,6 +417,12 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
     show_invalid = any("invalid_rate" in r.get("metrics", {}) for r in rows)
     if show_invalid:
         header.append("invalid")
+    # With train_retrieval.fit_queries: the generator's R@10 on TRAIN queries over the TRAIN images.
+    show_fit = any(FIT_RECALL in r.get("metrics", {}) for r in rows)
+    if show_fit:
+        header.append("train R@10")
+        notes.append("train R@10: the generator's R@10 on evenly spaced TRAIN queries over the TRAIN images "
+                     "(train_retrieval.fit_queries), how well it fits what it was trained on.")
     header += ["q/s", "time (s)"]
     num_ours = len(header) - 1
     if show_paper:
@@ -434,6 +442,7 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
             cells = [pct(m.get(f"recall@{k}")) for k in PAPER_KS] + [
                 pct(m.get("mrr@10")), pct(m.get("identifier_recall@10")), pct(m.get("collision_rate"), 2)]
             cells += [pct(m.get("invalid_rate"))] if show_invalid else []
+            cells += [pct(m.get(FIT_RECALL))] if show_fit else []
             cells += [_number(m.get("queries_per_s")), _number(r.get("wall_s"))]
         else:
             cells = [r["status"]] + [""] * (num_ours - 1)

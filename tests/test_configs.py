@@ -226,6 +226,22 @@ def test_aggregate_adds_the_invalid_rate_of_free_generation(tmp_path):
                         "| - | - | 7.72 | 16.7 | 21.1 |")
 
 
+def test_aggregate_adds_the_train_fit_column(tmp_path):
+    table = sweep.TABLES["avg_emoji"]
+    avg = tmp_path / "avg_emoji" / "avg"
+    _metrics_json(avg, 0.25, 0.5, 0.625, corpus_name="emoji")
+    metrics = json.loads((avg / "metrics.json").read_text())
+    metrics["systems"]["row"]["fit/recall@10"] = 0.875
+    (avg / "metrics.json").write_text(json.dumps(metrics))
+    _metrics_json(tmp_path / "avg_emoji" / "irgen", 0.125, 0.25, 0.5, corpus_name="emoji")
+    lines = sweep.aggregate(table, tmp_path)[0].splitlines()
+    assert lines[4] == ("| Method | R@1 | R@5 | R@10 | MRR@10 | id R@10 | collisions | train R@10 | q/s | time (s) "
+                        "| paper R@1 | paper R@5 | paper R@10 |")
+    assert "| AVG | 25.0 | 50.0 | 62.5 | 50.0 | 63.5 | 1.25 | 87.5 | - | - | - | - | - |" in lines
+    assert "| IRGen | 12.5 | 25.0 | 50.0 | 50.0 | 51.0 | 1.25 | - | - | - | - | - | - |" in lines
+    assert any(line.startswith("- train R@10: the generator's R@10 on evenly spaced TRAIN queries") for line in lines)
+
+
 def test_sweep_cli_lists_and_rejects_unknown_tables(capsys):
     assert cli.main(["sweep", "--list"]) == 0
     out = capsys.readouterr().out
@@ -339,8 +355,10 @@ def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     # Beams 1 and 5 return 1 and 5 identifiers: R@K above the beam is inapplicable, "-" as in the paper.
     beam1, beam5, beam10 = (json.loads((out / "avg_table7" / b / "metrics.json").read_text())["systems"][b]
                             for b in ("1", "5", "10"))
-    assert {k for k in beam1 if "@" in k} == {"recall@1", "identifier_recall@1"}
-    assert {k for k in beam5 if "@" in k} == {"recall@1", "recall@5", "identifier_recall@1", "identifier_recall@5"}
+    # train/avg.gin's fit_queries: the train queries' fit at the same cutoffs, under fit/.
+    assert {k for k in beam1 if "@" in k} == {"recall@1", "identifier_recall@1", "fit/recall@1"}
+    assert {k for k in beam5 if "@" in k} == {"recall@1", "recall@5", "identifier_recall@1", "identifier_recall@5",
+                                              "fit/recall@1", "fit/recall@5"}
     assert {"recall@10", "mrr@10", "identifier_recall@10"} <= set(beam10)
     cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:4] for line in markdown.splitlines()
              if line.startswith("| ") and line[2].isdigit()}

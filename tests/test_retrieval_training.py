@@ -549,6 +549,37 @@ def test_prior_examples_carry_the_query_or_donor_caption_vector(setup):
         prior_examples([{k: v for k, v in pseudo.items() if k != "text_row"}], aligned)
 
 
+def test_fit_queries_report_how_the_generator_ranks_its_training_queries(setup, tmp_path):
+    """train_retrieval.fit_queries: every evaluation also ranks evenly spaced TRAIN queries over the TRAIN images
+    (`fit/` metrics, periodic and final); the final ranked file holds those queries and the exported model's
+    rankings over the train images (`Retriever`), and the final metrics are their numpy recall."""
+    from avg_jax.retrieval.model import RetrievalModel, Retriever
+    from avg_jax.training.evaluator import RetrievalEvaluator
+
+    corpus, table = setup["corpus"], setup["table"]
+    run = tmp_path / "run"
+    assert _train(setup, run, "train_loop.num_steps = 3", "train_loop.eval_every = 2",
+                  "train_retrieval.fit_queries = 7") == 0
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval/fit/recall@10" in r]
+    assert [r["step"] for r in evals] == [2, 3] and all("eval/recall@10" in r for r in evals)
+    final = json.loads((run / "eval_test.json").read_text())
+    train_rows = corpus.query_rows("train")
+    rows = train_rows[np.linspace(0, len(train_rows) - 1, 7).astype(int)]
+    model, params, _ = RetrievalModel.load_checkpoint(run / "retrieval")
+    train_ids = [corpus.images[i].id for i in corpus.image_rows("train")]
+    got = Retriever(model, params, table.subset(train_ids), beam_size=10).retrieve(
+        [corpus.queries[j].text for j in rows], k=10)
+    ranked = [json.loads(line) for line in (run / "ranked_train_fit.jsonl").read_text().splitlines()]
+    assert [r["query_row"] for r in ranked] == rows.tolist()
+    assert [r["image_ids"][:10] for r in ranked] == [g.image_ids for g in got]
+    for k in (1, 5, 10):
+        hits = [bool(set(g.image_ids[:k]) & set(corpus.queries[j].image_ids)) for g, j in zip(got, rows, strict=True)]
+        assert final[f"fit/recall@{k}"] == pytest.approx(np.mean(hits))
+    with pytest.raises(ValueError, match="query_rows must be 'train' queries"):
+        RetrievalEvaluator(model, corpus, table, "train", query_rows=corpus.query_rows("test"))
+
+
 def test_condition_examples_prefix_the_query_donor_caption_or_image_vector(setup):
     """Query conditioning's prefix per row kind (numpy reference): a query row its query's aligned text vector with
     the target image's vector as interpolation target, a pseudo-query row its donor TRAIN caption's vector, a

@@ -23,6 +23,7 @@ from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 DEFAULT_KS = (1, 5, 10)
+FIT_PREFIX = "fit/"  # metrics of TRAIN queries over the TRAIN images (`train_retrieval.fit_queries`)
 MRR_CUTOFF = 10
 Identifier = tuple[int, ...]
 

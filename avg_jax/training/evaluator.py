@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 
 from avg_jax import partitioning
@@ -50,10 +51,14 @@ class RetrievalEvaluator:
     def __init__(self, model: RetrievalModel, corpus: Corpus, table: IdentifierTable, split: str,
                  beam_size: int = 10, batch_size: int = 32, max_queries: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, constrained: bool = True,
-                 reranker: Reranker | None = None):
-        """`reranker`: also rank with generate-then-rerank (module docstring); it must cover the split's images."""
+                 reranker: Reranker | None = None, query_rows: np.ndarray | None = None):
+        """`reranker`: also rank with generate-then-rerank (module docstring); it must cover the split's images.
+        `query_rows`: the split's queries to evaluate (corpus rows; default all of them)."""
         image_ids = [corpus.images[i].id for i in corpus.image_rows(split)]
-        query_rows = corpus.query_rows(split)
+        if query_rows is None:
+            query_rows = corpus.query_rows(split)
+        elif any(corpus.queries[j].split != split for j in query_rows):
+            raise ValueError(f"RetrievalEvaluator: query_rows must be {split!r} queries")
         if not image_ids or query_rows.size == 0:
             raise ValueError(f"evaluation split {split!r} has {len(image_ids)} images and {query_rows.size} queries")
         self.model, self.beam_size, self.constrained = model, beam_size, constrained

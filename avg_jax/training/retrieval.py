@@ -8,7 +8,8 @@ The run directory receives:
   operative_config.gin    the gin config in use
   run.json                inputs, T5Config, sequence lengths, the retrieve instruction
   ranked_<split>.jsonl    final ranked outputs of the evaluation split (`avg-jax eval --ranked` format)
-  eval_<split>.json       final image-level R@1/5/10 of that split
+  eval_<split>.json       final image-level R@1/5/10 of that split (and fit/... with train_retrieval.fit_queries)
+  ranked_train_fit.jsonl  with fit_queries: the final ranked outputs of those TRAIN queries over the TRAIN images
   retrieval/              the trained `RetrievalModel` as a retrieval checkpoint (`avg-jax retrieve --checkpoint`)
                           over the evaluation split's images (all images without an evaluation split), with
                           heads.npz (the tokenizer's dense towers, for rerank) when the identifiers have a tokenizer
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.dense import tokenizer_head_projections
+from avg_jax.evaluation.metrics import FIT_PREFIX
 from avg_jax.identifiers.table import IdentifierTable, codebook_rows, table_voken_vectors
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
@@ -67,6 +69,7 @@ from avg_jax.training.examples import (
 from avg_jax.training.trainer import train_loop
 
 RUN_FILE = "run.json"
+FIT_RANKED = "ranked_train_fit.jsonl"  # the final ranked outputs of train_retrieval.fit_queries
 RETRIEVAL_DIR = "retrieval"
 VOKEN_INITS = ("none", "random", "codebook")
 
@@ -150,6 +153,7 @@ def train_retrieval(
     eval_rerank_weight: float = 0.0,
     eval_rerank_temperature: float = 1.0,
     eval_prior_weight: float = 0.0,
+    fit_queries: int = 0,
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
     periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
@@ -163,7 +167,11 @@ def train_retrieval(
     the dense towers (`RerankConfig`, towers = the tokenizer heads of `identifiers_dir`): the aligned-voken prior
     inside the search (each voken adds prior weight * <text vector, voken vector> / `eval_rerank_temperature`)
     and/or generate-then-rerank (fused score = search score + weight * cosine / `eval_rerank_temperature`),
-    under `rerank/`, with ranked_<split>_rerank.jsonl beside ranked_<split>.jsonl."""
+    under `rerank/`, with ranked_<split>_rerank.jsonl beside ranked_<split>.jsonl.
+    `fit_queries` > 0: every evaluation also ranks that many TRAIN queries (evenly spaced over the corpus' train
+    queries) over the TRAIN images and reports their metrics under `fit/`: how well the generator fits what
+    it was trained on, beside how it generalises (a generator that cannot retrieve its own training queries
+    is under-trained, not over-fitted); their final ranked outputs go to ranked_train_fit.jsonl."""
     if discriminative_images not in ("indexed", "train"):
         raise ValueError(f"train_retrieval.discriminative_images must be 'indexed' or 'train', got "
                          f"{discriminative_images!r}")
@@ -248,6 +256,12 @@ def train_retrieval(
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
                                        batch_size=eval_batch_size, max_queries=eval_max_queries,
                                        constrained=eval_constrained, reranker=reranker)
+    fit = None
+    if fit_queries > 0:
+        train_rows = corpus.query_rows("train")
+        rows = train_rows[np.unique(np.linspace(0, len(train_rows) - 1, min(fit_queries, len(train_rows))).astype(int))]
+        fit = RetrievalEvaluator(model, corpus, table, "train", beam_size=eval_beam_size, batch_size=eval_batch_size,
+                                 constrained=eval_constrained, query_rows=rows)
     if jax.process_index() == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / RUN_FILE).write_text(json.dumps({
@@ -255,7 +269,7 @@ def train_retrieval(
             "sentencepiece_model": str(vocab.path.resolve()), "t5_config": model_config.to_dict(),
             **model.spec(), "train_examples": len(stream), "memorize_stage_examples": len(memorize_stage),
         }, indent=2) + "\n")
-    result = train_loop(model, iterator, run_path, evaluate=evaluator, constants=constants,
+    result = train_loop(model, iterator, run_path, evaluate=_with_fit(evaluator, fit), constants=constants,
                         initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
     if not result.preempted:
@@ -271,6 +285,10 @@ def train_retrieval(
         else:  # the same sharded searches, nothing written
             scores = evaluator.score_all(evaluator.timed_rankings(result.state.params)[0])
         final.update(split=eval_split, beam_size=eval_beam_size, **scores)
+        if fit is not None:  # process 0 writes its ranked file; the other processes run the same searches
+            fit_scores = (fit.write_ranked(result.state.params, run_path / FIT_RANKED) if jax.process_index() == 0
+                          else fit.score(fit.rankings(result.state.params)))
+            final.update({f"{FIT_PREFIX}{k}": v for k, v in fit_scores.items()})
         if evaluator.reranker is not None:
             final.update(rerank_weight=eval_rerank_weight, rerank_temperature=eval_rerank_temperature,
                          prior_weight=eval_prior_weight, rerank_ranked=str(rerank_path(ranked)))
@@ -279,6 +297,18 @@ def train_retrieval(
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def _with_fit(evaluator: RetrievalEvaluator | None, fit: RetrievalEvaluator | None
+              ) -> Callable[[Any, int], dict[str, float]] | None:
+    """The periodic evaluation: `evaluator`'s metrics plus `fit`'s (train queries) under `fit/`."""
+    if fit is None:
+        return evaluator
+
+    def evaluate(params: Any, step: int) -> dict[str, float]:
+        out = {} if evaluator is None else dict(evaluator(params, step))
+        return {**out, **{f"{FIT_PREFIX}{k}": v for k, v in fit(params, step).items()}}
+    return evaluate
 
 
 @dataclasses.dataclass(frozen=True)
