@@ -305,6 +305,17 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
             if line.strip().startswith("run dir:")]
     # Per scheme: the model, w/o memorize (its own training), w/o constrained generation (the model's run).
     assert len(runs) == 12 and all(runs[i] == runs[i + 2] != runs[i + 1] for i in range(0, 12, 3))
+    assert cli.main(["sweep", "--table", "avg_emoji", "--corpus", str(corpus_dir), "--out", str(out),
+                     "--dry_run"]) == 0
+    text = capsys.readouterr().out
+    labels = [line.split(" / ", 1)[1].rsplit(" (", 1)[0] for line in text.splitlines() if line.startswith("[")]
+    run_of = dict(zip(labels, [line.split()[2] for line in text.splitlines()
+                               if line.strip().startswith("run dir:")], strict=True))
+    # The fusion rows are evaluation-only: they reuse their generator's run.
+    assert (run_of["AVG"] == run_of["AVG + rerank"] == run_of["AVG + voken prior"]
+            == run_of["AVG + voken prior + rerank"] != run_of["AVG + query conditioning"]
+            == run_of["AVG + query conditioning + voken prior + rerank"])
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 9  # IRGen, AVG and 7 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
