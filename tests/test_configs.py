@@ -96,6 +96,7 @@ def test_experiments_bind_the_papers_settings():
                                           "TrainMixture.pseudo_query_source": "nearest_captions",
                                           "TrainMixture.pseudo_query_rate": 1.0},
         "experiments/avg/emoji_main.gin": {"initial_t5_params.voken_embedding_init": "codebook",
+                                           "%GENERATIVE_STEPS": 12000, "%TRAIN_STEPS": 13000,
                                            "TrainMixture.pseudo_query_source": "nearest_captions",
                                            "TrainMixture.pseudo_query_rate": 1.0,
                                            "TrainMixture.pseudo_queries_per_image": 5,
