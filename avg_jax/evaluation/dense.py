@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import gin
 import jax
@@ -22,6 +23,9 @@ from jax.sharding import PartitionSpec as P
 from avg_jax.data.corpus import Corpus, normalize_rows
 from avg_jax.evaluation import metrics
 from avg_jax.partitioning import make_device_mesh
+
+if TYPE_CHECKING:
+    from avg_jax.tokenizer.train import TrainedTokenizer
 
 Projection = Callable[[np.ndarray], np.ndarray]
 BACKENDS = ("jax", "faiss")
@@ -116,10 +120,15 @@ def fit_ridge_map(source: np.ndarray, target: np.ndarray, l2: float = 1.0) -> np
 
 def tokenizer_head_projections(tokenizer_dir: str) -> tuple[Projection, Projection]:
     """(text, image) projections by a trained tokenizer's contrastive heads (`avg-jax tokenize` output)."""
-    from avg_jax.tokenizer.model import RQTokenizer
     from avg_jax.tokenizer.train import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir)
+    return head_projections(load_tokenizer(tokenizer_dir))
+
+
+def head_projections(tok: TrainedTokenizer) -> tuple[Projection, Projection]:
+    """(text, image) projections by a loaded tokenizer's contrastive heads (`load_tokenizer`)."""
+    from avg_jax.tokenizer.model import RQTokenizer
+
     model = RQTokenizer(tok.config)
     embed_text = jax.jit(lambda x: model.apply({"params": tok.params}, x, method=RQTokenizer.embed_text))
     embed_image = jax.jit(lambda x: model.apply({"params": tok.params}, x, method=RQTokenizer.embed_image))

@@ -35,7 +35,7 @@ from avg_jax.data.pipeline import make_batch_iterator
 from avg_jax.data.vocab import Vocabulary
 from avg_jax.decoding.beam_search import BeamSearchOptions
 from avg_jax.decoding.trie import build_trie
-from avg_jax.evaluation.dense import tokenizer_head_projections
+from avg_jax.evaluation.dense import head_projections
 from avg_jax.evaluation.metrics import FIT_PREFIX
 from avg_jax.identifiers.table import IdentifierTable, codebook_rows, table_voken_vectors
 from avg_jax.json_io import write_json
@@ -332,7 +332,7 @@ class TokenizerTowers:
             return None
         tok = load_tokenizer(identifiers_dir)
         head = tok.params.get("text_head") if tok.config.projection_heads else None
-        return cls(AlignedCorpus.project(corpus, *tokenizer_head_projections(identifiers_dir)),
+        return cls(AlignedCorpus.project(corpus, *head_projections(tok)),
                    TextHead.arrays(head, tok.config.normalize_embeddings),
                    table_voken_vectors(table, identifiers_dir), table.text_vocab_size)
 
