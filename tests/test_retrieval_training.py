@@ -446,7 +446,14 @@ def test_evaluation_captions_never_reach_any_training_input(tiny_corpus, tmp_pat
     config_ = named_t5_config("tiny", vocab_size=vocab.size).replace(num_image_tokens=1, image_feature_dim=64)
     model = RetrievalModel(config_, vocab, window=model_window(table, vocab.size), input_length=64,
                            target_length=table.max_len)
-    aligned = AlignedCorpus.project(corpus, *tokenizer_head_projections(str(tmp_path / "ids")))
+    text_head, image_head = tokenizer_head_projections(str(tmp_path / "ids"))
+    aligned = AlignedCorpus.project(corpus, text_head, image_head)
+    held_out = np.array(sorted(set(range(len(corpus.queries))) - train_rows))
+    assert held_out.size and np.isnan(aligned.text[held_out]).all()  # held-out captions never projected
+    rows = np.array(sorted(train_rows))
+    np.testing.assert_allclose(aligned.text[rows], text_head(corpus.text_features[rows]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=f"query row {held_out[0]} is not a TRAIN query"):
+        condition_examples([{"query_row": held_out[0], "image_row": 0}], aligned)
     indexed = {int(i) for s in ("val", "test") for i in corpus.image_rows(s)}
     for source in ("nearest_captions", "nearest_image"):
         mixture = TrainMixture(memorize_rate=1.0, pseudo_query_rate=1.0, pseudo_queries_per_image=3,
@@ -645,7 +652,7 @@ def test_voken_prior_adds_the_aligned_voken_scores_to_every_identifier(setup, tm
     inputs = model.encode_queries([corpus.queries[j].text for j in rows])
     features = corpus.text_features[rows]
     reranker = TokenizerTowers.load(corpus, table, str(table_dir)).reranker(RerankConfig(0.0, 0.5, prior_weight=0.7),
-                                                                          corpus, test_ids)
+                                                                          test_ids)
     plain = model.rank(params, inputs, index, beam_size=beam)
     fused = model.rank(params, inputs, index, beam_size=beam, rerank=reranker, query_features=features)
     head = load_tokenizer(table_dir).params["text_head"]

@@ -34,15 +34,23 @@ class AlignedCorpus:
     """A corpus in the tokenizer's aligned space, its contrastive heads applied once per run: what the
     nearest-caption pseudo-queries, query conditioning and L_dis over fused scores all read."""
 
-    text: np.ndarray | None  # [queries, d] text head of the corpus' text features (None: the corpus has none)
-    image: np.ndarray  # [images, d] image head of its image features
+    # [queries, d] text head of the TRAIN queries' text features; the rows of val/test queries are NaN, never
+    # projected: no training input can be made from a held-out caption (`query_vector` refuses such a row)
+    text: np.ndarray | None  # None: the corpus has no text features
+    image: np.ndarray  # [images, d] image head of its image features (every split: the gallery is indexed)
 
     @classmethod
     def project(cls, corpus: Corpus, text: Projection, image: Projection) -> AlignedCorpus:
-        """The corpus' features through the (text, image) heads (e.g. `tokenizer_head_projections`)."""
-        return cls(None if corpus.text_features is None
-                   else np.asarray(text(np.asarray(corpus.text_features, np.float32)), np.float32),
-                   np.asarray(image(np.asarray(corpus.image_features, np.float32)), np.float32))
+        """The corpus' features through the (text, image) heads (e.g. `tokenizer_head_projections`): the text
+        head over the TRAIN queries only, the image head over every image."""
+        aligned_image = np.asarray(image(np.asarray(corpus.image_features, np.float32)), np.float32)
+        if corpus.text_features is None:
+            return cls(None, aligned_image)
+        rows = corpus.query_rows("train")
+        train_text = np.asarray(text(np.asarray(corpus.text_features[rows], np.float32)), np.float32)
+        aligned_text = np.full((len(corpus.queries), train_text.shape[1]), np.nan, np.float32)
+        aligned_text[rows] = train_text
+        return cls(aligned_text, aligned_image)
 
     def text_vectors(self, needed_by: str) -> np.ndarray:
         """`text`, or an error naming what needs it when the corpus has no text features."""
@@ -308,14 +316,18 @@ def query_vector(ex: Example, aligned_text: np.ndarray, caller: str) -> np.ndarr
     """The aligned text vector [d] of a row's query: a query row's own (`aligned_text[query_row]`), a pseudo-query
     row's donor TRAIN caption's ("text_row", `build_mixture(..., text_rows=True)`); None on memorize rows."""
     q = int(ex["query_row"])
-    if q >= 0:
-        return aligned_text[q]
-    if q != PSEUDO_ROW:
+    if q == PSEUDO_ROW:
+        if "text_row" not in ex:
+            raise ValueError(f"{caller}: a pseudo-query row without its donor caption's text_row (build_mixture(..., "
+                             "text_rows=True))")
+        q = int(ex["text_row"])
+    elif q < 0:
         return None
-    if "text_row" not in ex:
-        raise ValueError(f"{caller}: a pseudo-query row without its donor caption's text_row (build_mixture(..., "
-                         "text_rows=True))")
-    return aligned_text[int(ex["text_row"])]
+    vector = aligned_text[q]
+    if not np.isfinite(vector).all():
+        raise ValueError(f"{caller}: query row {q} is not a TRAIN query (AlignedCorpus projects only those): a "
+                         "held-out caption must not reach a training input")
+    return vector
 
 
 def _check_covered(corpus: Corpus, table: IdentifierTable, split: str) -> None:

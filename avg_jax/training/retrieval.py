@@ -252,7 +252,7 @@ def train_retrieval(
         if rerank.enabled:
             reranker = TokenizerTowers.require(towers, "evaluation with the dense towers (rerank / voken prior)",
                                                identifiers_dir).reranker(
-                rerank, corpus, [corpus.images[i].id for i in corpus.image_rows(eval_split)])
+                rerank, [corpus.images[i].id for i in corpus.image_rows(eval_split)])
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
                                        batch_size=eval_batch_size, max_queries=eval_max_queries,
                                        constrained=eval_constrained, reranker=reranker)
@@ -276,7 +276,7 @@ def train_retrieval(
         image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
         export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
         if jax.process_index() == 0 and (run_path / RETRIEVAL_DIR).exists() and towers is not None:
-            save_heads(run_path / RETRIEVAL_DIR, image_ids, towers.image_vectors(corpus, image_ids),  # heads.npz
+            save_heads(run_path / RETRIEVAL_DIR, image_ids, towers.image_vectors(image_ids),  # heads.npz
                        towers.text_head, rerank, towers.voken_vectors, towers.first_token)
     if evaluator is not None and not result.preempted:
         ranked = run_path / f"ranked_{eval_split}.jsonl"
@@ -321,6 +321,7 @@ class TokenizerTowers:
     text_head: dict[str, np.ndarray]  # the text head as heads.npz arrays (`TextHead.arrays`, numpy)
     voken_vectors: np.ndarray | None  # [vokens, d] codebook vectors of tokens first_token, ... (None: no codebook)
     first_token: int
+    image_index: dict[str, int]  # image id -> row of aligned.image (`Corpus.image_index`)
 
     @classmethod
     def load(cls, corpus: Corpus, table: IdentifierTable, identifiers_dir: str) -> TokenizerTowers | None:
@@ -334,16 +335,15 @@ class TokenizerTowers:
         head = tok.params.get("text_head") if tok.config.projection_heads else None
         return cls(AlignedCorpus.project(corpus, *head_projections(tok)),
                    TextHead.arrays(head, tok.config.normalize_embeddings),
-                   table_voken_vectors(table, identifiers_dir), table.text_vocab_size)
+                   table_voken_vectors(table, identifiers_dir), table.text_vocab_size, corpus.image_index())
 
-    def image_vectors(self, corpus: Corpus, image_ids: Sequence[str]) -> np.ndarray:
-        """[len(image_ids), d] aligned vectors of those images of `corpus`."""
-        index = corpus.image_index()
-        return self.aligned.image[[index[i] for i in image_ids]]
+    def image_vectors(self, image_ids: Sequence[str]) -> np.ndarray:
+        """[len(image_ids), d] aligned vectors of those images of the corpus."""
+        return self.aligned.image[[self.image_index[i] for i in image_ids]]
 
-    def reranker(self, config: RerankConfig, corpus: Corpus, image_ids: Sequence[str]) -> Reranker:
+    def reranker(self, config: RerankConfig, image_ids: Sequence[str]) -> Reranker:
         """The towers fused into a ranking of the images `image_ids` by `config` (what heads.npz restores)."""
-        return Reranker(config, image_ids, self.image_vectors(corpus, image_ids), TextHead(self.text_head),
+        return Reranker(config, image_ids, self.image_vectors(image_ids), TextHead(self.text_head),
                         self.voken_vectors, self.first_token)
 
     @staticmethod
