@@ -585,6 +585,29 @@ def test_fit_queries_report_how_the_generator_ranks_its_training_queries(setup, 
         assert final[f"fit/recall@{k}"] == pytest.approx(np.mean(hits))
     with pytest.raises(ValueError, match="query_rows must be 'train' queries"):
         RetrievalEvaluator(model, corpus, table, "train", query_rows=corpus.query_rows("test"))
+    # the periodic evaluation (eval_max_queries = 12 in _train) ranks 12 EVENLY SPACED test queries, not the
+    # first 12: its last entry (step 3, the exported parameters) is their recall over the test images
+    test_rows = corpus.query_rows("test")
+    periodic = test_rows[np.arange(12) * (len(test_rows) - 1) // 11]
+    assert periodic[0] == test_rows[0] and periodic[-1] == test_rows[-1] and len(set(periodic.tolist())) == 12
+    test_ids = [corpus.images[i].id for i in corpus.image_rows("test")]
+    got = Retriever(model, params, table.subset(test_ids), beam_size=10).retrieve(
+        [corpus.queries[j].text for j in periodic], k=10)
+    for k in (1, 5, 10):
+        hits = [bool(set(g.image_ids[:k]) & set(corpus.queries[j].image_ids))
+                for g, j in zip(got, periodic, strict=True)]
+        assert evals[-1][f"eval/recall@{k}"] == pytest.approx(np.mean(hits))
+
+
+def test_evenly_spaced_rows():
+    from avg_jax.training.retrieval import evenly_spaced
+
+    rows = np.arange(100, 110)
+    np.testing.assert_array_equal(evenly_spaced(rows, 4), [100, 103, 106, 109])
+    np.testing.assert_array_equal(evenly_spaced(rows, 1), [100])
+    np.testing.assert_array_equal(evenly_spaced(rows, 50), rows)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        evenly_spaced(rows, 0)
 
 
 def test_condition_examples_prefix_the_query_donor_caption_or_image_vector(setup):

@@ -45,11 +45,12 @@ RERANK_PREFIX = "rerank/"
 class RetrievalEvaluator:
     """R@K of the queries of one split against the images of that split.
 
-    Periodic evaluation (`__call__`) may use only the first `max_queries` queries; `write_ranked` ranks all.
+    Periodic evaluation (`__call__`) and `write_ranked` rank every query of `query_rows` (a periodic subset is an
+    evaluator over those rows: `train_retrieval`'s `evenly_spaced`).
     """
 
     def __init__(self, model: RetrievalModel, corpus: Corpus, table: IdentifierTable, split: str,
-                 beam_size: int = 10, batch_size: int = 32, max_queries: int | None = None,
+                 beam_size: int = 10, batch_size: int = 32,
                  mesh: jax.sharding.Mesh | None = None, constrained: bool = True,
                  reranker: Reranker | None = None, query_rows: np.ndarray | None = None):
         """`reranker`: also rank with generate-then-rerank (module docstring); it must cover the split's images.
@@ -69,7 +70,6 @@ class RetrievalEvaluator:
         self.relevant = [set(corpus.queries[j].image_ids) for j in query_rows]
         self.chance = chance_metrics(len(image_ids), [len(r) for r in self.relevant], self.ks)
         self.batch_size = batch_size
-        self.max_queries = len(query_rows) if max_queries is None else min(max_queries, len(query_rows))
         self.out_sharding = None if mesh is None else partitioning.replicated(mesh)
         self.reranker = reranker if reranker is not None and reranker.config.enabled else None
         self.query_features = None
@@ -132,10 +132,9 @@ class RetrievalEvaluator:
 
     def __call__(self, params: Any, step: int) -> dict[str, float]:
         if self.reranker is None:
-            metrics = self.score(self.rankings(params, self.max_queries))
+            metrics = self.score(self.rankings(params))
         else:
-            metrics = self.score_all({"": self.rankings(params, self.max_queries),
-                                      RERANK_PREFIX: self.rankings(params, self.max_queries, rerank=True)})
+            metrics = self.score_all({"": self.rankings(params), RERANK_PREFIX: self.rankings(params, rerank=True)})
         k = max(self.ks)
         metrics[f"chance_recall@{k}"] = self.chance[f"recall@{k}"]  # expected R@k of a random ranking
         return metrics

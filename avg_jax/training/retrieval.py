@@ -156,7 +156,8 @@ def train_retrieval(
     fit_queries: int = 0,
 ) -> dict[str, Any]:
     """Train on the TRAIN queries (+ GRACE memorize/pseudo-query examples per `TrainMixture`), evaluate
-    periodically on (the first `eval_max_queries` queries of) `eval_split` and finally on all its queries;
+    periodically on `eval_split` (`eval_max_queries` evenly spaced queries of it; the first ones would be a
+    biased sample: corpus order groups similar queries) and finally on all its queries;
     `eval_constrained=False` evaluates by free generation (GRACE's "w/o constrained generation").
     `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
     length cuts longer inputs (training and evaluation alike); the number cut is printed.
@@ -246,7 +247,7 @@ def train_retrieval(
 
     run_path = epath.Path(run_dir)  # local or gs://
     rerank = RerankConfig(eval_rerank_weight, eval_rerank_temperature, eval_prior_weight)
-    evaluator = None
+    evaluator = periodic = None
     if eval_split is not None:
         reranker = None
         if rerank.enabled:
@@ -254,14 +255,18 @@ def train_retrieval(
                                                identifiers_dir).reranker(
                 rerank, [corpus.images[i].id for i in corpus.image_rows(eval_split)])
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
-                                       batch_size=eval_batch_size, max_queries=eval_max_queries,
-                                       constrained=eval_constrained, reranker=reranker)
+                                       batch_size=eval_batch_size, constrained=eval_constrained, reranker=reranker)
+        if eval_max_queries is not None and eval_max_queries < evaluator.query_rows.size:
+            periodic = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
+                                          batch_size=eval_batch_size, constrained=eval_constrained, reranker=reranker,
+                                          query_rows=evenly_spaced(evaluator.query_rows, eval_max_queries))
+        else:
+            periodic = evaluator
     fit = None
     if fit_queries > 0:
-        train_rows = corpus.query_rows("train")
-        rows = train_rows[np.unique(np.linspace(0, len(train_rows) - 1, min(fit_queries, len(train_rows))).astype(int))]
         fit = RetrievalEvaluator(model, corpus, table, "train", beam_size=eval_beam_size, batch_size=eval_batch_size,
-                                 constrained=eval_constrained, query_rows=rows)
+                                 constrained=eval_constrained,
+                                 query_rows=evenly_spaced(corpus.query_rows("train"), fit_queries))
     if jax.process_index() == 0:
         run_path.mkdir(parents=True, exist_ok=True)
         (run_path / RUN_FILE).write_text(json.dumps({
@@ -269,7 +274,7 @@ def train_retrieval(
             "sentencepiece_model": str(vocab.path.resolve()), "t5_config": model_config.to_dict(),
             **model.spec(), "train_examples": len(stream), "memorize_stage_examples": len(memorize_stage),
         }, indent=2) + "\n")
-    result = train_loop(model, iterator, run_path, evaluate=_with_fit(evaluator, fit), constants=constants,
+    result = train_loop(model, iterator, run_path, evaluate=_with_fit(periodic, fit), constants=constants,
                         initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
     if not result.preempted:
@@ -297,6 +302,13 @@ def train_retrieval(
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def evenly_spaced(rows: np.ndarray, n: int) -> np.ndarray:
+    """At most `n` entries of `rows` evenly spaced over it, first and last included (all of them when n >= len)."""
+    if n < 1:
+        raise ValueError(f"evenly_spaced: n must be >= 1, got {n}")
+    return rows[np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int))]
 
 
 def _with_fit(evaluator: RetrievalEvaluator | None, fit: RetrievalEvaluator | None
