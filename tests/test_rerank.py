@@ -107,3 +107,25 @@ def test_evaluator_reports_both_rankings(setup, tmp_path):
     assert metrics["recall@1"] == evaluator.score(evaluator.rankings(params))["recall@1"]
     periodic = evaluator(params, step=1)
     assert "rerank/recall@1" in periodic and "recall@1" in periodic
+
+
+def test_subset_equals_an_evaluator_built_over_those_queries(setup):
+    """`subset` (the periodic evaluation's evenly spaced queries) shares the index and encodings; what it ranks
+    and scores must equal an evaluator built from scratch over the same corpus rows, in their order."""
+    corpus, model, params, table, w_text, w_image = setup
+    reranker = _reranker(corpus, w_text, w_image, weight=2.0)
+    full = RetrievalEvaluator(model, corpus, table, "test", beam_size=BEAM, batch_size=4, reranker=reranker)
+    rows = full.query_rows[::3][::-1]  # not a prefix, not in corpus order
+    sub = full.subset(rows)
+    fresh = RetrievalEvaluator(model, corpus, table, "test", beam_size=BEAM, batch_size=4, reranker=reranker,
+                               query_rows=rows)
+    assert sub.index is full.index and sub.query_rows.tolist() == rows.tolist()
+    np.testing.assert_array_equal(sub.inputs, fresh.inputs)
+    np.testing.assert_array_equal(sub.query_features, corpus.text_features[rows])
+    assert sub.relevant == [set(corpus.queries[j].image_ids) for j in rows]
+    assert sub(params, step=1) == fresh(params, step=1)
+    assert sub.rankings(params, rerank=True) == fresh.rankings(params, rerank=True)
+    assert len(full.relevant) == len(full.query_rows) > len(rows)  # the full evaluator is left as it was
+    train_row = int(corpus.query_rows("train")[0])
+    with pytest.raises(ValueError, match=f"corpus row {train_row} is not one of this evaluator's 'test' queries"):
+        full.subset(np.asarray([rows[0], train_row]))

@@ -24,6 +24,7 @@ prefix (through its text head) in every ranking.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from typing import Any
@@ -45,8 +46,8 @@ RERANK_PREFIX = "rerank/"
 class RetrievalEvaluator:
     """R@K of the queries of one split against the images of that split.
 
-    Periodic evaluation (`__call__`) and `write_ranked` rank every query of `query_rows` (a periodic subset is an
-    evaluator over those rows: `train_retrieval`'s `evenly_spaced`).
+    Periodic evaluation (`__call__`) and `write_ranked` rank every query of `query_rows`; a periodic subset is
+    `subset(rows)` (`train_retrieval`'s `evenly_spaced` rows), which shares this evaluator's index and encodings.
     """
 
     def __init__(self, model: RetrievalModel, corpus: Corpus, table: IdentifierTable, split: str,
@@ -68,7 +69,8 @@ class RetrievalEvaluator:
         self.index = SearchIndex.from_table(table.subset(image_ids), full_table=table)
         self.inputs = model.encode_queries([corpus.queries[j].text for j in query_rows], source=f"{split} query")
         self.relevant = [set(corpus.queries[j].image_ids) for j in query_rows]
-        self.chance = chance_metrics(len(image_ids), [len(r) for r in self.relevant], self.ks)
+        self.num_images = len(image_ids)
+        self.chance = chance_metrics(self.num_images, [len(r) for r in self.relevant], self.ks)
         self.batch_size = batch_size
         self.out_sharding = None if mesh is None else partitioning.replicated(mesh)
         self.reranker = reranker if reranker is not None and reranker.config.enabled else None
@@ -101,14 +103,32 @@ class RetrievalEvaluator:
         return self.model.rank(params, inputs, self.index, beam_size=self.beam_size, constrained=self.constrained,
                                batch_size=self.batch_size, out_sharding=self.out_sharding, **extra)
 
-    def timed_rankings(self, params: Any, n: int | None = None) -> tuple[dict[str, Rankings], dict[str, float]]:
+    def subset(self, query_rows: np.ndarray) -> RetrievalEvaluator:
+        """This evaluator over some of its queries (corpus rows, each one of its `query_rows`): the same model,
+        index and reranker, the queries' encodings taken from this one's (nothing is built or encoded again)."""
+        position = {int(j): p for p, j in enumerate(self.query_rows)}
+        missing = [int(j) for j in query_rows if int(j) not in position]
+        if missing:
+            raise ValueError(f"RetrievalEvaluator.subset: corpus row {missing[0]} is not one of this evaluator's "
+                             f"{self.split!r} queries")
+        take = np.asarray([position[int(j)] for j in query_rows], np.int64)
+        sub = copy.copy(self)
+        sub.query_rows = np.asarray(query_rows)
+        sub.inputs = self.inputs[take]
+        sub.relevant = [self.relevant[p] for p in take]
+        sub.chance = chance_metrics(self.num_images, [len(r) for r in sub.relevant], self.ks)
+        if self.query_features is not None:
+            sub.query_features = self.query_features[take]
+        return sub
+
+    def timed_rankings(self, params: Any) -> tuple[dict[str, Rankings], dict[str, float]]:
         """{"": generative, "rerank/": reranked (with a reranker)} rankings and their queries per second
         (`queries_per_s` under each prefix). One batch is ranked first so compilation is not timed."""
         self.rankings(params, 1, rerank=self.reranker is not None)  # warm-up: the compiled search
         out, speed = {}, {}
         for prefix in ("", RERANK_PREFIX) if self.reranker is not None else ("",):
             start = time.perf_counter()
-            out[prefix] = ranked = self.rankings(params, n, rerank=bool(prefix))
+            out[prefix] = ranked = self.rankings(params, rerank=bool(prefix))
             speed[f"{prefix}queries_per_s"] = len(ranked.images) / max(time.perf_counter() - start, 1e-9)
         return out, speed
 

@@ -257,9 +257,7 @@ def train_retrieval(
         evaluator = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
                                        batch_size=eval_batch_size, constrained=eval_constrained, reranker=reranker)
         if eval_max_queries is not None and eval_max_queries < evaluator.query_rows.size:
-            periodic = RetrievalEvaluator(model, corpus, table, eval_split, beam_size=eval_beam_size,
-                                          batch_size=eval_batch_size, constrained=eval_constrained, reranker=reranker,
-                                          query_rows=evenly_spaced(evaluator.query_rows, eval_max_queries))
+            periodic = evaluator.subset(evenly_spaced(evaluator.query_rows, eval_max_queries))
         else:
             periodic = evaluator
     fit = None
