@@ -78,10 +78,10 @@ def test_demo_avg_metrics_match_brute_force(demo_out):
     # demo.gin's fused evaluation (voken prior + rerank): its row recounts over the trainer's fused ranking
     fused = [json.loads(x) for x in (demo_out / "t5_run" / "ranked_test_rerank.jsonl").read_text().splitlines()]
     ranks = np.array([_first_rank(x["image_ids"], set(corpus.queries[x["query_row"]].image_ids)) for x in fused])
-    assert (m["avg_fused"]["prior_weight"], m["avg_fused"]["rerank_weight"]) == (1.0, 1.0)
+    assert (m["avg_fused"]["prior_weight"], m["avg_fused"]["rerank_weight"]) == (1.0, 4.0)
     for k in (1, 5, 10):
         assert m["avg_fused"][f"recall@{k}"] == pytest.approx(np.mean((ranks >= 1) & (ranks <= k)))
-    assert "AVG + voken prior 1 + rerank 1" in (demo_out / demo.REPORT_FILE).read_text()
+    assert "AVG + voken prior 1 + rerank 4" in (demo_out / demo.REPORT_FILE).read_text()
 
 
 def test_demo_retrieval_checkpoint_serves_the_test_images(demo_out, capsys):
