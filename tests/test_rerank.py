@@ -129,3 +129,5 @@ def test_subset_equals_an_evaluator_built_over_those_queries(setup):
     train_row = int(corpus.query_rows("train")[0])
     with pytest.raises(ValueError, match=f"corpus row {train_row} is not one of this evaluator's 'test' queries"):
         full.subset(np.asarray([rows[0], train_row]))
+    with pytest.raises(ValueError, match="no 'test' queries given"):
+        full.subset(np.asarray([], np.int64))

@@ -106,6 +106,8 @@ class RetrievalEvaluator:
     def subset(self, query_rows: np.ndarray) -> RetrievalEvaluator:
         """This evaluator over some of its queries (corpus rows, each one of its `query_rows`): the same model,
         index and reranker, the queries' encodings taken from this one's (nothing is built or encoded again)."""
+        if len(query_rows) == 0:
+            raise ValueError(f"RetrievalEvaluator.subset: no {self.split!r} queries given")
         position = {int(j): p for p, j in enumerate(self.query_rows)}
         missing = [int(j) for j in query_rows if int(j) not in position]
         if missing:
