@@ -350,6 +350,27 @@ def test_query_validation(setup, capsys):
     assert ids[0].tolist() == [*full[:5], 1] and ids[1].tolist()[:len(vocab.encode("red"))] == vocab.encode("red")
 
 
+def test_input_length_comes_from_the_training_inputs_only(setup, tmp_path, capsys):
+    """With no `train_retrieval.input_length`, a test query longer than every training input neither lengthens
+    the model's input (no held-out query sets a model setting) nor goes unreported: it is cut and counted."""
+    corpus = setup["corpus"]
+    train_texts = [corpus.queries[j].text for j in corpus.query_rows("train")]
+    long_row = int(corpus.query_rows("test")[0])
+    long_text = " ".join(train_texts[:12])
+    queries = [dataclasses.replace(q, text=long_text) if j == long_row else q for j, q in enumerate(corpus.queries)]
+    long_dir = dataclasses.replace(corpus, queries=queries).save(tmp_path / "corpus")
+    vocab = setup["vocab"]
+    longest_train = max(len(vocab.encode(t)) + 1 for t in train_texts)  # + EOS
+    assert len(vocab.encode(long_text)) > -(-longest_train // 8) * 8  # longer than a length from training
+    params = ["train_loop.num_steps = 1", "train_loop.checkpoint_every = 1", "train_loop.eval_every = 1",
+              "train_retrieval.eval_max_queries = None"]
+    assert _train({**setup, "corpus_dir": long_dir}, tmp_path / "run", *params) == 0
+    spec = json.loads((tmp_path / "run" / "retrieval" / "retrieval_model.json").read_text())
+    assert spec["input_length"] == -(-longest_train // 8) * 8
+    n_test = len(corpus.query_rows("test"))
+    assert f"1 of {n_test} test query texts are longer than the model's input length" in capsys.readouterr().err
+
+
 def test_train_cli_rejects_memorize_without_image_prefix(setup, tmp_path, capsys):
     assert _train(setup, tmp_path, "train_loop.num_steps = 1", "TrainMixture.memorize_rate = 1.0") == 2
     assert "T5Config.num_image_tokens" in capsys.readouterr().err

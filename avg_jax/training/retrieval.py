@@ -159,8 +159,8 @@ def train_retrieval(
     periodically on `eval_split` (`eval_max_queries` evenly spaced queries of it; the first ones would be a
     biased sample: corpus order groups similar queries) and finally on all its queries;
     `eval_constrained=False` evaluates by free generation (GRACE's "w/o constrained generation").
-    `input_length=None`: the longest tokenized input (training or evaluation), rounded up to 8; a given
-    length cuts longer inputs (training and evaluation alike); the number cut is printed.
+    `input_length=None`: the longest tokenized TRAINING input, rounded up to 8; a given length cuts longer
+    inputs (training and evaluation alike); the numbers cut are printed.
     `discriminative_images`: the image set of L_dis's candidate trie (eq. 8): 'indexed' (default) = every image
     the model is trained to emit (TRAIN, plus `TrainMixture.memorize_splits` when pseudo-queries or memorize
     rows index them; = TRAIN otherwise), 'train' = TRAIN images only.
@@ -224,11 +224,9 @@ def train_retrieval(
     stream, memorize_stage = ([{k: v for k, v in ex.items() if k != "text_row"} for ex in part]
                               for part in (stream, memorize_stage))
     if input_length is None:
-        longest = max(len(ex["inputs"]) for ex in stream + memorize_stage)
-        if eval_split is not None:
-            longest = max(longest, *(len(model.tokenize(corpus.queries[j].text))
-                                     for j in corpus.query_rows(eval_split)))
-        model = model.replace(input_length=_round_up(longest))
+        # From the training inputs only: no held-out query sets a model setting, not even a length.
+        # Evaluation queries longer than this are cut, and `RetrievalModel.encode` reports how many.
+        model = model.replace(input_length=_round_up(max(len(ex["inputs"]) for ex in stream + memorize_stage)))
     cut = sum(len(ex["inputs"]) > model.input_length for ex in stream + memorize_stage)
     if cut and jax.process_index() == 0:
         print(f"train_retrieval: {cut} of {len(stream) + len(memorize_stage)} training inputs are longer than "
