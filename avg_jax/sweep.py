@@ -113,8 +113,11 @@ def _grace_rows(dataset: str, numbers: dict[str, Paper], schemes: Sequence[str])
 
 def _fusion_rows(prefix: str) -> tuple[SweepRow, ...]:
     """Beside a main AVG row (`{prefix}main.gin`): AVG fused with the dense towers (evaluation-only, the same
-    run), the dense baseline of the same tokenizer's heads and the no-T5 ceiling (no paper numbers)."""
+    run), AVG + query conditioning (a second run) alone and fused, the dense baseline of the same tokenizer's
+    heads and the no-T5 ceiling (no paper numbers)."""
     return (_row("AVG + voken prior + rerank", prefix + "prior_rerank.gin"),
+            _row("AVG + query conditioning", prefix + "conditioned.gin"),
+            _row("AVG + query conditioning + voken prior + rerank", prefix + "conditioned_prior.gin"),
             _row("Dense (tokenizer heads, no T5)", prefix + "main.gin", kind="dense"),
             _row("Ceiling: text head . quantized image (no T5)", prefix + "main.gin", kind="ceiling"))
 
