@@ -110,6 +110,37 @@ def test_stop_gradients_route_commit_to_encoder_and_codebook_term_to_codes():
     assert np.abs(g_book[0]).sum() == 0 and np.abs(g_book[1]).sum() > 0
 
 
+def test_residual_codebook_target_moves_each_voken_to_the_residuals_it_quantizes():
+    """codebook_target 'residuals' (RQ-VAE's per-step update): value Σ_d ||r_d − voken_d||² (batch mean) and
+    gradient 2/B Σ_{(b,d): code n} (c_n − r_bd) per voken n, from numpy loops over a real RQ of a shared
+    codebook: no gradient reaches the earlier steps' vokens through ẑ^(d), none reaches v_i."""
+    rng = np.random.default_rng(5)
+    b, m, d, n = 6, 3, 4, 5
+    z = rng.standard_normal((b, d)).astype(np.float32)
+    books = rng.standard_normal((1, n, d)).astype(np.float32)
+    w = TokenizerLossWeights(codebook_target="residuals")
+    v_t, mask = jnp.zeros((b, 1, d)), jnp.ones((b, 1))
+
+    def codebook_term(books_, z_):
+        rq = rq_encode(z_, books_, m)
+        return tokenizer_losses(z_, z_, rq.partial_sums, z_, z_, v_t, mask, w, rq.residuals)["codebook"]
+
+    codes = brute_force_rq(z, books, m)[0]
+    value, expect_grad, r = 0.0, np.zeros((n, d)), z.astype(np.float64).copy()
+    for level in range(m):
+        c = books[0][codes[:, level]].astype(np.float64)  # [b, d]
+        value += np.sum((r - c) ** 2) / b
+        np.add.at(expect_grad, codes[:, level], 2.0 * (c - r) / b)
+        r = r - c
+    got_value = codebook_term(jnp.asarray(books), jnp.asarray(z))
+    assert float(got_value) == pytest.approx(value, rel=1e-5)
+    g_books, g_z = jax.grad(codebook_term, argnums=(0, 1))(jnp.asarray(books), jnp.asarray(z))
+    np.testing.assert_allclose(np.asarray(g_books)[0], expect_grad, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(g_z)).sum() == 0
+    with pytest.raises(ValueError, match="codebook_target must be 'partial_sums' or 'residuals', got 'x'"):
+        TokenizerLossWeights(codebook_target="x")
+
+
 def test_info_nce_matches_numpy():
     rng = np.random.default_rng(4)
     a, t = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))

@@ -47,6 +47,25 @@ def test_data_from_corpus_uses_only_train_captions(tiny_corpus, data):
     assert b["text"].shape == (4, data.caption_rows.shape[1], 48) and b["text_mask"].shape == (4, 5)
 
 
+def test_pseudo_pairs_train_the_codebook_on_every_image_and_leave_the_dense_heads_alone(tiny_corpus, data):
+    """Pseudo-paired val/test images join the RQ stage (the codebook then quantizes them better) but not the
+    heads' contrastive warm-up: the dense baseline's heads are bit-identical with and without them."""
+    pseudo = TokenizerData.from_corpus(tiny_corpus, "train", ("val", "test"), 2)
+    evaluation = np.concatenate([tiny_corpus.image_rows("val"), tiny_corpus.image_rows("test")])
+    assert pseudo.pseudo.tolist() == [False] * data.num_images + [True] * evaluation.size and data.pseudo is None
+    kwargs = dict(steps=60, batch_size=60, contrastive_steps=20, reseed_every=0, finetune_image_head=False,
+                  num_devices=1, log_every=60)
+    heads_only = [train_tokenizer(d, SMALL, **{**kwargs, "steps": 0}) for d in (data, pseudo)]
+    for head in ("image_head", "text_head"):
+        for a, b in zip(jax.tree.leaves(heads_only[0].params[head]), jax.tree.leaves(heads_only[1].params[head]),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    errors = [float(encode_images(train_tokenizer(d, SMALL, **kwargs),
+                                  tiny_corpus.image_features[evaluation]).quantization_error.mean())
+              for d in (data, pseudo)]
+    assert errors[1] < errors[0], errors
+
+
 def test_kmeans_init_beats_random_init(tiny_corpus, data):
     errors = {}
     for init in ("kmeans", "random"):

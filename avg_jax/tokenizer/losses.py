@@ -29,6 +29,14 @@ class TokenizerLossWeights:
     commit: float = 1.0
     codebook: float = 1.0
     align: float = 1.0
+    # What the codebook term pulls each step's voken towards: 'partial_sums' = Σ_d ||sg(v_i) − ẑ^(d)||²,
+    # 'residuals' = Σ_d ||sg(r_d) − voken_d||² (r_d the residual step d quantizes: RQ-VAE's per-step update).
+    codebook_target: str = "partial_sums"
+
+    def __post_init__(self) -> None:
+        if self.codebook_target not in ("partial_sums", "residuals"):
+            raise ValueError(f"TokenizerLossWeights.codebook_target must be 'partial_sums' or 'residuals', got "
+                             f"{self.codebook_target!r}")
 
 
 def tokenizer_losses(
@@ -40,12 +48,17 @@ def tokenizer_losses(
     v_t: jax.Array,  # [batch, K, dim] caption vectors (K = max captions per image)
     text_mask: jax.Array,  # [batch, K] 1 for a real caption
     weights: TokenizerLossWeights,
+    residuals: jax.Array | None = None,  # [batch, M, dim] r_d, the input of step d (codebook_target 'residuals')
 ) -> dict[str, jax.Array]:
     """The four terms and their weighted sum (scalars), eqs. 3-6."""
     sg = jax.lax.stop_gradient
     recon = jnp.mean(jnp.sum((image_x - v_hat) ** 2, axis=-1))
     commit = jnp.mean(jnp.sum((v_i[:, None, :] - sg(partial_sums)) ** 2, axis=(1, 2)))
-    codebook = jnp.mean(jnp.sum((sg(v_i)[:, None, :] - partial_sums) ** 2, axis=(1, 2)))
+    if weights.codebook_target == "residuals":
+        vokens = jnp.diff(partial_sums, axis=1, prepend=jnp.zeros_like(partial_sums[:, :1]))  # [batch, M, dim]
+        codebook = jnp.mean(jnp.sum((sg(residuals) - vokens) ** 2, axis=(1, 2)))
+    else:
+        codebook = jnp.mean(jnp.sum((sg(v_i)[:, None, :] - partial_sums) ** 2, axis=(1, 2)))
     mask = text_mask.astype(v_hat.dtype)
     per_caption = jnp.sum((v_hat_code[:, None, :] - v_t) ** 2, axis=-1)  # [batch, K]
     num_captions = jnp.sum(mask, axis=1)  # [batch]

@@ -71,9 +71,11 @@ def tokenize_corpus(
     `suffix_scope` (scheme 'rq', collision policy 'suffix'): 'all' (default) ranks the images sharing a voken
     body over all splits; 'split' ranks them within their split (`make_identifier_table(suffix_scope=...)`),
     so an evaluation image's suffix does not depend on the training images sharing its body.
-    `pseudo_pairs_per_image` k > 0 (scheme 'rq'): the tokenizer also trains (reconstruction, alignment) on the
-    val/test images, each paired with the TRAIN captions of its k nearest TRAIN images (image-feature cosine;
-    `TokenizerData.from_corpus(pseudo_splits=...)`); 0 (default) = TRAIN pairs only."""
+    `pseudo_pairs_per_image` k > 0 (scheme 'rq'): the tokenizer's RQ stage also trains (reconstruction,
+    alignment, codebook) on the val/test images, each paired with the TRAIN captions of its k nearest TRAIN
+    images (image-feature cosine; `TokenizerData.from_corpus(pseudo_splits=...)`), so the codebook is fitted to
+    every image it will tokenize; the heads' contrastive warm-up (the dense baseline) keeps to real TRAIN pairs.
+    0 (default) = TRAIN pairs only."""
     if scheme not in SCHEMES:
         raise ValueError(f"tokenize_corpus.scheme must be one of {list(SCHEMES)}, got {scheme!r}")
     if suffix_scope not in SUFFIX_SCOPES:

@@ -56,6 +56,9 @@ class TokenizerData:
     image_features: np.ndarray  # [n, image_dim] float32
     text_features: np.ndarray  # [num_captions, text_dim] float32
     caption_rows: np.ndarray  # [n, K] int64, -1 padded
+    # [n] bool: True where row i's captions are pseudo-captions (another image's); None = no pseudo-pairs.
+    # The contrastive warm-up (the dense baseline's heads) trains on real pairs only.
+    pseudo: np.ndarray | None = None
 
     @classmethod
     def from_corpus(cls, corpus: Corpus, split: str = "train", pseudo_splits: tuple[str, ...] = (),
@@ -68,6 +71,7 @@ class TokenizerData:
             raise ValueError(f"corpus {corpus.name!r} has no text_features.npy; the tokenizer needs caption "
                              "features for the warm-up and the alignment loss")
         rows = corpus.image_rows(split)
+        num_real = rows.size
         if rows.size == 0:
             raise ValueError(f"corpus {corpus.name!r} has no {split!r} images to train the tokenizer on")
         by_image = queries_by_image(corpus, corpus.query_rows(split))
@@ -87,7 +91,7 @@ class TokenizerData:
         for i, c in enumerate(caps):
             caption_rows[i, : len(c)] = c
         return cls(corpus.image_features[rows].astype(np.float32), corpus.text_features.astype(np.float32),
-                   caption_rows)
+                   caption_rows, np.arange(rows.size) >= num_real if extra.size else None)
 
     @property
     def num_images(self) -> int:
@@ -241,7 +245,7 @@ class RQTask:
         v_hat_code = self.model.apply({"params": jax.lax.stop_gradient(params)}, out["v_hat"],
                                       method=RQTokenizer.embed_image)
         losses = tokenizer_losses(batch["image"], out["v_i"], out["rq"].partial_sums, out["v_hat"], v_hat_code,
-                                  out["v_t"], batch["text_mask"], self.weights)
+                                  out["v_t"], batch["text_mask"], self.weights, out["rq"].residuals)
         if self.contrastive_weight > 0:  # keeps a fine-tuned image head discriminative (first caption per image)
             losses["contrastive"] = info_nce(out["v_i"], out["v_t"][:, 0], self.temperature,
                                              batch["text_mask"][:, 0])
@@ -336,7 +340,8 @@ def train_tokenizer(
         root = Path(run_dir) if run_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         history: list[dict[str, float]] = []
         if config.projection_heads and contrastive_steps > 0:
-            has_caption = np.flatnonzero((data.caption_rows >= 0).any(axis=1))
+            real = (data.caption_rows >= 0).any(axis=1) & (True if data.pseudo is None else ~data.pseudo)
+            has_caption = np.flatnonzero(real)
 
             def warmup_batch(step: int) -> dict[str, np.ndarray]:
                 idx = has_caption[epoch_batch(has_caption.size, batch_size, seed, step)]
