@@ -53,8 +53,8 @@ def test_pseudo_pairs_train_the_codebook_on_every_image_and_leave_the_dense_head
     pseudo = TokenizerData.from_corpus(tiny_corpus, "train", ("val", "test"), 2)
     evaluation = np.concatenate([tiny_corpus.image_rows("val"), tiny_corpus.image_rows("test")])
     assert pseudo.pseudo.tolist() == [False] * data.num_images + [True] * evaluation.size and data.pseudo is None
-    kwargs = dict(steps=60, batch_size=60, contrastive_steps=20, reseed_every=0, finetune_image_head=False,
-                  num_devices=1, log_every=60)
+    kwargs = dict(steps=30, batch_size=60, contrastive_steps=10, reseed_every=0, finetune_image_head=False,
+                  num_devices=1, log_every=30)
     heads_only = [train_tokenizer(d, SMALL, **{**kwargs, "steps": 0}) for d in (data, pseudo)]
     for head in ("image_head", "text_head"):
         for a, b in zip(jax.tree.leaves(heads_only[0].params[head]), jax.tree.leaves(heads_only[1].params[head]),
