@@ -55,6 +55,8 @@ def tokenizer_losses(
     recon = jnp.mean(jnp.sum((image_x - v_hat) ** 2, axis=-1))
     commit = jnp.mean(jnp.sum((v_i[:, None, :] - sg(partial_sums)) ** 2, axis=(1, 2)))
     if weights.codebook_target == "residuals":
+        if residuals is None:
+            raise ValueError("TokenizerLossWeights.codebook_target 'residuals' needs the RQ residuals r_d")
         vokens = jnp.diff(partial_sums, axis=1, prepend=jnp.zeros_like(partial_sums[:, :1]))  # [batch, M, dim]
         codebook = jnp.mean(jnp.sum((sg(residuals) - vokens) ** 2, axis=(1, 2)))
     else:

@@ -225,7 +225,7 @@ def train_retrieval(
                               for part in (stream, memorize_stage))
     if input_length is None:
         # From the training inputs only: no held-out query sets a model setting, not even a length.
-        # Evaluation queries longer than this are cut, and `RetrievalModel.encode` reports how many.
+        # Evaluation queries longer than this are cut, and `RetrievalModel.encode_queries` reports how many.
         model = model.replace(input_length=_round_up(max(len(ex["inputs"]) for ex in stream + memorize_stage)))
     cut = sum(len(ex["inputs"]) > model.input_length for ex in stream + memorize_stage)
     if cut and jax.process_index() == 0:
