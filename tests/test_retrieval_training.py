@@ -490,40 +490,6 @@ def test_evaluation_captions_never_reach_any_training_input(tiny_corpus, tmp_pat
         assert all(ex["relevant"].shape == (4, table.max_len) for ex in stream)
 
 
-def test_relevant_from_training_targets_keeps_pseudo_query_images_out_of_the_negatives(setup):
-    """relevant_source 'training': a TRAIN caption that is also a pseudo-query of val/test images carries those
-    images (and its other corpus-relevant ones) in "relevant", so L_dis does not push down what L_gen trains the
-    same text to produce; 'corpus' carries the corpus' relevant images only. Reference: sets over decoded texts."""
-    corpus, table, vocab = setup["corpus"], setup["table"], setup["vocab"]
-    rows = table.index()
-    mixture = TrainMixture(pseudo_query_rate=1.0, pseudo_queries_per_image=2, pseudo_query_source="nearest_image")
-
-    def relevant_sets(source: str) -> list[set]:
-        _, stream = build_mixture(corpus, table, vocab, vocab.encode, mixture, None, 0, max_relevant=64,
-                                  relevant_source=source)
-        return stream, [{tuple(int(t) for t in r if t) for r, v in zip(ex["relevant"], ex["relevant_valid"],
-                                                                       strict=True) if v} for ex in stream]
-
-    stream, training = relevant_sets("training")
-    _, from_corpus = relevant_sets("corpus")
-    text = [vocab.decode([int(t) for t in ex["inputs"]]) for ex in stream]
-    own = [tuple(int(t) for t in ex["targets"] if t) for ex in stream]
-    by_text: dict[str, set] = {}
-    for t, y in zip(text, own, strict=True):
-        by_text.setdefault(t, set()).add(y)
-    in_corpus = [{table.identifier(rows[i]) for i in corpus.queries[int(ex["query_row"])].image_ids}
-                 if int(ex["query_row"]) >= 0 else set() for ex in stream]
-    for k in range(len(stream)):
-        assert training[k] == (in_corpus[k] | by_text[text[k]]) - {own[k]}, k
-        assert from_corpus[k] == in_corpus[k] - {own[k]}, k
-    gallery = {table.identifier(rows[corpus.images[i].id]) for s in ("val", "test") for i in corpus.image_rows(s)}
-    real = [k for k in range(len(stream)) if int(stream[k]["query_row"]) >= 0]
-    assert any(training[k] & gallery for k in real)  # the conflict the option removes exists here
-    assert not any(from_corpus[k] & gallery for k in real)
-    with pytest.raises(ValueError, match="relevant_source must be one of"):
-        RetrievalLossConfig(relevant_source="all")
-
-
 def test_train_with_the_full_avg_recipe(setup, tmp_path):
     """Pseudo-queries for val/test images, memorize rows (image prefix) with codebook voken embeddings, L_dis over
     every indexed image with other relevant images masked, per-token L_gen and unscored forced steps train and

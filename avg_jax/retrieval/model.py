@@ -65,7 +65,7 @@ from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 from avg_jax.t5.model import T5, encoder_input_mask
 from avg_jax.training import losses
-from avg_jax.training.examples import PSEUDO_ROW, RELEVANT_SOURCES
+from avg_jax.training.examples import PSEUDO_ROW
 
 ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
@@ -93,10 +93,6 @@ class RetrievalLossConfig:
     `max_relevant` R > 0 (eqs. 8-9 with several relevant images): a query's other relevant images (up to R, from
     the batch's "relevant" [b, R, T] / "relevant_valid" [b, R]) found among the candidates are masked out of
     the listwise softmax instead of counting as negatives; 0 = every non-positive candidate is a negative.
-    `relevant_source` (what "relevant" holds, `add_relevant`): 'corpus' = the query's other relevant images in the
-    corpus; 'training' = those and every identifier another training row with the same input text targets (the
-    gallery images a TRAIN caption is a pseudo-query of: L_gen trains text -> image there, so L_dis must not
-    treat the image as that text's negative).
     `prior_weight` > 0 (L_dis over the fused scores): the candidates come from the search with the
     aligned-voken prior and each candidate's listwise score adds its prior, prior_weight * <t, ẑ> /
     `prior_temperature` (`RerankConfig`; t = the batch's "prior_query" aligned text vectors [b, d], the
@@ -111,7 +107,6 @@ class RetrievalLossConfig:
     z_loss: float = 0.0
     generative_reduction: str = "sum"  # 'sum' (eq. 7) or 'mean' (per token, the authors' code)
     max_relevant: int = 0  # R: other relevant identifiers carried per training example (0 = off)
-    relevant_source: str = "corpus"  # 'corpus' | 'training' (+ same-text targets of other rows, e.g. pseudo-queries)
     discriminative_pseudo_queries: bool = False  # L_dis also on pseudo-query rows (query_row -2)
     prior_weight: float = 0.0  # L_dis over generator + aligned-voken prior scores (0 = generator alone)
     prior_temperature: float = 1.0
@@ -122,9 +117,6 @@ class RetrievalLossConfig:
                              f"got {self.generative_reduction!r}")
         if self.max_relevant < 0:
             raise ValueError(f"RetrievalLossConfig.max_relevant must be >= 0, got {self.max_relevant}")
-        if self.relevant_source not in RELEVANT_SOURCES:
-            raise ValueError(f"RetrievalLossConfig.relevant_source must be one of {RELEVANT_SOURCES}, got "
-                             f"{self.relevant_source!r}")
         if self.discriminative_weight < 0:
             raise ValueError(f"RetrievalLossConfig.discriminative_weight must be >= 0, got "
                              f"{self.discriminative_weight}")

@@ -24,7 +24,6 @@ from avg_jax.identifiers.table import IdentifierTable
 
 MEMORIZE_MODES = ("mixed", "sequential")
 PSEUDO_QUERY_SOURCES = ("nearest_image", "nearest_captions")
-RELEVANT_SOURCES = ("corpus", "training")  # add_relevant / RetrievalLossConfig.relevant_source
 MEMORIZE_ROW, PSEUDO_ROW = -1, -2  # "query_row" of learning-to-memorize and pseudo-query examples
 Tokenize = Callable[[str], Sequence[int]]
 Projection = Callable[[np.ndarray], np.ndarray]
@@ -218,50 +217,24 @@ def pseudo_query_examples(corpus: Corpus, table: IdentifierTable, tokenize: Toke
     return out
 
 
-def add_relevant(examples: list[Example], corpus: Corpus, table: IdentifierTable, max_relevant: int,
-                 source: str = "corpus") -> list[Example]:
-    """Each example plus "relevant" [R, max_len] (PAD-padded identifiers that are not negatives of its query in
-    L_dis, other than its target; first R) and "relevant_valid" [R] (eqs. 8-9 with several relevant images,
-    `RetrievalLossConfig.max_relevant`).
-
-    `source` 'corpus': the query's other relevant images in the corpus (its split's), on real query rows;
-    memorize and pseudo-query rows carry none. 'training': those, then every identifier that another query or
-    pseudo-query row of `examples` with the same input tokens targets, on query and pseudo-query rows. With
-    gallery indexing a TRAIN caption's text is also a pseudo-query of the val/test images it is nearest to; L_gen
-    raises p(those identifiers | text) on the pseudo rows, so L_dis on the caption's own row must not push them
-    down as negatives (`RELEVANT_SOURCES`)."""
-    if source not in RELEVANT_SOURCES:
-        raise ValueError(f"add_relevant: source must be one of {RELEVANT_SOURCES}, got {source!r}")
+def add_relevant(examples: list[Example], corpus: Corpus, table: IdentifierTable, max_relevant: int
+                 ) -> list[Example]:
+    """Each example plus "relevant" [R, max_len] (PAD-padded identifiers of its query's OTHER relevant images:
+    those whose identifier differs from the target, first R in the query's order) and "relevant_valid" [R]
+    (eqs. 8-9 with several relevant images, `RetrievalLossConfig.max_relevant`). Memorize and pseudo-query
+    rows carry none."""
     rows = table.index()
     r, width = max(max_relevant, 1), table.max_len
-
-    def text_row(ex: Example) -> bool:
-        q = int(ex["query_row"])
-        return q >= 0 or q == PSEUDO_ROW
-
-    def key(ex: Example) -> bytes:
-        return np.asarray(ex["inputs"], np.int32).tobytes()
-
-    def identifier(ex: Example) -> tuple[int, ...]:
-        return tuple(int(t) for t in np.asarray(ex["targets"]) if t != 0)
-
-    same_input: dict[bytes, list[tuple[int, ...]]] = {}
-    if source == "training":
-        for ex in examples:
-            if text_row(ex):
-                targets = same_input.setdefault(key(ex), [])
-                if identifier(ex) not in targets:
-                    targets.append(identifier(ex))
     out = []
     for ex in examples:
         relevant = np.zeros((r, width), np.int32)
         valid = np.zeros((r,), bool)
         q = int(ex["query_row"])
-        if max_relevant > 0 and text_row(ex):
-            target = identifier(ex)
+        if q >= 0 and max_relevant > 0:
+            target = tuple(int(t) for t in np.asarray(ex["targets"]) if t != 0)
             others = []
-            in_corpus = [table.identifier(rows[i]) for i in corpus.queries[q].image_ids] if q >= 0 else []
-            for ident in [*in_corpus, *same_input.get(key(ex), [])]:
+            for image_id in corpus.queries[q].image_ids:
+                ident = table.identifier(rows[image_id])
                 if ident != target and ident not in others:
                     others.append(ident)
             for k, ident in enumerate(others[:r]):
@@ -281,11 +254,10 @@ def repeat_at_rate(examples: list[Example], rate: float, seed: int) -> list[Exam
 def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tokenize: Tokenize,
                   mixture: TrainMixture, image_dim: int | None, seed: int,
                   aligned: AlignedCorpus | None = None,
-                  max_relevant: int = 0, text_rows: bool = False, relevant_source: str = "corpus"
-                  ) -> tuple[list[Example], list[Example]]:
+                  max_relevant: int = 0, text_rows: bool = False) -> tuple[list[Example], list[Example]]:
     """(memorize-stage examples, main-stream examples); the first list is empty unless sequential.
     `aligned`: the corpus in the tokenizer's aligned space, for pseudo_query_source 'nearest_captions';
-    `max_relevant` > 0: every example carries "relevant"/"relevant_valid" (`add_relevant(..., relevant_source)`).
+    `max_relevant` > 0: every example carries "relevant"/"relevant_valid" (`add_relevant`).
 
     Query and pseudo-query inputs are `tokenize(text)` (the model's query tokenization, which applies
     `mixture.retrieve_instruction`); memorize inputs are `vocab.encode(mixture.memorize_instruction)`."""
@@ -306,8 +278,8 @@ def build_mixture(corpus: Corpus, table: IdentifierTable, vocab: Vocabulary, tok
     if not stream:
         raise ValueError("TrainMixture yields no training examples (all rates are 0?)")
     if max_relevant > 0:
-        stream, memorize = (add_relevant(part, corpus, table, max_relevant, relevant_source)
-                            for part in (stream, memorize))
+        stream, memorize = add_relevant(stream, corpus, table, max_relevant), add_relevant(memorize, corpus, table,
+                                                                                              max_relevant)
     return (memorize if mixture.memorize_mode == "sequential" else []), stream
 
 

@@ -209,8 +209,7 @@ def train_retrieval(
     fused_dis = model.loss_config.discriminative_weight > 0 and model.loss_config.prior_weight > 0
     memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed,
                                            aligned, model.loss_config.max_relevant,
-                                           text_rows=model.conditioned or fused_dis,
-                                           relevant_source=model.loss_config.relevant_source)
+                                           text_rows=model.conditioned or fused_dis)
     if model.conditioned:
         stream, memorize_stage = (condition_examples(part, towers.aligned) for part in (stream, memorize_stage))
     constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else None
