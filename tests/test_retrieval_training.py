@@ -125,19 +125,27 @@ def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
     return float(sum(logp[t, tok] for t, tok in enumerate(tokens) if tok != 0))
 
 
-@pytest.mark.parametrize("relevant,reduction,prior", [(False, "sum", False), (True, "sum", False),
-                                                      (True, "mean", False), (True, "mean", True)])
-def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction, prior):
+@pytest.mark.parametrize("relevant,reduction,prior,found_only", [(False, "sum", False, False),
+                                                                 (True, "sum", False, False),
+                                                                 (True, "mean", False, False),
+                                                                 (True, "mean", True, False),
+                                                                 (True, "mean", False, True)])
+def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction, prior, found_only):
     """(1) The batched [batch * b, T] pass with injection, duplicate masking and (with `relevant`) the query's
     other relevant identifiers masked out of the softmax equals a per-candidate brute force, with L_gen
     summed or averaged over tokens, and (with `prior`, L_dis over fused scores) each candidate's listwise score
     plus its tokens' voken-prior biases, the candidates drawn by the search with that prior; (2) the gradient
     equals that of the same loss with the beam-search candidates fed in as constants, i.e. it flows only
-    through the teacher-forced scores, never through the search or the prior."""
+    through the teacher-forced scores, never through the search or the prior. `found_only`: L_dis averaged over
+    the rows whose positive the beam found (the rows with an injected positive left out)."""
     task, batch, params, constants = _task_and_batch(setup, generative_reduction=reduction,
                                                      max_relevant=3 if relevant else 0,
-                                                     prior_weight=0.5 if prior else 0.0, prior_temperature=0.25)
+                                                     prior_weight=0.5 if prior else 0.0, prior_temperature=0.25,
+                                                     discriminative_found_only=found_only)
     rng, step = jax.random.key(11), jnp.int32(5)
+    if found_only:  # the first query's positive becomes its top beam candidate, so the beam finds one of them
+        c0, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
+        batch = {**batch, "targets": batch["targets"].at[0].set(c0[0, 0])}
     start, size = task.window
     bias = np.zeros((batch["inputs"].shape[0], size))
     if prior:
@@ -202,10 +210,14 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
         prior_of_positive = sum(bias[q, t - start] for t in positive if t)
         gen.append(-(scores[p] - prior_of_positive) / (np.count_nonzero(positive) if reduction == "mean" else 1))
     np.testing.assert_allclose(float(metrics["gen_loss"]), np.mean(gen), rtol=1e-4)
-    np.testing.assert_allclose(float(metrics["dis_loss"]), np.mean(dis), rtol=1e-4)
-    np.testing.assert_allclose(float(total), np.mean(gen) + 0.7 * np.mean(dis), rtol=1e-4)
+    rows = np.array(found_any) if found_only else np.ones(len(dis), bool)
+    dis_mean = np.sum(np.array(dis) * rows) / max(rows.sum(), 1e-9)
+    np.testing.assert_allclose(float(metrics["dis_loss"]), dis_mean, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(total), np.mean(gen) + 0.7 * dis_mean, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["positive_in_beam"]), np.mean(found_any))
-    if relevant and not prior:  # the masking changed something
+    if found_only:  # some rows had their positive injected and some not, so the choice mattered
+        assert 0 < rows.sum() < rows.size
+    if relevant and not prior and not found_only:  # the masking changed something
         plain = task.replace(loss=dataclasses.replace(task.loss_config, max_relevant=0))
         assert not np.isclose(float(plain.loss(params, batch, rng, step, constants)[1]["dis_loss"]),
                               float(metrics["dis_loss"]))

@@ -98,6 +98,9 @@ class RetrievalLossConfig:
     `prior_temperature` (`RerankConfig`; t = the batch's "prior_query" aligned text vectors [b, d], the
     vokens' codebook vectors in the loss constants' PRIOR_VECTORS [window size, d]), so L_dis trains the
     generator on what the fused ranking gets wrong; 0 = the generator's scores alone (eqs. 8-9).
+    `discriminative_found_only`: L_dis averaged over the rows whose positive the beam found; a row whose positive
+    had to be injected into its candidates (§3.2) keeps its L_gen and adds no L_dis. On emoji those rows (about
+    2/3) are what made the L_dis stage lower retrieval (README, "The real emoji benchmark").
     """
 
     discriminative_weight: float = 0.0  # λ; 0 = generative training only
@@ -108,6 +111,7 @@ class RetrievalLossConfig:
     generative_reduction: str = "sum"  # 'sum' (eq. 7) or 'mean' (per token, the authors' code)
     max_relevant: int = 0  # R: other relevant identifiers carried per training example (0 = off)
     discriminative_pseudo_queries: bool = False  # L_dis also on pseudo-query rows (query_row -2)
+    discriminative_found_only: bool = False  # L_dis only on rows whose positive the beam found (none injected)
     prior_weight: float = 0.0  # L_dis over generator + aligned-voken prior scores (0 = generator alone)
     prior_temperature: float = 1.0
 
@@ -620,7 +624,8 @@ class RetrievalModel:
                 scores = scores + losses.token_bias_sums(cands, bias, self.window[0])
             dis = losses.listwise_loss(scores, positive, keep)  # [b]
             denom = jnp.maximum(query_weights.sum(), 1e-9)
-            dis_loss = jnp.sum(query_weights * dis) / denom
+            dis_weights = query_weights * found if cfg.discriminative_found_only else query_weights
+            dis_loss = jnp.sum(dis_weights * dis) / jnp.maximum(dis_weights.sum(), 1e-9)
             positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
             gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss,
                                                   cfg.generative_reduction)
