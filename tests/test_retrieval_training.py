@@ -223,6 +223,52 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
                               float(metrics["dis_loss"]))
 
 
+def test_input_token_dropout_drops_only_query_text_pieces(setup):
+    """`input_token_dropout`: checked position by position against the batch it was given (numpy): only query
+    text pieces of query and pseudo-query rows become PAD, never the EOS, the instruction prefix, a memorize
+    row or a row's last piece; the rate over many draws is p; and the loss is the p = 0 loss of the dropped
+    batch (the same draw), so training sees exactly those inputs."""
+    task, batch, params, constants = _task_and_batch(setup, batch_size=3)
+    p, instruction = 0.3, "find the image:"
+    task = task.replace(retrieve_instruction=instruction)
+    task = task.replace(loss=dataclasses.replace(task.loss_config, input_token_dropout=p))
+    n_instruction = len(setup["vocab"].encode(instruction, add_eos=False))
+    texts = ["a dog runs on the green grass by a red house", "cat", "two birds", "an image to memorize"]
+    rows = [task.vocab.encode(f"{instruction} {t}") for t in texts]
+    inputs = np.zeros((4, 64), np.int32)
+    for i, ids in enumerate(rows):
+        inputs[i, : len(ids)] = ids
+    query_row = np.array([5, 6, -2, -1], np.int32)  # query, query, pseudo-query, memorize
+    batch = {"inputs": jnp.asarray(inputs), "query_row": jnp.asarray(query_row)}
+    text = np.zeros_like(inputs, bool)
+    for i, ids in enumerate(rows):
+        text[i, n_instruction: len(ids) - 1] = query_row[i] != -1
+    assert text[0].sum() >= 8 and text[1].sum() >= 1 and text[3].sum() == 0
+
+    drop = jax.jit(task.drop_input_tokens)
+    dropped = np.stack([np.asarray(drop(batch, jax.random.key(s))["inputs"]) for s in range(400)])
+    changed = dropped != inputs[None]
+    assert (dropped[changed] == 0).all()  # dropped pieces become PAD
+    assert not (changed & ~text[None]).any()  # never the EOS, PAD, instruction or a memorize row
+    assert ((dropped != 0) & text[None]).any(axis=2)[:, :3].all()  # every row keeps a text piece
+    rate = changed[:, 0][:, text[0]].mean()  # the long query: the last-piece rule almost never acts
+    assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / (400 * text[0].sum())), rate
+    if text[1].sum() == 1:
+        assert not changed[:, 1].any()  # a one-piece query is kept whole
+
+    rng, step = jax.random.key(2), jnp.int32(0)
+    _, train_batch, params, constants = _task_and_batch(setup, batch_size=3)
+    train_batch = {**train_batch, "query_row": jnp.zeros(3, jnp.int32)}
+    got, _ = jax.jit(lambda b: task.loss(params, b, rng, step, constants))(train_batch)
+    plain = task.replace(loss=dataclasses.replace(task.loss_config, input_token_dropout=0.0))
+    seen = task.drop_input_tokens(train_batch, jax.random.fold_in(rng, 4))
+    assert not np.array_equal(np.asarray(seen["inputs"]), np.asarray(train_batch["inputs"]))
+    want, _ = jax.jit(lambda b: plain.loss(params, b, rng, step, constants))(seen)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    with pytest.raises(ValueError, match="input_token_dropout"):
+        RetrievalLossConfig(input_token_dropout=1.0)
+
+
 def test_lambda_schedule():
     cfg = RetrievalLossConfig(discriminative_weight=0.5, discriminative_start_step=10, discriminative_warmup_steps=4)
     got = [float(cfg.weight_at(jnp.int32(s))) for s in (0, 9, 10, 11, 13, 20)]

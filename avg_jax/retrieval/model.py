@@ -65,7 +65,7 @@ from avg_jax.t5.decoding import t5_beam_search
 from avg_jax.t5.hf_io import load_hf_t5, save_hf_t5
 from avg_jax.t5.model import T5, encoder_input_mask
 from avg_jax.training import losses
-from avg_jax.training.examples import PSEUDO_ROW
+from avg_jax.training.examples import MEMORIZE_ROW, PSEUDO_ROW
 
 ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
@@ -101,6 +101,10 @@ class RetrievalLossConfig:
     `discriminative_found_only`: L_dis averaged over the rows whose positive the beam found; a row whose positive
     had to be injected into its candidates (§3.2) keeps its L_gen and adds no L_dis. On emoji those rows (about
     2/3) are what made the L_dis stage lower retrieval (README, "The real emoji benchmark").
+    `input_token_dropout` p > 0 (training only, not in the paper): each query text piece of a query or
+    pseudo-query row is dropped from the encoder input with probability p (replaced by PAD, so masked out of
+    attention); the EOS, an instruction prefix, memorize rows and a row's last remaining piece are kept. A
+    regulariser for a generator trained from scratch on short query texts.
     """
 
     discriminative_weight: float = 0.0  # λ; 0 = generative training only
@@ -114,8 +118,12 @@ class RetrievalLossConfig:
     discriminative_found_only: bool = False  # L_dis only on rows whose positive the beam found (none injected)
     prior_weight: float = 0.0  # L_dis over generator + aligned-voken prior scores (0 = generator alone)
     prior_temperature: float = 1.0
+    input_token_dropout: float = 0.0  # p: query text pieces dropped from the encoder input in training
 
     def __post_init__(self):
+        if not 0.0 <= self.input_token_dropout < 1.0:
+            raise ValueError(f"RetrievalLossConfig.input_token_dropout must be in [0, 1), got "
+                             f"{self.input_token_dropout}")
         if self.generative_reduction not in losses.GEN_REDUCTIONS:
             raise ValueError(f"RetrievalLossConfig.generative_reduction must be one of {losses.GEN_REDUCTIONS}, "
                              f"got {self.generative_reduction!r}")
@@ -466,6 +474,9 @@ class RetrievalModel:
         if query_head is not None and not config.num_image_tokens:
             raise ValueError("a query-conditioned RetrievalModel needs T5Config.num_image_tokens (the prefix length)")
         self.query_head, self.max_alpha = query_head, float(max_alpha)
+        # Instruction pieces (before the query text) that input token dropout keeps.
+        self._instruction_length = (len(vocab.encode(retrieve_instruction, add_eos=False))
+                                    if vocab is not None and retrieve_instruction else 0)
         self.module = T5(config)
         self._searches: dict[tuple, Any] = {}  # search settings -> jitted search
 
@@ -548,6 +559,21 @@ class RetrievalModel:
         alpha = jax.random.uniform(rng, q.shape[:1], q.dtype, 0.0, self.max_alpha) * (batch["query_row"] >= 0)
         return {**batch, "image_features": q + alpha[:, None] * (batch["target_features"] - q)}
 
+    def drop_input_tokens(self, batch: dict, rng: jax.Array) -> dict:
+        """Training-time input token dropout (`RetrievalLossConfig.input_token_dropout` p): each query text piece
+        of a non-memorize row becomes PAD with probability p; EOS, PAD, the instruction prefix and, where every
+        piece of a row was drawn, the whole row are kept."""
+        p = self.loss_config.input_token_dropout
+        if p <= 0:
+            return batch
+        ids = batch["inputs"]
+        position = jnp.arange(ids.shape[1])[None, :]
+        text = (ids != PAD_ID) & (ids != EOS_ID) & (position >= self._instruction_length)
+        text &= (batch["query_row"] != MEMORIZE_ROW)[:, None]
+        drop = jax.random.bernoulli(rng, p, ids.shape) & text
+        drop &= jnp.any(text & ~drop, axis=1, keepdims=True)  # never a row's last piece
+        return {**batch, "inputs": jnp.where(drop, PAD_ID, ids)}
+
     def encode(self, params: Any, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Encoder states and key mask of a batch (dropout on when `rng` is given); rows with an image
         prefix (memorize rows) keep it, query rows mask it out."""
@@ -596,6 +622,7 @@ class RetrievalModel:
         query_weights = weights * dis_rows
         targets = batch["targets"]  # [b, T]
         batch = self.interpolate(batch, jax.random.fold_in(rng, 3))
+        batch = self.drop_input_tokens(batch, jax.random.fold_in(rng, 4))
         encoded, mask = self.encode(params, batch, jax.random.fold_in(rng, 0))
         decode_rng = jax.random.fold_in(rng, 1)
         lam = cfg.weight_at(step)
