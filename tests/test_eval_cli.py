@@ -174,3 +174,35 @@ def test_eval_dense_with_tokenizer_heads(corpus_dir, tiny_corpus, tmp_path):
     for k in (1, 5, 10):
         assert m[f"recall@{k}"] == pytest.approx(np.mean(first <= k), abs=2 / len(first))
     assert m["recall@10"] > 10 / len(test_images)  # even briefly trained heads beat chance
+
+
+def test_eval_by_novelty_groups_queries_by_how_new_their_text_is(tmp_path, capsys):
+    """Test queries whose text is a TRAIN query's (case and punctuation aside), whose words all occur in TRAIN
+    queries, or with a word no TRAIN query has: grouped as constructed, and `avg-jax eval --by_novelty` scores
+    each group on its own queries (recall recomputed by hand)."""
+    from avg_jax.data.corpus import Corpus, ImageRecord, QueryRecord
+
+    images = [ImageRecord(f"tr{i}", "train") for i in range(3)] + [ImageRecord(f"te{i}", "test") for i in range(3)]
+    train = [("red dog", "tr0"), ("a blue cat", "tr1"), ("green tree", "tr2")]
+    test = [("Red dog!", "te0", "seen text"), ("red cat", "te1", "new text"), ("blue dog tree", "te2", "new text"),
+            ("purple dog", "te0", "new word"), ("dogs", "te1", "new word")]
+    queries = [QueryRecord(t, "train", (i,)) for t, i in train] + [QueryRecord(t, "test", (i,)) for t, i, _ in test]
+    corpus = Corpus("novelty", images, np.eye(6, 4, dtype=np.float32), queries,
+                    np.ones((len(queries), 4), np.float32))
+    rows = corpus.query_rows("test")
+    assert ranked_io.query_novelty(corpus, rows) == [g for *_, g in test]
+
+    corpus_dir = str(corpus.save(tmp_path / "c"))
+    ranked = [["te0", "te1"], ["te0", "te2"], ["te2", "te0"], ["te1", "te2"], ["te1", "te0"]]  # hits at 1: 0, 2, 4
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps({"query_row": int(j), "image_ids": r}) + "\n"
+                            for j, r in zip(rows, ranked, strict=True)))
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"gen={path}", "--by_novelty",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert "gen [new word]" in capsys.readouterr().out
+    systems = json.loads((tmp_path / "out" / "metrics.json").read_text())["systems"]
+    expected = {"gen": (5, 3 / 5), "gen [seen text]": (1, 1.0), "gen [new text]": (2, 1 / 2),
+                "gen [new word]": (2, 1 / 2)}
+    assert set(systems) == set(expected)
+    for name, (n, r1) in expected.items():
+        assert systems[name]["num_queries"] == n and systems[name]["recall@1"] == pytest.approx(r1), name

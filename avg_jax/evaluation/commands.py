@@ -9,10 +9,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from avg_jax import cli, config
 from avg_jax.data.corpus import SPLITS, Corpus
 from avg_jax.evaluation import dense, metrics
-from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl, write_metrics, write_ranked_jsonl
+from avg_jax.evaluation.ranked import (
+    NOVELTY_GROUPS,
+    evaluate_ranked,
+    query_novelty,
+    read_ranked_jsonl,
+    write_metrics,
+    write_ranked_jsonl,
+)
 
 RANKED_FILE = "ranked.jsonl"
 
@@ -27,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--beam_size", type=int, default=None,
                    help="the beam that produced the rankings: R@K above it (and MRR@10 below 10) is inapplicable "
                         "and left out, as the paper's '-'")
+    p.add_argument("--by_novelty", action="store_true",
+                   help="also score each system on the queries grouped by how new their text is to training "
+                        "(seen text / new text of known words / a new word): rows 'NAME [group]'")
     p.add_argument("--out", required=True, help="output directory for metrics.json")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval)
@@ -65,6 +77,12 @@ def run_eval(args: argparse.Namespace) -> int:
         if groups is not None and outputs.identifiers is None:
             raise ValueError(f"{file}: --identifiers was given but the file has no 'identifiers' field")
         systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size)
+        if args.by_novelty:
+            novelty = np.array(query_novelty(corpus, outputs.query_rows))
+            for group in NOVELTY_GROUPS:
+                if (novelty == group).any():
+                    systems[f"{name} [{group}]"] = evaluate_ranked(corpus, outputs.subset(novelty == group), groups,
+                                                                   num_results=args.beam_size)
     path = write_metrics(args.out, corpus, args.corpus, args.split, systems)
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, systems, path)

@@ -6,11 +6,13 @@ Ranked-output JSONL, one line per query of the evaluated split (what `avg-jax re
 split's queries and must be unambiguous. `image_ids` is the ranking after identifier groups were expanded;
 the optional `identifiers` (ranked token-id lists) enable identifier-level recall.
 Every query of the split must appear exactly once: a missing or duplicated query is an error, not a skip.
+`query_novelty` groups the queries by how new their text is to training (`avg-jax eval --by_novelty`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from avg_jax.evaluation import metrics
 from avg_jax.json_io import read_jsonl, write_json, write_jsonl
 
 METRICS_FILE = "metrics.json"
+# How new a query's text is to training (`query_novelty`), in this order.
+NOVELTY_GROUPS = ("seen text", "new text", "new word")
 
 
 @dataclasses.dataclass
@@ -30,6 +34,12 @@ class RankedOutputs:
     query_rows: np.ndarray  # [num_queries] int64
     image_ids: list[list[str]]
     identifiers: list[list[tuple[int, ...]]] | None
+
+    def subset(self, keep: np.ndarray) -> RankedOutputs:
+        """The outputs of the queries where the boolean `keep` [num_queries] is true."""
+        idx = np.flatnonzero(keep)
+        return RankedOutputs(self.query_rows[idx], [self.image_ids[i] for i in idx],
+                             None if self.identifiers is None else [self.identifiers[i] for i in idx])
 
 
 def read_ranked_jsonl(path: str | Path, corpus: Corpus, split: str) -> RankedOutputs:
@@ -99,6 +109,26 @@ def _identifiers(obj: dict, where: str) -> list[tuple[int, ...]] | None:
             isinstance(t, list) and t and all(isinstance(x, int) for x in t) for t in idents):
         raise ValueError(f"{where}: field 'identifiers' must be a list of non-empty token-id lists")
     return [tuple(t) for t in idents]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def query_novelty(corpus: Corpus, query_rows: Sequence[int]) -> list[str]:
+    """One of NOVELTY_GROUPS per query row: 'seen text' = its text (lower-cased, word by word) is the text of a
+    TRAIN query; 'new text' = it is not, but each of its words occurs in some TRAIN query; 'new word' = it has a
+    word no TRAIN query has. Every text a generator trained from scratch reads (queries, pseudo-queries) is a
+    TRAIN query's, so the groups separate what it memorised, what it must compose and what it never read."""
+    train = [_words(corpus.queries[j].text) for j in corpus.query_rows("train")]
+    seen_texts = {tuple(w) for w in train}
+    seen_words = {x for w in train for x in w}
+    out = []
+    for j in query_rows:
+        words = _words(corpus.queries[j].text)
+        out.append(NOVELTY_GROUPS[0] if tuple(words) in seen_texts
+                   else NOVELTY_GROUPS[1] if all(x in seen_words for x in words) else NOVELTY_GROUPS[2])
+    return out
 
 
 def evaluate_ranked(corpus: Corpus, outputs: RankedOutputs,
