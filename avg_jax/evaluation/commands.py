@@ -69,6 +69,10 @@ def run_eval(args: argparse.Namespace) -> int:
             groups = IdentifierTable.load(args.identifiers).subset(split_ids).groups()
         except KeyError as e:
             raise ValueError(f"{args.identifiers}: {e.args[0]} ({args.split!r} images of {args.corpus})") from None
+    novelty_of = None  # query row -> NOVELTY_GROUPS entry, the same for every system
+    if args.by_novelty:
+        rows = corpus.query_rows(args.split)
+        novelty_of = dict(zip(rows.tolist(), query_novelty(corpus, rows), strict=True))
     systems = {}
     for spec in args.ranked:
         name, _, file = spec.rpartition("=")
@@ -77,8 +81,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if groups is not None and outputs.identifiers is None:
             raise ValueError(f"{file}: --identifiers was given but the file has no 'identifiers' field")
         systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size)
-        if args.by_novelty:
-            novelty = np.array(query_novelty(corpus, outputs.query_rows))
+        if novelty_of is not None:
+            novelty = np.array([novelty_of[j] for j in outputs.query_rows])
             for group in NOVELTY_GROUPS:
                 if (novelty == group).any():
                     systems[f"{name} [{group}]"] = evaluate_ranked(corpus, outputs.subset(novelty == group), groups,
