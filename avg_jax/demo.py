@@ -169,7 +169,8 @@ def run_demo(
                    "loss": dataclasses.asdict(RetrievalLossConfig())},
             "avg": avg_metrics, **({"avg_fused": {**fused_metrics, "prior_weight": final["prior_weight"],
                                                   "rerank_weight": final["rerank_weight"],
-                                                  "temperature": final["rerank_temperature"]}}
+                                                  "temperature": final["rerank_temperature"],
+                                                  **_chosen_on(final.get("fusion_selection"))}}
                                    if fused_metrics else {}),
             "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
             "examples": examples, "efficiency": efficiency,
@@ -187,6 +188,14 @@ def run_demo(
         return result
     finally:
         stages.close()
+
+
+def _chosen_on(selection: dict | None) -> dict:
+    """Where the fused weights came from (`FusionSelection`; empty when the config fixed them)."""
+    if not selection:
+        return {}
+    return {"chosen_on_split": selection["split"], "chosen_on_queries": selection["queries"],
+            "chosen_by": selection["metric"]}
 
 
 def load_retriever(run_dir: Path) -> Retriever:

@@ -53,7 +53,9 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
                     "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained",
                     "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature",
-                    "train_retrieval.eval_prior_weight", "train_retrieval.fit_queries")
+                    "train_retrieval.eval_prior_weight", "train_retrieval.fit_queries",
+                    *(f"FusionSelection.{f}" for f in ("split", "prior_weights", "rerank_weights", "metric",
+                                                        "max_queries")))
 ROW_KINDS = ("train", "dense", "ceiling", "ceiling_codes")  # see the module docstring
 DATASETS = ("flickr30k", "coco", "emoji")
 

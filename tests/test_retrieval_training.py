@@ -805,3 +805,70 @@ def test_train_query_conditioning_checkpoint_ranks_like_evaluator(setup, tmp_pat
     assert [g.image_ids for g in got] == [line["image_ids"][:10] for line in lines]
     with pytest.raises(ValueError, match="query-conditioned"):
         retriever.retrieve([lines[0]["text"]], k=10)
+
+
+def test_fusion_selection_chooses_the_weights_on_val_and_applies_them_to_test(setup, tmp_path):
+    """FusionSelection.split = 'val': every (prior, rerank) pair of the grid is scored on the val queries over
+    the val images; each grid point must equal a direct fused search with that pair (model.rank with the full
+    RerankConfig, not the one-search-per-prior shortcut) scored by a plain-python R@K / MRR@10; the best pair by
+    the metric (first in grid order on ties) fuses the test evaluation and is stored in heads.npz."""
+    from avg_jax.retrieval.model import RerankConfig, SearchIndex, load_reranker
+    from avg_jax.training.retrieval import TokenizerTowers
+
+    corpus, table = setup["corpus"], setup["table"]
+    table_dir = _table_with_tokenizer(setup, tmp_path)
+    run = tmp_path / "run"
+    priors, weights = (0.0, 1.0), (0.0, 2.0, 50.0)
+    assert _train({**setup, "table_dir": table_dir}, run, "train_loop.num_steps = 3",
+                  "TrainMixture.pseudo_query_rate = 1.0", "train_retrieval.eval_rerank_temperature = 0.1",
+                  "train_retrieval.eval_rerank_weight = 1.0", "FusionSelection.split = 'val'",
+                  f"FusionSelection.prior_weights = {priors}", f"FusionSelection.rerank_weights = {weights}",
+                  "FusionSelection.metric = 'mrr@10'") == 0
+    chosen = json.loads((run / "fusion_val.json").read_text())
+    grid = chosen["grid"]
+    assert [(g["prior_weight"], g["rerank_weight"]) for g in grid] == [(p, w) for p in priors for w in weights]
+    val_rows = corpus.query_rows("val")
+    assert chosen["queries"] == len(val_rows)
+
+    model, params, _ = RetrievalModel.load_checkpoint(run / "retrieval")
+    val_ids = [corpus.images[i].id for i in corpus.image_rows("val")]
+    index = SearchIndex.from_table(table.subset(val_ids))
+    towers = TokenizerTowers.load(corpus, table, str(table_dir))
+    inputs = model.encode_queries([corpus.queries[j].text for j in val_rows])
+    relevant = [set(corpus.queries[j].image_ids) for j in val_rows]
+    features = corpus.text_features[val_rows]
+
+    def reference(prior, weight):
+        ranked = model.rank(params, inputs, index, beam_size=10, batch_size=64, query_features=features,
+                            rerank=towers.reranker(RerankConfig(weight, 0.1, prior), val_ids)).images
+        first = [next((r for r, image in enumerate(images[:10]) if image in rel), None)
+                 for images, rel in zip(ranked, relevant, strict=True)]
+        return {"mrr@10": np.mean([0.0 if f is None else 1.0 / (f + 1) for f in first]),
+                "recall@1": np.mean([f is not None and f < 1 for f in first]),
+                "recall@10": np.mean([f is not None for f in first])}
+
+    for point in grid:
+        want = reference(point["prior_weight"], point["rerank_weight"])
+        for key, value in want.items():
+            assert point[key] == pytest.approx(value, abs=1e-9), (point, key)
+    assert len({round(g["mrr@10"], 9) for g in grid}) > 1  # the weights changed the val ranking
+    best = max(grid, key=lambda g: g["mrr@10"])  # max returns the first maximum: grid order breaks ties
+    assert (chosen["prior_weight"], chosen["rerank_weight"]) == (best["prior_weight"], best["rerank_weight"])
+    final = json.loads((run / "eval_test.json").read_text())
+    assert final["fusion_selection"]["rerank_weight"] == best["rerank_weight"]
+    if best["prior_weight"] or best["rerank_weight"]:  # the test evaluation fused with the chosen pair
+        assert (final["prior_weight"], final["rerank_weight"]) == (best["prior_weight"], best["rerank_weight"])
+        stored = load_reranker(run / "retrieval").config
+        assert (stored.prior_weight, stored.weight, stored.temperature) == (best["prior_weight"],
+                                                                            best["rerank_weight"], 0.1)
+
+
+@pytest.mark.parametrize("params, match", [
+    (("FusionSelection.split = 'test'",), "held-out queries"),
+    (("FusionSelection.split = 'val'",), "not trained to emit"),
+])
+def test_fusion_selection_rejects_a_split_it_cannot_choose_on(setup, tmp_path, capsys, params, match):
+    table_dir = _table_with_tokenizer(setup, tmp_path)
+    assert _train({**setup, "table_dir": table_dir}, tmp_path / "run", "train_loop.num_steps = 1", *params) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training

@@ -141,8 +141,10 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]], config_di
     systems = [("AVG (constrained beam search)", r["avg"])]
     if "avg_fused" in r:
         f = r["avg_fused"]
+        chosen = (f", chosen on {f['chosen_on_queries']} {f['chosen_on_split']} queries by {f['chosen_by']}"
+                  if "chosen_on_split" in f else "")
         systems.append((f"AVG + voken prior {f['prior_weight']:g} + rerank {f['rerank_weight']:g} "
-                        f"(temperature {f['temperature']:g})", f))
+                        f"(temperature {f['temperature']:g}{chosen})", f))
     for name, m in (*systems, ("dense two-tower", r["dense"]), ("chance (random ranking)", r["chance"])):
         cells = [pct(m.get(f"recall@{k}", float("nan"))) for k in ks] + [
             pct(m.get("mrr@10", float("nan"))), pct(m.get("empty_rate", float("nan")))]

@@ -25,19 +25,23 @@ prefix (through its text head) in every ranking.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 from etils import epath
 
 from avg_jax import partitioning
 from avg_jax.data.corpus import Corpus
-from avg_jax.evaluation.metrics import DEFAULT_KS, applicable_ks, chance_metrics, evaluate_images
+from avg_jax.evaluation.metrics import DEFAULT_KS, MRR_CUTOFF, applicable_ks, chance_metrics, evaluate_images
 from avg_jax.identifiers.table import IdentifierTable
-from avg_jax.retrieval.model import Rankings, Reranker, RetrievalModel, SearchIndex
+from avg_jax.retrieval.model import Rankings, RerankConfig, Reranker, RetrievalModel, SearchIndex
 
 GENERATION_METRICS = ("invalid_rate", "out_of_split_rate")  # reported by unconstrained evaluation only
 RERANK_PREFIX = "rerank/"
@@ -73,21 +77,35 @@ class RetrievalEvaluator:
         self.chance = chance_metrics(self.num_images, [len(r) for r in self.relevant], self.ks)
         self.batch_size = batch_size
         self.out_sharding = None if mesh is None else partitioning.replicated(mesh)
-        self.reranker = reranker if reranker is not None and reranker.config.enabled else None
-        self.query_features = None
-        if self.reranker is not None:
-            if corpus.text_features is None:
-                raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: rerank needs the queries' "
-                                 "text features")
-            missing = [i for i in image_ids if i not in self.reranker.row]
-            if missing:
-                raise ValueError(f"reranker has no embedding for {len(missing)} {split} image(s), e.g. {missing[0]}")
-            self.query_features = corpus.text_features[query_rows]
+        self.image_ids = image_ids
+        self.reranker, self.query_features = None, None
         if model.conditioned:  # the encoder prefix: the queries' own text features through the model's text head
-            if corpus.text_features is None:
-                raise ValueError(f"corpus {corpus.name!r} has no text_features.npy: a query-conditioned model needs "
-                                 "the queries' text features")
-            self.query_features = corpus.text_features[query_rows]
+            self.query_features = self.text_features("a query-conditioned model")
+        self._fuse_with(reranker)
+
+    def text_features(self, needed_by: str) -> np.ndarray:
+        """[queries, f] the corpus text features of this evaluator's queries (error naming `needed_by` if none)."""
+        if self.corpus.text_features is None:
+            raise ValueError(f"corpus {self.corpus.name!r} has no text_features.npy: {needed_by} needs the "
+                             "queries' text features")
+        return self.corpus.text_features[self.query_rows]
+
+    def _fuse_with(self, reranker: Reranker | None) -> None:
+        """Set the reranker (None or a disabled config: the generative ranking only), checked against the split."""
+        self.reranker = reranker if reranker is not None and reranker.config.enabled else None
+        if self.reranker is None:
+            return
+        missing = [i for i in self.image_ids if i not in self.reranker.row]
+        if missing:
+            raise ValueError(f"reranker has no embedding for {len(missing)} {self.split} image(s), e.g. {missing[0]}")
+        self.query_features = self.text_features("rerank / the voken prior")
+
+    def with_reranker(self, reranker: Reranker | None) -> RetrievalEvaluator:
+        """This evaluator fusing with `reranker` instead of its own (None: none); the same model, index, queries
+        and encodings (nothing is built or encoded again)."""
+        out = copy.copy(self)
+        out._fuse_with(reranker)
+        return out
 
     def rankings(self, params: Any, n: int | None = None, rerank: bool = False) -> Rankings:
         """Ranked image ids and identifiers (and free generations) of the first `n` (default all) queries;
@@ -184,3 +202,66 @@ def rerank_path(path: epath.PathLike) -> epath.Path:
     """Where the reranked outputs of `path` (ranked_<split>.jsonl) go: ranked_<split>_rerank.jsonl."""
     path = epath.Path(path)
     return path.parent / f"{path.stem}_rerank{path.suffix}"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class FusionSelection:
+    """The fusion weights chosen on held-out queries instead of fixed in the config (gin: `FusionSelection.split =
+    'val'`; None = off, the configs' `train_retrieval.eval_prior_weight` / `eval_rerank_weight`).
+
+    After training, the split's queries (`max_queries` evenly spaced ones; None = all) are ranked over the split's
+    images once per voken-prior weight of `prior_weights` (the prior changes the search), and each such beam is
+    rescored with every rerank weight of `rerank_weights` (no further search: fused = search score + weight *
+    cosine / temperature, `Reranker`). The pair with the highest `metric` ('recall@K' or 'mrr@10'; ties go to
+    the pair listed first) then fuses the evaluation split's ranking and is stored in the retrieval checkpoint's
+    heads.npz, so `avg-jax retrieve` uses it too. The temperature stays `train_retrieval.eval_rerank_temperature`
+    (only weight / temperature matters). The split must be indexed (its images among the model's training
+    targets: pseudo-queries / memorize rows of `TrainMixture.memorize_splits`) and none of its queries may reach
+    training, as with a validation split; on a corpus without such queries the fixed weights are the only
+    option (emoji has none: its fused settings were seen on the test split, README)."""
+
+    split: str | None = None
+    prior_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    rerank_weights: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+    metric: str = f"mrr@{MRR_CUTOFF}"
+    max_queries: int | None = None
+
+    def __post_init__(self):
+        for name in ("prior_weights", "rerank_weights"):
+            values = getattr(self, name)
+            if not values or any(not np.isfinite(v) or v < 0 for v in values):
+                raise ValueError(f"FusionSelection.{name} must be a non-empty list of finite weights >= 0, got "
+                                 f"{values}")
+        if not re.fullmatch(rf"recall@\d+|mrr@{MRR_CUTOFF}", self.metric):
+            raise ValueError(f"FusionSelection.metric must be 'recall@K' or 'mrr@{MRR_CUTOFF}', got {self.metric!r}")
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"FusionSelection.max_queries must be >= 1 or None, got {self.max_queries}")
+        if self.split in ("train", "test"):
+            raise ValueError(f"FusionSelection.split {self.split!r}: the weights must be chosen on held-out queries "
+                             "that are not the evaluation's (train queries are fitted, test queries are the "
+                             "result); use a validation split ('val')")
+
+
+def select_fusion(evaluator: RetrievalEvaluator, params: Any, reranker: Callable[[RerankConfig], Reranker],
+                  selection: FusionSelection, temperature: float) -> tuple[RerankConfig, list[dict[str, float]]]:
+    """`selection`'s grid on `evaluator`'s queries (its split is the held-out one): the best `RerankConfig` and
+    every grid point's metrics (prior_weight, rerank_weight and the image-level metrics), in grid order.
+    `reranker(config)`: the dense towers fused by `config` over the evaluator's images."""
+    features = evaluator.text_features("FusionSelection")
+    grid: list[dict[str, float]] = []
+    best: tuple[float, RerankConfig] | None = None
+    for prior in selection.prior_weights:
+        searched = evaluator.with_reranker(reranker(RerankConfig(0.0, temperature, prior)))
+        beams = searched.rankings(params, rerank=searched.reranker is not None)
+        for weight in selection.rerank_weights:
+            config = RerankConfig(weight, temperature, prior)
+            metrics = evaluator.score(reranker(config)(beams, features))
+            if selection.metric not in metrics:
+                raise ValueError(f"FusionSelection.metric {selection.metric!r} is not scored at beam "
+                                 f"{evaluator.beam_size} (scored: {sorted(metrics)})")
+            grid.append({"prior_weight": prior, "rerank_weight": weight, **metrics})
+            if best is None or metrics[selection.metric] > best[0]:
+                best = (metrics[selection.metric], config)
+    assert best is not None  # the grids are non-empty (FusionSelection)
+    return best[1], grid

@@ -57,7 +57,7 @@ from avg_jax.t5.configs import T5Config
 from avg_jax.t5.hf_io import load_hf_t5
 from avg_jax.t5.model import init_params
 from avg_jax.t5.vocab_expand import expand_vocab
-from avg_jax.training.evaluator import RetrievalEvaluator, rerank_path
+from avg_jax.training.evaluator import FusionSelection, RetrievalEvaluator, rerank_path, select_fusion
 from avg_jax.training.examples import (
     AlignedCorpus,
     SequentialIterator,
@@ -172,7 +172,9 @@ def train_retrieval(
     `fit_queries` > 0: every evaluation also ranks that many TRAIN queries (evenly spaced over the corpus' train
     queries) over the TRAIN images and reports their metrics under `fit/`: how well the generator fits what
     it was trained on, beside how it generalises (a generator that cannot retrieve its own training queries
-    is under-trained, not over-fitted); their final ranked outputs go to ranked_train_fit.jsonl."""
+    is under-trained, not over-fitted); their final ranked outputs go to ranked_train_fit.jsonl.
+    `FusionSelection.split` (gin): the final evaluation's fusion weights are chosen on that held-out split's
+    queries instead (`select_fusion`; grid and choice in fusion_<split>.json and under "fusion_selection")."""
     if discriminative_images not in ("indexed", "train"):
         raise ValueError(f"train_retrieval.discriminative_images must be 'indexed' or 'train', got "
                          f"{discriminative_images!r}")
@@ -258,6 +260,12 @@ def train_retrieval(
             periodic = evaluator.subset(evenly_spaced(evaluator.query_rows, eval_max_queries))
         else:
             periodic = evaluator
+    selection = FusionSelection()
+    held_out = None  # the evaluator of the split the fusion weights are chosen on
+    if selection.split is not None:
+        TokenizerTowers.require(towers, "FusionSelection", identifiers_dir)
+        held_out = _held_out_evaluator(selection, corpus, model, table, mixture, eval_split, eval_beam_size,
+                                       eval_batch_size)
     fit = None
     if fit_queries > 0:
         fit = RetrievalEvaluator(model, corpus, table, "train", beam_size=eval_beam_size, batch_size=eval_batch_size,
@@ -273,6 +281,19 @@ def train_retrieval(
     result = train_loop(model, iterator, run_path, evaluate=_with_fit(periodic, fit), constants=constants,
                         initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
+    if held_out is not None and not result.preempted:
+        rerank, grid = select_fusion(held_out, result.state.params,
+                                     lambda c: towers.reranker(c, held_out.image_ids), selection,
+                                     eval_rerank_temperature)
+        evaluator = evaluator.with_reranker(towers.reranker(rerank, evaluator.image_ids))
+        eval_rerank_weight, eval_prior_weight = rerank.weight, rerank.prior_weight
+        final["fusion_selection"] = {"split": selection.split, "metric": selection.metric,
+                                     "queries": int(held_out.query_rows.size), "prior_weight": rerank.prior_weight,
+                                     "rerank_weight": rerank.weight, "grid": grid}
+        if jax.process_index() == 0:
+            write_json(run_path / f"fusion_{selection.split}.json", final["fusion_selection"])
+            print(f"fusion chosen on {held_out.query_rows.size} {selection.split} queries by {selection.metric}: "
+                  f"prior weight {rerank.prior_weight}, rerank weight {rerank.weight}", flush=True)
     if not result.preempted:
         image_ids = [im.id for im in corpus.images if eval_split is None or im.split == eval_split]
         export_retrieval_checkpoint(run_path / RETRIEVAL_DIR, model, result.state.params, table.subset(image_ids))
@@ -298,6 +319,30 @@ def train_retrieval(
             print(f"{eval_split}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()
                                                if isinstance(v, float)), flush=True)
     return final
+
+
+def _held_out_evaluator(selection: FusionSelection, corpus: Corpus, model: RetrievalModel, table: IdentifierTable,
+                        mixture: TrainMixture, eval_split: str | None, beam_size: int, batch_size: int
+                        ) -> RetrievalEvaluator:
+    """The evaluator `FusionSelection` chooses on, checked before any training: its split must be held out from
+    the evaluation, indexed (the model learns to emit its images) and have queries."""
+    split = selection.split
+    if eval_split is None or split == eval_split:
+        raise ValueError(f"FusionSelection.split {split!r} needs an evaluation split other than it "
+                         f"(train_retrieval.eval_split = {eval_split!r}) to apply the chosen weights to")
+    if split not in mixture.indexed_splits():
+        raise ValueError(f"FusionSelection.split {split!r}: the model is not trained to emit its images (indexed "
+                         f"splits {list(mixture.indexed_splits())}; TrainMixture.memorize_splits with pseudo-queries "
+                         "or memorize rows), so its queries cannot stand in for the test queries")
+    rows = corpus.query_rows(split)
+    if rows.size == 0:
+        raise ValueError(f"FusionSelection.split {split!r}: corpus {corpus.name!r} has no {split!r} queries")
+    if selection.max_queries is not None:
+        rows = evenly_spaced(rows, selection.max_queries)
+    evaluator = RetrievalEvaluator(model, corpus, table, split, beam_size=beam_size, batch_size=batch_size,
+                                   query_rows=rows)
+    evaluator.text_features("FusionSelection")  # fail now, not after training
+    return evaluator
 
 
 def evenly_spaced(rows: np.ndarray, n: int) -> np.ndarray:
