@@ -192,7 +192,7 @@ def run_demo(
 
 def _chosen_on(selection: dict | None) -> dict:
     """Where the fused weights came from (`FusionSelection`; empty when the config fixed them)."""
-    if not selection:
+    if not selection or "skipped" in selection:
         return {}
     return {"chosen_on_split": selection["split"], "chosen_on_queries": selection["queries"],
             "chosen_by": selection["metric"]}

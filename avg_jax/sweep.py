@@ -55,7 +55,7 @@ EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batc
                     "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature",
                     "train_retrieval.eval_prior_weight", "train_retrieval.fit_queries",
                     *(f"FusionSelection.{f}" for f in ("split", "prior_weights", "rerank_weights", "metric",
-                                                        "max_queries")))
+                                                        "max_queries", "if_available")))
 ROW_KINDS = ("train", "dense", "ceiling", "ceiling_codes")  # see the module docstring
 DATASETS = ("flickr30k", "coco", "emoji")
 
@@ -236,10 +236,17 @@ def tokenizer_key(corpus_dir: str) -> str:
 
 
 def training_key(tok_key: str) -> str:
-    """Digest of the whole parsed config without the evaluation-only parameters, and of the identifier table."""
+    """Digest of the whole parsed config without the evaluation-only parameters, and of the identifier table.
+    A configurable's section left with nothing but its header (all of its parameters evaluation-only, e.g.
+    `FusionSelection`) goes too, so setting it does not split a run."""
     eval_only = re.compile(r"^(" + "|".join(re.escape(p) for p in EVAL_ONLY_PARAMS) + r")\s*=")
-    lines = [line for line in gin.config_str().splitlines() if not eval_only.match(line)]
-    return _digest(tok_key + "\n" + "\n".join(lines))
+    sections = []
+    for section in gin.config_str().split("\n\n"):
+        lines = section.splitlines()
+        kept = [line for line in lines if not eval_only.match(line)]
+        if len(kept) == len(lines) or any(line and not line.startswith("#") for line in kept):
+            sections.append("\n".join(kept))
+    return _digest(tok_key + "\n" + "\n\n".join(sections))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -872,3 +872,27 @@ def test_fusion_selection_rejects_a_split_it_cannot_choose_on(setup, tmp_path, c
     assert _train({**setup, "table_dir": table_dir}, tmp_path / "run", "train_loop.num_steps = 1", *params) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_fusion_selection_if_available_keeps_the_fixed_weights_without_val_queries(setup, tmp_path, capsys):
+    """A corpus with no val queries: FusionSelection.split = 'val' is an error, unless if_available, which keeps
+    the fixed eval weights (in eval_test.json and heads.npz) and records that nothing was chosen."""
+    from avg_jax.retrieval.model import load_reranker
+
+    corpus = setup["corpus"]
+    keep = [j for j, q in enumerate(corpus.queries) if q.split != "val"]
+    no_val = dataclasses.replace(corpus, queries=[corpus.queries[j] for j in keep],
+                                 text_features=corpus.text_features[keep])
+    plan = {**setup, "corpus_dir": no_val.save(tmp_path / "corpus"),
+            "table_dir": _table_with_tokenizer(setup, tmp_path)}
+    params = ("train_loop.num_steps = 1", "TrainMixture.pseudo_query_rate = 1.0", "FusionSelection.split = 'val'",
+              "train_retrieval.eval_rerank_weight = 3.0", "train_retrieval.eval_rerank_temperature = 0.1")
+    assert _train(plan, tmp_path / "strict", *params) == 2
+    assert "has no 'val' queries" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert _train(plan, run, *params, "FusionSelection.if_available = True") == 0
+    final = json.loads((run / "eval_test.json").read_text())
+    assert final["fusion_selection"] == {"split": "val", "skipped": "no 'val' queries"}
+    assert (final["rerank_weight"], final["prior_weight"]) == (3.0, 0.0)
+    assert load_reranker(run / "retrieval").config.weight == 3.0
+    assert not (run / "fusion_val.json").exists()

@@ -218,14 +218,16 @@ class FusionSelection:
     heads.npz, so `avg-jax retrieve` uses it too. The temperature stays `train_retrieval.eval_rerank_temperature`
     (only weight / temperature matters). The split must be indexed (its images among the model's training
     targets: pseudo-queries / memorize rows of `TrainMixture.memorize_splits`) and none of its queries may reach
-    training, as with a validation split; on a corpus without such queries the fixed weights are the only
-    option (emoji has none: its fused settings were seen on the test split, README)."""
+    training, as with a validation split. A corpus without queries of the split is an error, unless
+    `if_available` (the emoji fused configs: emoji has no validation queries, a corpus run with those configs may
+    have them): then the fixed weights stay and the run records that nothing was chosen."""
 
     split: str | None = None
     prior_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     rerank_weights: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
     metric: str = f"mrr@{MRR_CUTOFF}"
     max_queries: int | None = None
+    if_available: bool = False
 
     def __post_init__(self):
         for name in ("prior_weights", "rerank_weights"):

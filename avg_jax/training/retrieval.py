@@ -266,6 +266,9 @@ def train_retrieval(
         TokenizerTowers.require(towers, "FusionSelection", identifiers_dir)
         held_out = _held_out_evaluator(selection, corpus, model, table, mixture, eval_split, eval_beam_size,
                                        eval_batch_size)
+        if held_out is None and jax.process_index() == 0:
+            print(f"FusionSelection: corpus {corpus.name!r} has no {selection.split!r} queries; the fixed fusion "
+                  "weights stay", flush=True)
     fit = None
     if fit_queries > 0:
         fit = RetrievalEvaluator(model, corpus, table, "train", beam_size=eval_beam_size, batch_size=eval_batch_size,
@@ -281,6 +284,8 @@ def train_retrieval(
     result = train_loop(model, iterator, run_path, evaluate=_with_fit(periodic, fit), constants=constants,
                         initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
+    if selection.split is not None and held_out is None:
+        final["fusion_selection"] = {"split": selection.split, "skipped": f"no {selection.split!r} queries"}
     if held_out is not None and not result.preempted:
         rerank, grid = select_fusion(held_out, result.state.params,
                                      lambda c: towers.reranker(c, held_out.image_ids), selection,
@@ -323,9 +328,10 @@ def train_retrieval(
 
 def _held_out_evaluator(selection: FusionSelection, corpus: Corpus, model: RetrievalModel, table: IdentifierTable,
                         mixture: TrainMixture, eval_split: str | None, beam_size: int, batch_size: int
-                        ) -> RetrievalEvaluator:
+                        ) -> RetrievalEvaluator | None:
     """The evaluator `FusionSelection` chooses on, checked before any training: its split must be held out from
-    the evaluation, indexed (the model learns to emit its images) and have queries."""
+    the evaluation, indexed (the model learns to emit its images) and have queries (None: it has none and
+    `if_available`)."""
     split = selection.split
     if eval_split is None or split == eval_split:
         raise ValueError(f"FusionSelection.split {split!r} needs an evaluation split other than it "
@@ -336,7 +342,10 @@ def _held_out_evaluator(selection: FusionSelection, corpus: Corpus, model: Retri
                          "or memorize rows), so its queries cannot stand in for the test queries")
     rows = corpus.query_rows(split)
     if rows.size == 0:
-        raise ValueError(f"FusionSelection.split {split!r}: corpus {corpus.name!r} has no {split!r} queries")
+        if selection.if_available:
+            return None
+        raise ValueError(f"FusionSelection.split {split!r}: corpus {corpus.name!r} has no {split!r} queries "
+                         "(FusionSelection.if_available = True keeps the fixed weights then)")
     if selection.max_queries is not None:
         rows = evenly_spaced(rows, selection.max_queries)
     evaluator = RetrievalEvaluator(model, corpus, table, split, beam_size=beam_size, batch_size=batch_size,
