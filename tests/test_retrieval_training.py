@@ -118,30 +118,35 @@ def test_replace_changes_only_the_named_fields(setup):
         task.replace(beam=5)
 
 
-def _np_score(logits: np.ndarray, tokens: np.ndarray) -> float:
+def _np_score(logits: np.ndarray, tokens: np.ndarray, probabilities: bool = False) -> float:
+    """Sum over the non-PAD tokens of log p(token) (or of p(token) with `probabilities`), float64 numpy."""
     logits = logits.astype(np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
-    return float(sum(logp[t, tok] for t, tok in enumerate(tokens) if tok != 0))
+    per_token = np.exp(logp) if probabilities else logp
+    return float(sum(per_token[t, tok] for t, tok in enumerate(tokens) if tok != 0))
 
 
-@pytest.mark.parametrize("relevant,reduction,prior,found_only", [(False, "sum", False, False),
-                                                                 (True, "sum", False, False),
-                                                                 (True, "mean", False, False),
-                                                                 (True, "mean", True, False),
-                                                                 (True, "mean", False, True)])
-def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction, prior, found_only):
+@pytest.mark.parametrize("relevant,reduction,prior,found_only,score", [(False, "sum", False, False, "log_prob"),
+                                                                       (True, "sum", False, False, "log_prob"),
+                                                                       (True, "mean", False, False, "log_prob"),
+                                                                       (True, "mean", True, False, "log_prob"),
+                                                                       (True, "mean", False, True, "log_prob"),
+                                                                       (True, "mean", False, False, "prob")])
+def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, reduction, prior, found_only, score):
     """(1) The batched [batch * b, T] pass with injection, duplicate masking and (with `relevant`) the query's
     other relevant identifiers masked out of the softmax equals a per-candidate brute force, with L_gen
     summed or averaged over tokens, and (with `prior`, L_dis over fused scores) each candidate's listwise score
     plus its tokens' voken-prior biases, the candidates drawn by the search with that prior; (2) the gradient
     equals that of the same loss with the beam-search candidates fed in as constants, i.e. it flows only
     through the teacher-forced scores, never through the search or the prior. `found_only`: L_dis averaged over
-    the rows whose positive the beam found (the rows with an injected positive left out)."""
+    the rows whose positive the beam found (the rows with an injected positive left out). `score` 'prob': the
+    listwise scores are the candidates' summed token probabilities (§3.2's wording), L_gen stays log-probability."""
     task, batch, params, constants = _task_and_batch(setup, generative_reduction=reduction,
                                                      max_relevant=3 if relevant else 0,
                                                      prior_weight=0.5 if prior else 0.0, prior_temperature=0.25,
-                                                     discriminative_found_only=found_only)
+                                                     discriminative_found_only=found_only,
+                                                     discriminative_score=score)
     rng, step = jax.random.key(11), jnp.int32(5)
     if found_only:  # the first query's positive becomes its top beam candidate, so the beam finds one of them
         c0, _ = jax.jit(task.candidates)(params, batch["inputs"], constants[TRAIN_TRIE])
@@ -198,17 +203,18 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
             pool = [j for j in range(len(slots)) if not ok[j]] or list(range(len(slots)))
             p = max(pool, key=lambda j: draw[q, j])
             slots[p], ok[p] = positive, True
-        scores, keep, seen = [], [], set()
+        scores, log_probs, keep, seen = [], [], [], set()
         for j, cand in enumerate(slots):  # one teacher-forced forward pass per candidate
             logits = forward(params, batch["inputs"][q:q + 1], jnp.asarray(cand)[None])
-            scores.append(_np_score(np.asarray(logits[0]), cand) + sum(bias[q, t - start] for t in cand if t))
+            log_probs.append(_np_score(np.asarray(logits[0]), cand))
+            listwise = _np_score(np.asarray(logits[0]), cand, probabilities=score == "prob")
+            scores.append(listwise + sum(bias[q, t - start] for t in cand if t))
             keep.append(ok[j] and tuple(cand) not in seen and (j == p or tuple(cand) not in other.get(q, ())))
             if ok[j]:
                 seen.add(tuple(cand))
         kept = np.array([s for s, k in zip(scores, keep, strict=True) if k])
         dis.append(np.log(np.exp(kept - kept.max()).sum()) + kept.max() - scores[p])
-        prior_of_positive = sum(bias[q, t - start] for t in positive if t)
-        gen.append(-(scores[p] - prior_of_positive) / (np.count_nonzero(positive) if reduction == "mean" else 1))
+        gen.append(-log_probs[p] / (np.count_nonzero(positive) if reduction == "mean" else 1))
     np.testing.assert_allclose(float(metrics["gen_loss"]), np.mean(gen), rtol=1e-4)
     rows = np.array(found_any) if found_only else np.ones(len(dis), bool)
     dis_mean = np.mean(np.array(dis)[rows])

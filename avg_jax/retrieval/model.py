@@ -101,6 +101,9 @@ class RetrievalLossConfig:
     `discriminative_found_only`: L_dis averaged over the rows whose positive the beam found; a row whose positive
     had to be injected into its candidates (§3.2) keeps its L_gen and adds no L_dis. On emoji those rows (about
     2/3) are what made the L_dis stage lower retrieval (README, "The real emoji benchmark").
+    `discriminative_score`: each candidate's s_j in eq. 9: 'log_prob' (default) = the sum of its vokens' log-
+    probabilities, the score the beam search ranks by; 'prob' = the sum of its vokens' probabilities, as §3.2
+    words it (a bounded score: the listwise softmax then spans at most identifier-length nats).
     `input_token_dropout` p > 0 (training only, not in the paper): each query text piece of a query or
     pseudo-query row is dropped from the encoder input with probability p (replaced by PAD, so masked out of
     attention); the EOS, an instruction prefix, memorize rows and a row's last remaining piece are kept. A
@@ -119,11 +122,18 @@ class RetrievalLossConfig:
     prior_weight: float = 0.0  # L_dis over generator + aligned-voken prior scores (0 = generator alone)
     prior_temperature: float = 1.0
     input_token_dropout: float = 0.0  # p: query text pieces dropped from the encoder input in training
+    discriminative_score: str = "log_prob"  # eq. 9's s_j: 'log_prob' (the search's score) or 'prob' (§3.2's words)
 
     def __post_init__(self):
         if not 0.0 <= self.input_token_dropout < 1.0:
             raise ValueError(f"RetrievalLossConfig.input_token_dropout must be in [0, 1), got "
                              f"{self.input_token_dropout}")
+        if self.discriminative_score not in losses.DIS_SCORES:
+            raise ValueError(f"RetrievalLossConfig.discriminative_score must be one of {losses.DIS_SCORES}, got "
+                             f"{self.discriminative_score!r}")
+        if self.discriminative_score == "prob" and self.prior_weight > 0:
+            raise ValueError("RetrievalLossConfig: prior_weight > 0 adds the voken prior to log-probability scores; "
+                             "it cannot be combined with discriminative_score 'prob'")
         if self.generative_reduction not in losses.GEN_REDUCTIONS:
             raise ValueError(f"RetrievalLossConfig.generative_reduction must be one of {losses.GEN_REDUCTIONS}, "
                              f"got {self.generative_reduction!r}")
@@ -646,7 +656,7 @@ class RetrievalModel:
             # All b*k candidates in one teacher-forced pass: [b*k, T, vocab].
             logits = self.decode(params, jnp.repeat(encoded, k, axis=0), jnp.repeat(mask, k, axis=0),
                                  cands.reshape(b * k, t), decode_rng).reshape(b, k, t, -1)
-            scores = losses.sequence_scores(logits, cands)  # [b, k]
+            scores = losses.sequence_scores(logits, cands, cfg.discriminative_score)  # [b, k]
             if bias is not None:  # the fused score the search ranked by; the gradient reaches the generator only
                 scores = scores + losses.token_bias_sums(cands, bias, self.window[0])
             dis = losses.listwise_loss(scores, positive, keep)  # [b]

@@ -24,9 +24,20 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.where(targets != PAD_ID, logp, 0.0)
 
 
-def sequence_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """s = sum of token log-probabilities of each target sequence: [..., T, V] x [..., T] -> [...]."""
-    return token_log_probs(logits, targets).sum(axis=-1)
+DIS_SCORES = ("log_prob", "prob")
+
+
+def sequence_scores(logits: jax.Array, targets: jax.Array, kind: str = "log_prob") -> jax.Array:
+    """Each target sequence's score s: [..., T, V] x [..., T] -> [...]. 'log_prob': the sum of its token
+    log-probabilities, log p(identifier), what the beam search ranks by; 'prob': the sum of its token
+    probabilities, eq. 9's s_j as the paper words it ("the sum of the corresponding vokens' generation
+    probabilities"), bounded by the identifier length. PAD positions add 0 either way."""
+    logp = token_log_probs(logits, targets)
+    if kind == "prob":
+        return jnp.where(targets != PAD_ID, jnp.exp(logp), 0.0).sum(axis=-1)
+    if kind != "log_prob":
+        raise ValueError(f"sequence_scores: kind must be one of {DIS_SCORES}, got {kind!r}")
+    return logp.sum(axis=-1)
 
 
 def token_bias_sums(sequences: jax.Array, token_bias: jax.Array, column_offset: int) -> jax.Array:
