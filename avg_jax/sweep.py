@@ -53,9 +53,9 @@ TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerCon
 EVAL_ONLY_PARAMS = ("train_retrieval.eval_beam_size", "train_retrieval.eval_batch_size",
                     "train_retrieval.eval_max_queries", "train_retrieval.eval_constrained",
                     "train_retrieval.eval_rerank_weight", "train_retrieval.eval_rerank_temperature",
-                    "train_retrieval.eval_prior_weight", "train_retrieval.fit_queries",
-                    *(f"FusionSelection.{f}" for f in ("split", "prior_weights", "rerank_weights", "metric",
-                                                        "max_queries", "if_available")))
+                    "train_retrieval.eval_prior_weight", "train_retrieval.fit_queries")
+# Configurables read only by the final evaluation: every parameter of theirs is evaluation-only.
+EVAL_ONLY_CONFIGURABLES = ("FusionSelection",)
 ROW_KINDS = ("train", "dense", "ceiling", "ceiling_codes")  # see the module docstring
 DATASETS = ("flickr30k", "coco", "emoji")
 
@@ -239,7 +239,9 @@ def training_key(tok_key: str) -> str:
     """Digest of the whole parsed config without the evaluation-only parameters, and of the identifier table.
     A configurable's section left with nothing but its header (all of its parameters evaluation-only, e.g.
     `FusionSelection`) goes too, so setting it does not split a run."""
-    eval_only = re.compile(r"^(" + "|".join(re.escape(p) for p in EVAL_ONLY_PARAMS) + r")\s*=")
+    eval_only = re.compile(r"^(" + "|".join([*(re.escape(p) for p in EVAL_ONLY_PARAMS),
+                                              *(re.escape(c) + r"\.\w+" for c in EVAL_ONLY_CONFIGURABLES)])
+                           + r")\s*=")
     sections = []
     for section in gin.config_str().split("\n\n"):
         lines = section.splitlines()
