@@ -120,6 +120,21 @@ def test_eval_with_identifier_table(corpus_dir, tiny_corpus, tmp_path, capsys):
                      "--identifiers", str(tmp_path / "table"), "--out", str(tmp_path / "m")]) == 0
     assert "id_R@1" in capsys.readouterr().out
     m = json.loads((tmp_path / "m" / "metrics.json").read_text())["systems"]["avg"]
+    assert not any(key.startswith("identifier_prefix") for key in m)
+    # --prefix_recall_at: depth 2 of these fixed-length identifiers is identifier-level recall, depth 1 the
+    # share of queries whose first generated identifier starts with the relevant image's first token.
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"avg={tmp_path / 'gen.jsonl'}", "--identifiers",
+                     str(tmp_path / "table"), "--prefix_recall_at", "1", "--out", str(tmp_path / "p")]) == 0
+    assert "identifier prefix recall@1" in capsys.readouterr().out
+    p = json.loads((tmp_path / "p" / "metrics.json").read_text())["systems"]["avg"]
+    first_hits = [r["identifiers"][0][0] == ident_of[tiny_corpus.queries[r["query_row"]].image_ids[0]][0]
+                  for r in records]
+    assert p["identifier_prefix1_recall@1"] == pytest.approx(np.mean(first_hits))
+    assert p["identifier_prefix2_recall@1"] == pytest.approx(np.mean(id_hits))
+    assert p["identifier_prefix2_recall@1"] < p["identifier_prefix1_recall@1"]
+    assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"avg={tmp_path / 'gen.jsonl'}",
+                     "--prefix_recall_at", "10", "--out", str(tmp_path / "q")]) == 2
+    assert "--prefix_recall_at 10 needs --identifiers" in capsys.readouterr().err
     assert m["identifier_recall@1"] == pytest.approx(np.mean(id_hits))
     assert m["recall@1"] == pytest.approx(np.mean(img_hits)) and m["recall@1"] < m["identifier_recall@1"]
     sizes = np.array([len(v) for v in groups.values()])

@@ -49,6 +49,43 @@ def test_identifier_level_inflated_by_collisions():
     assert m["mrr@10"] == pytest.approx((1 / 3 + 1 / 3 + 0 + 1) / 4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_identifier_prefix_recall_matches_padded_array_reference(data):
+    """Identifier prefix recall against a numpy reference over padded [.., L] arrays (cumprod of token
+    equality); variable-length identifiers (a suffix token on some) included. Depth L of fixed-length
+    identifiers equals identifier-level recall."""
+    max_len = data.draw(st.integers(1, 4))
+    fixed = data.draw(st.booleans())
+    idents = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=max_len if fixed else 1, max_size=max_len)
+                                .map(tuple), min_size=1, max_size=8, unique=True))
+    groups = {ident: [f"i{n}"] for n, ident in enumerate(idents)}
+    ident_of = {f"i{n}": ident for n, ident in enumerate(idents)}
+    images = list(ident_of)
+    num_q = data.draw(st.integers(1, 6))
+    relevant = [set(data.draw(st.lists(st.sampled_from(images), min_size=1, max_size=3))) for _ in range(num_q)]
+    ranked = [data.draw(st.lists(st.sampled_from(idents), max_size=5)) for _ in range(num_q)]
+    k = data.draw(st.integers(1, 5))
+    got = metrics.identifier_prefix_recall(ranked, relevant, groups, k)
+    top_len = max(len(i) for i in idents)
+
+    def padded(ids, pad):  # generated padded with -1, relevant with -2: nothing matches past a shorter end
+        return np.array([list(i) + [pad] * (top_len - len(i)) for i in ids]).reshape(-1, top_len)
+
+    for depth in range(1, top_len + 1):
+        hits = 0
+        for rank, rel in zip(ranked, relevant, strict=True):
+            if not rank[:k]:
+                continue
+            gen, tgt = padded(rank[:k], -1), padded([ident_of[i] for i in rel], -2)
+            shared = np.cumprod(gen[:, None, :] == tgt[None, :, :], axis=-1).sum(-1)  # [k, rel]
+            hits += bool((shared >= depth).any())
+        assert got[f"identifier_prefix{depth}_recall@{k}"] == pytest.approx(hits / num_q)
+    if fixed:
+        id_level = metrics.identifier_level_metrics(ranked, relevant, groups, ks=(k,))
+        assert got[f"identifier_prefix{max_len}_recall@{k}"] == pytest.approx(id_level[f"identifier_recall@{k}"])
+
+
 def test_expand_identifiers_order_and_errors():
     groups = {(7,): ["b", "a"], (8,): ["c"]}
     assert metrics.expand_identifiers([(8,), (7,), (8,)], groups) == ["c", "b", "a"]

@@ -64,8 +64,8 @@ def test_squared_distances_expanded_form():
 
 
 def numpy_losses(x, v_i, partial, v_hat, v_hat_code, v_t, mask, w):
-    """AVG eqs. 3-6 written out per image, per level, per caption."""
-    recon, commit, codebook, align, with_caption = [], [], [], [], 0
+    """AVG eqs. 3-6 (and the prefix_align extension) written out per image, per level, per caption."""
+    recon, commit, codebook, align, prefix, with_caption = [], [], [], [], [], 0
     for b in range(v_i.shape[0]):
         recon.append(np.sum((x[b] - v_hat[b]) ** 2))
         commit.append(sum(np.sum((v_i[b] - partial[b, d]) ** 2) for d in range(partial.shape[1])))
@@ -73,27 +73,49 @@ def numpy_losses(x, v_i, partial, v_hat, v_hat_code, v_t, mask, w):
         caps = [np.sum((v_hat_code[b] - v_t[b, k]) ** 2) for k in range(v_t.shape[1]) if mask[b, k]]
         if caps:
             align.append(np.mean(caps))
+            # levels 1 .. M-1: each partial sum against the image's captions, mean over captions, then levels
+            prefix.append(np.mean([np.mean([np.sum((partial[b, lvl] - v_t[b, k]) ** 2)
+                                            for k in range(v_t.shape[1]) if mask[b, k]])
+                                   for lvl in range(partial.shape[1] - 1)]) if partial.shape[1] > 1 else 0.0)
             with_caption += 1
     out = {"recon": np.mean(recon), "commit": np.mean(commit), "codebook": np.mean(codebook),
-           "align": np.sum(align) / max(with_caption, 1)}
+           "align": np.sum(align) / max(with_caption, 1), "prefix_align": np.sum(prefix) / max(with_caption, 1)}
     out["total"] = w.recon * out["recon"] + w.commit * out["commit"] + w.codebook * out["codebook"] \
-        + w.align * out["align"]
+        + w.align * out["align"] + w.prefix_align * out["prefix_align"]
     return out
 
 
-def test_losses_match_numpy_eqs_3_to_6():
+@pytest.mark.parametrize(("m", "prefix_align"), [(3, 0.0), (3, 0.7), (1, 2.0)])
+def test_losses_match_numpy_eqs_3_to_6(m, prefix_align):
     rng = np.random.default_rng(2)
-    b, m, d, k = 5, 3, 4, 3
+    b, d, k = 5, 4, 3
     x, v_hat = rng.standard_normal((b, 7)), rng.standard_normal((b, 7))  # input feature dim 7 != code dim
     v_i, v_hat_code = rng.standard_normal((b, d)), rng.standard_normal((b, d))
     partial, v_t = rng.standard_normal((b, m, d)), rng.standard_normal((b, k, d))
     mask = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]], np.float32)
-    w = TokenizerLossWeights(recon=1.0, commit=0.5, codebook=2.0, align=0.3)
+    w = TokenizerLossWeights(recon=1.0, commit=0.5, codebook=2.0, align=0.3, prefix_align=prefix_align)
     arrays = (x, v_i, partial, v_hat, v_hat_code, v_t, mask)
     got = tokenizer_losses(*(jnp.asarray(a, jnp.float32) for a in arrays), w)
     expect = numpy_losses(*arrays, w)
     for name, value in expect.items():
         assert float(got[name]) == pytest.approx(value, rel=1e-5), name
+
+
+def test_prefix_align_pulls_the_first_levels_vokens_towards_the_captions():
+    """prefix_align's gradient reaches the partial sums of levels 1..M-1 (their vokens) and the caption vectors,
+    never the last level, v_i or v̂; a negative weight is refused."""
+    rng = np.random.default_rng(4)
+    v_i, partial = jnp.asarray(rng.standard_normal((4, 3))), jnp.asarray(rng.standard_normal((4, 3, 3)))
+    v_t, mask = jnp.asarray(rng.standard_normal((4, 2, 3))), jnp.ones((4, 2))
+
+    def term(a, p, t):
+        return tokenizer_losses(a, a, p, a, a, t, mask, TokenizerLossWeights(prefix_align=1.0))["prefix_align"]
+
+    g_v, g_p, g_t = jax.grad(term, argnums=(0, 1, 2))(v_i, partial, v_t)
+    assert np.abs(g_v).sum() == 0 and np.abs(g_p[:, -1]).sum() == 0
+    assert np.abs(g_p[:, :-1]).min() > 0 and np.abs(g_t).sum() > 0
+    with pytest.raises(ValueError, match="prefix_align must be >= 0"):
+        TokenizerLossWeights(prefix_align=-1.0)
 
 
 def test_stop_gradients_route_commit_to_encoder_and_codebook_term_to_codes():

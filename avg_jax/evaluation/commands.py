@@ -39,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--by_novelty", action="store_true",
                    help="also score each system on the queries grouped by how new their text is to training "
                         "(seen text / new text of known words / a new word): rows 'NAME [group]'")
+    p.add_argument("--prefix_recall_at", type=int, default=None, metavar="K",
+                   help="with --identifiers: also the identifier prefix recall at K (depth d = a generated "
+                        "identifier among the first K agrees with a relevant image's on its first d tokens), "
+                        "printed as a second table: where in the identifier the generator loses the query")
     p.add_argument("--out", required=True, help="output directory for metrics.json")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval)
@@ -59,6 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
+    if args.prefix_recall_at is not None and (not args.identifiers or args.prefix_recall_at < 1):
+        raise ValueError(f"--prefix_recall_at {args.prefix_recall_at} needs --identifiers DIR and K >= 1")
     corpus = Corpus.load(args.corpus)
     groups = None
     if args.identifiers:
@@ -80,16 +86,20 @@ def run_eval(args: argparse.Namespace) -> int:
         outputs = read_ranked_jsonl(file, corpus, args.split)
         if groups is not None and outputs.identifiers is None:
             raise ValueError(f"{file}: --identifiers was given but the file has no 'identifiers' field")
-        systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size)
+        systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size,
+                                        prefix_k=args.prefix_recall_at)
         if novelty_of is not None:
             novelty = np.array([novelty_of[j] for j in outputs.query_rows])
             for group in NOVELTY_GROUPS:
                 if (novelty == group).any():
                     systems[f"{name} [{group}]"] = evaluate_ranked(corpus, outputs.subset(novelty == group), groups,
-                                                                   num_results=args.beam_size)
+                                                                   num_results=args.beam_size,
+                                                                   prefix_k=args.prefix_recall_at)
     path = write_metrics(args.out, corpus, args.corpus, args.split, systems)
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, systems, path)
+    if args.prefix_recall_at is not None:
+        print(_prefix_table(systems, args.prefix_recall_at))
     return 0
 
 
@@ -108,6 +118,20 @@ def run_eval_dense(args: argparse.Namespace) -> int:
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, {name: result}, path)
     return 0
+
+
+def _prefix_table(systems: dict[str, dict[str, float]], k: int) -> str:
+    """Identifier prefix recall at k per system, one column per depth (%)."""
+    depths = sorted({int(key[len("identifier_prefix"):key.index("_recall")]) for m in systems.values()
+                     for key in m if key.startswith("identifier_prefix")})
+    width = max(len(n) for n in systems)
+    lines = [f"identifier prefix recall@{k} (%): a generated identifier among the first {k} agrees with a relevant "
+             "image's on its first d tokens",
+             f"{'system':<{width}}  " + "  ".join(f"{f'd={d}':>6}" for d in depths)]
+    for name, m in systems.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(
+            f"{metrics.pct(m.get(f'identifier_prefix{d}_recall@{k}')):>6}" for d in depths))
+    return "\n".join(lines)
 
 
 def _print_table(corpus: Corpus, split: str, systems: dict[str, dict[str, float]], path: Path) -> None:

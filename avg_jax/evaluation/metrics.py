@@ -5,7 +5,10 @@ Image level: a query is a hit at K if one of its relevant images is among the fi
 ranking, after each generated identifier has been expanded to the images that share it (in identifier-table
 order). Identifier level: a hit at K if one of the first K generated *identifiers* equals the identifier of a
 relevant image, however many images share that identifier. With colliding identifiers the second number is
-inflated; both are reported with the collision rate so the gap is visible.
+inflated; both are reported with the collision rate so the gap is visible. Identifier prefix recall (a
+diagnostic of where a hierarchical identifier is lost): a hit at depth d if one of the first K generated
+identifiers agrees with a relevant image's identifier on its first d tokens (d = 1: the first voken, the
+coarsest level of an RQ identifier).
 
 Rankings from a beam of b < K results (the paper's Table 7, beams 1 and 5): R@K and identifier R@K for K > b,
 and MRR@10 for b < 10, are inapplicable (the paper's "-") and are left out of the returned dict (so
@@ -139,6 +142,34 @@ def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]
     out = ranking_metrics(ranked, relevant_identifiers, ks, prefix="identifier_", num_results=num_results)
     out["collision_rate"] = collision_rate(groups)
     return out
+
+
+def identifier_prefix_recall(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
+                             relevant_image_ids: Sequence[Collection[str]],
+                             groups: Mapping[Identifier, Sequence[str]], k: int = MRR_CUTOFF
+                             ) -> dict[str, float]:
+    """`identifier_prefix{d}_recall@{k}` for d = 1 .. the longest identifier in `groups`: the share of queries
+    with one of their first k generated identifiers equal to a relevant image's identifier on the first d tokens
+    (both at least d long). Decreasing in d; where every identifier has one length L, depth L is identifier-level
+    R@k. Tells at which identifier position the generator leaves the relevant images (module docstring)."""
+    _check_lengths(ranked_identifiers, relevant_image_ids, "identifier_prefix_recall")
+    ident_of = image_to_identifier(groups)
+    max_len = max(len(i) for i in groups)
+    hits = np.zeros(max_len + 1, np.int64)  # hits[d]: queries whose deepest shared prefix is d
+    for j, (ranking, rel) in enumerate(zip(ranked_identifiers, relevant_image_ids, strict=True)):
+        missing = [i for i in rel if i not in ident_of]
+        if missing:
+            raise ValueError(f"query {j}: relevant image(s) {missing[:5]} have no identifier in the table")
+        deepest = 0
+        for generated in ranking[:k]:
+            for target in {ident_of[i] for i in rel}:
+                depth = 0
+                while depth < min(len(generated), len(target)) and int(generated[depth]) == target[depth]:
+                    depth += 1
+                deepest = max(deepest, depth)
+        hits[deepest] += 1
+    at_least = np.cumsum(hits[::-1])[::-1] / max(len(ranked_identifiers), 1)  # at_least[d] = share with >= d
+    return {f"identifier_prefix{d}_recall@{k}": float(at_least[d]) for d in range(1, max_len + 1)}
 
 
 def evaluate_identifiers(ranked_identifiers: Sequence[Sequence[Sequence[int]]],

@@ -133,13 +133,17 @@ def query_novelty(corpus: Corpus, query_rows: Sequence[int]) -> list[str]:
 
 def evaluate_ranked(corpus: Corpus, outputs: RankedOutputs,
                     groups: dict[tuple[int, ...], list[str]] | None = None,
-                    ks: Sequence[int] = metrics.DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
+                    ks: Sequence[int] = metrics.DEFAULT_KS, num_results: int | None = None,
+                    prefix_k: int | None = None) -> dict[str, float]:
     """Image-level metrics of the ranked image ids; with identifiers and groups also identifier-level ones
-    (`num_results`: the beam that produced them; cutoffs beyond it are left out, see evaluation.metrics)."""
+    (`num_results`: the beam that produced them; cutoffs beyond it are left out, see evaluation.metrics) and,
+    given `prefix_k`, the identifier prefix recall at that cutoff (`metrics.identifier_prefix_recall`)."""
     relevant = [corpus.queries[j].image_ids for j in outputs.query_rows]
     out = metrics.evaluate_images(outputs.image_ids, relevant, ks, num_results)
     if groups is not None and outputs.identifiers is not None:
         out.update(metrics.identifier_level_metrics(outputs.identifiers, relevant, groups, ks, num_results))
+        if prefix_k is not None:
+            out.update(metrics.identifier_prefix_recall(outputs.identifiers, relevant, groups, prefix_k))
     return out
 
 

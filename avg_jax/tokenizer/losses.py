@@ -8,6 +8,9 @@
              the reconstructed feature into the code space of v_t)
   total    = w_recon·recon + w_commit·commit + w_codebook·codebook + w_align·align   (eq. 6: all weights 1;
              w_align = 0 is IRGen)
+           + w_prefix·prefix_align, an extension (0 = the paper): prefix_align = mean_{d<M} ||ẑ^(d) − v_t||²,
+             averaged over the captions like align, pulls the coarse partial sums (the identifier's first vokens)
+             towards the captions of the images that choose them, so a caption predicts its image's first voken
 Each term is averaged over the images of the batch; align over the images that have a caption.
 """
 
@@ -32,11 +35,16 @@ class TokenizerLossWeights:
     # What the codebook term pulls each step's voken towards: 'partial_sums' = Σ_d ||sg(v_i) − ẑ^(d)||²,
     # 'residuals' = Σ_d ||sg(r_d) − voken_d||² (r_d the residual step d quantizes: RQ-VAE's per-step update).
     codebook_target: str = "partial_sums"
+    # Hierarchical semantic alignment (not in the paper): weight of prefix_align, the levels 1..M-1 partial sums
+    # against the image's captions (0 = off; M = 1 has no prefix and contributes 0).
+    prefix_align: float = 0.0
 
     def __post_init__(self) -> None:
         if self.codebook_target not in ("partial_sums", "residuals"):
             raise ValueError(f"TokenizerLossWeights.codebook_target must be 'partial_sums' or 'residuals', got "
                              f"{self.codebook_target!r}")
+        if self.prefix_align < 0:
+            raise ValueError(f"TokenizerLossWeights.prefix_align must be >= 0, got {self.prefix_align}")
 
 
 def tokenizer_losses(
@@ -50,7 +58,7 @@ def tokenizer_losses(
     weights: TokenizerLossWeights,
     residuals: jax.Array | None = None,  # [batch, M, dim] r_d, the input of step d (codebook_target 'residuals')
 ) -> dict[str, jax.Array]:
-    """The four terms and their weighted sum (scalars), eqs. 3-6."""
+    """The four terms of eqs. 3-6, prefix_align and their weighted sum (scalars)."""
     sg = jax.lax.stop_gradient
     recon = jnp.mean(jnp.sum((image_x - v_hat) ** 2, axis=-1))
     commit = jnp.mean(jnp.sum((v_i[:, None, :] - sg(partial_sums)) ** 2, axis=(1, 2)))
@@ -62,14 +70,21 @@ def tokenizer_losses(
     else:
         codebook = jnp.mean(jnp.sum((sg(v_i)[:, None, :] - partial_sums) ** 2, axis=(1, 2)))
     mask = text_mask.astype(v_hat.dtype)
-    per_caption = jnp.sum((v_hat_code[:, None, :] - v_t) ** 2, axis=-1)  # [batch, K]
     num_captions = jnp.sum(mask, axis=1)  # [batch]
-    per_image = jnp.sum(per_caption * mask, axis=1) / jnp.maximum(num_captions, 1.0)
     has_caption = (num_captions > 0).astype(v_hat.dtype)
-    align = jnp.sum(per_image * has_caption) / jnp.maximum(jnp.sum(has_caption), 1.0)
+
+    def caption_mean(vectors: jax.Array) -> jax.Array:  # [batch, dim] -> mean over images with a caption of
+        per_caption = jnp.sum((vectors[:, None, :] - v_t) ** 2, axis=-1)  # the mean over its captions [batch, K]
+        per_image = jnp.sum(per_caption * mask, axis=1) / jnp.maximum(num_captions, 1.0)
+        return jnp.sum(per_image * has_caption) / jnp.maximum(jnp.sum(has_caption), 1.0)
+
+    align = caption_mean(v_hat_code)
+    prefixes = [caption_mean(partial_sums[:, d]) for d in range(partial_sums.shape[1] - 1)]
+    prefix_align = sum(prefixes) / len(prefixes) if prefixes else jnp.zeros((), v_hat.dtype)
     total = (weights.recon * recon + weights.commit * commit + weights.codebook * codebook
-             + weights.align * align)
-    return {"total": total, "recon": recon, "commit": commit, "codebook": codebook, "align": align}
+             + weights.align * align + weights.prefix_align * prefix_align)
+    return {"total": total, "recon": recon, "commit": commit, "codebook": codebook, "align": align,
+            "prefix_align": prefix_align}
 
 
 def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature: float, valid: jax.Array | None = None,
