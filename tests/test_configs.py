@@ -117,6 +117,8 @@ def test_experiments_bind_the_papers_settings():
         "experiments/avg/emoji_no_indexing.gin": {"TrainMixture.pseudo_query_rate": 0.0,
                                                   "tokenize_corpus.pseudo_pairs_per_image": 0,
                                                   "RetrievalLossConfig.discriminative_weight": 0.5},
+        "experiments/avg/emoji_prefix_align.gin": {"TokenizerLossWeights.prefix_align": 4.0,
+                                                   "TokenizerLossWeights.align": 1.0},
         "experiments/avg/emoji_conditioned.gin": {"QueryConditioning.enabled": True,
                                                   "QueryConditioning.max_alpha": 0.5,
                                                   "TrainMixture.pseudo_query_rate": 1.0},
@@ -319,7 +321,7 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert (run_of["AVG"] == run_of["AVG + rerank"] == run_of["AVG + voken prior"]
             == run_of["AVG + voken prior + rerank"] != run_of["AVG + query conditioning"]
             == run_of["AVG + query conditioning + voken prior + rerank"])
-    assert len({run_of[label] for label in labels if "no T5" not in label}) == 9  # IRGen, AVG and 7 variants
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 10  # IRGen, AVG and 8 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
