@@ -211,10 +211,13 @@ def beam_sweep(retriever: Retriever, corpus: Corpus, beam_sizes: Sequence[int],
     rows = corpus.query_rows(SPLIT)[:max_queries]
     texts = [corpus.queries[j].text for j in rows]
     relevant = [corpus.queries[j].image_ids for j in rows]
+    # a query-conditioned model reads each query's text feature (its encoder prefix); the retriever has no
+    # reranker, so the rankings stay the pure generative ones
+    features = corpus.text_features[rows] if retriever.model.conditioned else None
     per_beam = {}
     for beam in tqdm.tqdm(beam_sizes, desc="beam sweep", leave=False):
         t0 = time.perf_counter()
-        ranked = [r.image_ids for r in retriever.retrieve(texts, k=beam)]
+        ranked = [r.image_ids for r in retriever.retrieve(texts, k=beam, query_features=features)]
         per_beam[str(beam)] = metrics.evaluate_images(ranked, relevant, num_results=beam)
         per_beam[str(beam)]["seconds"] = time.perf_counter() - t0
     return {"num_queries": int(rows.size), "beam_sizes": [int(b) for b in beam_sizes], "per_beam": per_beam}

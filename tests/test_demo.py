@@ -94,3 +94,21 @@ def test_demo_retrieval_checkpoint_serves_the_test_images(demo_out, capsys):
     printed = capsys.readouterr().out
     ranked = [i for i in test_ids if i in printed]
     assert len(ranked) == 5, printed
+
+
+@pytest.mark.slow  # a second demo run (~1 minute on 2 cores); the default run is near its 15-minute budget
+def test_demo_with_query_conditioning(tmp_path):
+    """A query-conditioned model (QueryConditioning, issue 13 item 8) goes through every demo stage: the beam
+    sweep and the efficiency stage feed it prefix vectors, and the sweep at the trainer's beam (10) reproduces
+    the trainer's own ranking, recounted here."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--gin_file", "demo_ci.gin",
+                     "--gin_param", "QueryConditioning.enabled = True"]) == 0
+    m = json.loads((out / demo.METRICS_FILE).read_text())
+    assert "QueryConditioning.enabled = True" in (out / demo.CONFIG_DIR / "t5.gin").read_text()
+    corpus = Corpus.load(out / "corpus")
+    lines = [json.loads(x) for x in (out / "t5_run" / "ranked_test.jsonl").read_text().splitlines()]
+    ranks = np.array([_first_rank(x["image_ids"], set(corpus.queries[x["query_row"]].image_ids)) for x in lines])
+    for k in (1, 5, 10):
+        assert m["beam_sweep"]["per_beam"]["10"][f"recall@{k}"] == pytest.approx(np.mean((ranks >= 1) & (ranks <= k)))
+    assert all(m["efficiency"]["generative_qps"][str(n)] > 0 for n in m["efficiency"]["sizes"])

@@ -69,16 +69,20 @@ def generative_qps(model: RetrievalModel, params: Any, text_vocab_size: int, siz
     """q/s of the retrieval model's encoder + constrained beam search (`model.search_fn`, weights `params`) over
     a random identifier trie of each size (one compiled search, the tries are inputs), batch `batch` of
     `query_tokens`-token random queries; with per-size details (calls timed, trie build seconds, trie bytes per
-    identifier)."""
+    identifier). A query-conditioned model also gets random unit prefix vectors (its aligned query vectors; the
+    text head that makes them from a query's feature, one small matmul, is left out)."""
     rng = np.random.default_rng([seed, 11])
     inputs = [jnp.asarray(rng.integers(3, text_vocab_size, (batch, query_tokens)), jnp.int32) for _ in range(4)]
+    prefix = (jnp.asarray(random_unit_rows(rng, batch, model.config.image_feature_dim)) if model.conditioned
+              else None)
     qps, details = {}, {}
     for n in sizes:
         t0 = time.perf_counter()
         trie = random_identifier_trie(int(n), levels, codebook_size, text_vocab_size, seed)
         build_s = time.perf_counter() - t0
         search = model.search_fn(beam)
-        sec, reps = median_seconds(lambda i, s=search, t=trie: s(params, t.tables, inputs[i % len(inputs)]), repeats)
+        sec, reps = median_seconds(lambda i, s=search, t=trie: s(params, t.tables, inputs[i % len(inputs)], prefix),
+                                   repeats)
         qps[int(n)] = batch / sec
         details[str(n)] = {"repeats": reps, "trie_build_s": round(build_s, 2),
                            "bytes_per_identifier": round(trie.bytes_per_identifier(), 1)}
