@@ -46,6 +46,10 @@ TABLE_MD = "table.md"
 TABLE_JSON = "table.json"
 PAPER_KS = (1, 5, 10)
 FIT_RECALL = f"{FIT_PREFIX}recall@10"
+# Identifier prefix recall at depth 1 (metrics.identifier_prefix_recall): a top-10 generated identifier starts
+# with a relevant image's first voken. Scored for rows whose beam returns at least 10 identifiers.
+FIRST_VOKEN_K = 10
+FIRST_VOKEN_RECALL = f"identifier_prefix1_recall@{FIRST_VOKEN_K}"
 # Bindings of the tokenizer stage: rows agreeing on these (and on the corpus) share an identifier table.
 TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerConfig", "TokenizerLossWeights",
                            "grace_semantic_identifiers", "grace_structured_identifiers")
@@ -351,7 +355,8 @@ def _run_row(plan: RowPlan) -> dict[str, float]:
     outputs = read_ranked_jsonl(ranked, corpus, split)
     # A beam b returns b identifiers: R@K for K > b is inapplicable (the paper's "-") and left out.
     scores = evaluate_ranked(corpus, outputs, table.subset(split_ids).groups(),
-                             num_results=result["beam_size"])
+                             num_results=result["beam_size"],
+                             prefix_k=FIRST_VOKEN_K if result["beam_size"] >= FIRST_VOKEN_K else None)
     scores.update({k: result[k] for k in GENERATION_METRICS if k in result})  # free generation's failures
     scores.update({k: v for k, v in result.items() if k.startswith(FIT_PREFIX)})  # the train queries' fit
     prefix = "rerank/" if result.get("rerank_ranked") else ""
@@ -438,6 +443,13 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
         header.append("train R@10")
         notes.append("train R@10: the generator's R@10 on evenly spaced TRAIN queries over the TRAIN images "
                      "(train_retrieval.fit_queries), how well it fits what it was trained on.")
+    # Rows scored with their identifiers: where the generator loses a query (its first voken or after it).
+    show_first = any(FIRST_VOKEN_RECALL in r.get("metrics", {}) for r in rows)
+    if show_first:
+        header.append("first voken R@10")
+        notes.append("first voken R@10: one of the top-10 generated identifiers starts with a relevant image's "
+                     "first voken (`avg-jax eval --prefix_recall_at 10`); R@10 below it is lost deeper in the "
+                     "identifier. On a re-ranked row, of the search's identifiers before re-ranking.")
     header += ["q/s", "time (s)"]
     num_ours = len(header) - 1
     if show_paper:
@@ -458,6 +470,7 @@ def aggregate(table: SweepTable, out_dir: str | Path) -> tuple[str, dict[str, An
                 pct(m.get("mrr@10")), pct(m.get("identifier_recall@10")), pct(m.get("collision_rate"), 2)]
             cells += [pct(m.get("invalid_rate"))] if show_invalid else []
             cells += [pct(m.get(FIT_RECALL))] if show_fit else []
+            cells += [pct(m.get(FIRST_VOKEN_RECALL))] if show_first else []
             cells += [_number(m.get("queries_per_s")), _number(r.get("wall_s"))]
         else:
             cells = [r["status"]] + [""] * (num_ours - 1)

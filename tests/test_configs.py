@@ -246,6 +246,13 @@ def test_aggregate_adds_the_train_fit_column(tmp_path):
     assert "| AVG | 25.0 | 50.0 | 62.5 | 50.0 | 63.5 | 1.25 | 87.5 | - | - | - | - | - |" in lines
     assert "| IRGen | 12.5 | 25.0 | 50.0 | 50.0 | 51.0 | 1.25 | - | - | - | - | - | - |" in lines
     assert any(line.startswith("- train R@10: the generator's R@10 on evenly spaced TRAIN queries") for line in lines)
+    assert not any("first voken" in line for line in lines)
+    metrics["systems"]["row"]["identifier_prefix1_recall@10"] = 0.75  # rows scored with their identifiers
+    (avg / "metrics.json").write_text(json.dumps(metrics))
+    lines = sweep.aggregate(table, tmp_path)[0].splitlines()
+    assert "| train R@10 | first voken R@10 | q/s |" in lines[4]
+    assert "| AVG | 25.0 | 50.0 | 62.5 | 50.0 | 63.5 | 1.25 | 87.5 | 75.0 | - | - | - | - | - |" in lines
+    assert "| IRGen | 12.5 | 25.0 | 50.0 | 50.0 | 51.0 | 1.25 | - | - | - | - | - | - | - |" in lines
 
 
 def test_sweep_cli_lists_and_rejects_unknown_tables(capsys):
@@ -377,6 +384,10 @@ def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     assert {k for k in beam5 if "@" in k} == {"recall@1", "recall@5", "identifier_recall@1", "identifier_recall@5",
                                               "fit/recall@1", "fit/recall@5"}
     assert {"recall@10", "mrr@10", "identifier_recall@10"} <= set(beam10)
+    # beam 10: the first-voken recall@10 (depth 1 of the identifier prefix recall) is scored, beams 1 and 5 not;
+    # a ranking that reaches a relevant identifier also reaches its first voken
+    assert beam10["identifier_recall@10"] <= beam10["identifier_prefix1_recall@10"] <= 1.0
+    assert "first voken R@10" in markdown
     cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:4] for line in markdown.splitlines()
              if line.startswith("| ") and line[2].isdigit()}
     assert cells["1"][1:] == ["-", "-"] and cells["5"][2] == "-" and "-" not in cells["5"][:2]
