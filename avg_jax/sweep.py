@@ -182,6 +182,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("AVG + voken prior + rerank", _EMOJI + "prior_rerank.gin"),
                 _row("AVG + query conditioning", _EMOJI + "conditioned.gin"),
                 _row("AVG + hierarchical alignment", _EMOJI + "prefix_align.gin"),
+                _row("AVG + hierarchical alignment + voken prior + rerank", _EMOJI + "prefix_align_prior.gin"),
                 _row("AVG + query conditioning + voken prior + rerank", _EMOJI + "conditioned_prior.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
                 _row("w/o L_dis", _EMOJI + "no_dis.gin"),

@@ -328,6 +328,7 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert (run_of["AVG"] == run_of["AVG + rerank"] == run_of["AVG + voken prior"]
             == run_of["AVG + voken prior + rerank"] != run_of["AVG + query conditioning"]
             == run_of["AVG + query conditioning + voken prior + rerank"])
+    assert run_of["AVG + hierarchical alignment"] == run_of["AVG + hierarchical alignment + voken prior + rerank"]
     assert len({run_of[label] for label in labels if "no T5" not in label}) == 10  # IRGen, AVG and 8 variants
 
 
