@@ -125,19 +125,26 @@ def collision_rate(groups: Mapping[Identifier, Sequence[str]]) -> float:
     return float(sizes[sizes > 1].sum() / sizes.sum())
 
 
+def _relevant_identifiers(relevant_image_ids: Sequence[Collection[str]], groups: Mapping[Identifier, Sequence[str]]
+                          ) -> list[set[Identifier]]:
+    """Per query, the identifiers of its relevant images (an image without one is an error)."""
+    ident_of = image_to_identifier(groups)
+    out = []
+    for j, rel in enumerate(relevant_image_ids):
+        missing = [i for i in rel if i not in ident_of]
+        if missing:
+            raise ValueError(f"query {j}: relevant image(s) {missing[:5]} have no identifier in the table")
+        out.append({ident_of[i] for i in rel})
+    return out
+
+
 def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
                              relevant_image_ids: Sequence[Collection[str]],
                              groups: Mapping[Identifier, Sequence[str]],
                              ks: Sequence[int] = DEFAULT_KS, num_results: int | None = None) -> dict[str, float]:
     """The official AVG code's recall: a hit if a generated identifier equals a relevant image's identifier."""
     _check_lengths(ranked_identifiers, relevant_image_ids, "identifier_level_metrics")
-    ident_of = image_to_identifier(groups)
-    relevant_identifiers = []
-    for j, rel in enumerate(relevant_image_ids):
-        missing = [i for i in rel if i not in ident_of]
-        if missing:
-            raise ValueError(f"query {j}: relevant image(s) {missing[:5]} have no identifier in the table")
-        relevant_identifiers.append({ident_of[i] for i in rel})
+    relevant_identifiers = _relevant_identifiers(relevant_image_ids, groups)
     ranked = [[tuple(int(t) for t in ident) for ident in ranking] for ranking in ranked_identifiers]
     out = ranking_metrics(ranked, relevant_identifiers, ks, prefix="identifier_", num_results=num_results)
     out["collision_rate"] = collision_rate(groups)
@@ -153,16 +160,12 @@ def identifier_prefix_recall(ranked_identifiers: Sequence[Sequence[Sequence[int]
     (both at least d long). Decreasing in d; where every identifier has one length L, depth L is identifier-level
     R@k. Tells at which identifier position the generator leaves the relevant images (module docstring)."""
     _check_lengths(ranked_identifiers, relevant_image_ids, "identifier_prefix_recall")
-    ident_of = image_to_identifier(groups)
     max_len = max(len(i) for i in groups)
     hits = np.zeros(max_len + 1, np.int64)  # hits[d]: queries whose deepest shared prefix is d
-    for j, (ranking, rel) in enumerate(zip(ranked_identifiers, relevant_image_ids, strict=True)):
-        missing = [i for i in rel if i not in ident_of]
-        if missing:
-            raise ValueError(f"query {j}: relevant image(s) {missing[:5]} have no identifier in the table")
+    for ranking, targets in zip(ranked_identifiers, _relevant_identifiers(relevant_image_ids, groups), strict=True):
         deepest = 0
         for generated in ranking[:k]:
-            for target in {ident_of[i] for i in rel}:
+            for target in targets:
                 depth = 0
                 while depth < min(len(generated), len(target)) and int(generated[depth]) == target[depth]:
                     depth += 1
