@@ -37,7 +37,7 @@ from typing import Any
 import gin
 
 from avg_jax import config
-from avg_jax.evaluation.metrics import FIT_PREFIX, pct
+from avg_jax.evaluation.metrics import FIT_PREFIX, pct, prefix_recall_key
 
 METRICS_FILE = "metrics.json"
 ROW_FILE = "row.json"
@@ -49,7 +49,7 @@ FIT_RECALL = f"{FIT_PREFIX}recall@10"
 # Identifier prefix recall at depth 1 (metrics.identifier_prefix_recall): a top-10 generated identifier starts
 # with a relevant image's first voken. Scored for rows whose beam returns at least 10 identifiers.
 FIRST_VOKEN_K = 10
-FIRST_VOKEN_RECALL = f"identifier_prefix1_recall@{FIRST_VOKEN_K}"
+FIRST_VOKEN_RECALL = prefix_recall_key(1, FIRST_VOKEN_K)
 # Bindings of the tokenizer stage: rows agreeing on these (and on the corpus) share an identifier table.
 TOKENIZER_CONFIGURABLES = ("tokenize_corpus", "train_tokenizer", "RQTokenizerConfig", "TokenizerLossWeights",
                            "grace_semantic_identifiers", "grace_structured_identifiers")
@@ -181,9 +181,9 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("AVG + voken prior", _EMOJI + "prior.gin"),
                 _row("AVG + voken prior + rerank", _EMOJI + "prior_rerank.gin"),
                 _row("AVG + query conditioning", _EMOJI + "conditioned.gin"),
+                _row("AVG + query conditioning + voken prior + rerank", _EMOJI + "conditioned_prior.gin"),
                 _row("AVG + hierarchical alignment", _EMOJI + "prefix_align.gin"),
                 _row("AVG + hierarchical alignment + voken prior + rerank", _EMOJI + "prefix_align_prior.gin"),
-                _row("AVG + query conditioning + voken prior + rerank", _EMOJI + "conditioned_prior.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
                 _row("w/o L_dis", _EMOJI + "no_dis.gin"),
                 _row("L_dis on pseudo-queries too", _EMOJI + "dis_pseudo.gin"),

@@ -7,6 +7,7 @@ avg_jax/evaluation/dense.py. `--identifiers` enables identifier-level recall.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -122,15 +123,15 @@ def run_eval_dense(args: argparse.Namespace) -> int:
 
 def _prefix_table(systems: dict[str, dict[str, float]], k: int) -> str:
     """Identifier prefix recall at k per system, one column per depth (%)."""
-    depths = sorted({int(key[len("identifier_prefix"):key.index("_recall")]) for m in systems.values()
-                     for key in m if key.startswith("identifier_prefix")})
+    depths = list(itertools.takewhile(lambda d: any(metrics.prefix_recall_key(d, k) in m for m in systems.values()),
+                                      itertools.count(1)))
     width = max(len(n) for n in systems)
     lines = [f"identifier prefix recall@{k} (%): a generated identifier among the first {k} agrees with a relevant "
              "image's on its first d tokens",
              f"{'system':<{width}}  " + "  ".join(f"{f'd={d}':>6}" for d in depths)]
     for name, m in systems.items():
         lines.append(f"{name:<{width}}  " + "  ".join(
-            f"{metrics.pct(m.get(f'identifier_prefix{d}_recall@{k}')):>6}" for d in depths))
+            f"{metrics.pct(m.get(metrics.prefix_recall_key(d, k))):>6}" for d in depths))
     return "\n".join(lines)
 
 

@@ -151,6 +151,11 @@ def identifier_level_metrics(ranked_identifiers: Sequence[Sequence[Sequence[int]
     return out
 
 
+def prefix_recall_key(depth: int, k: int) -> str:
+    """The metrics key of identifier prefix recall at `depth` and cutoff `k`."""
+    return f"identifier_prefix{depth}_recall@{k}"
+
+
 def identifier_prefix_recall(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
                              relevant_image_ids: Sequence[Collection[str]],
                              groups: Mapping[Identifier, Sequence[str]], k: int = MRR_CUTOFF
@@ -172,7 +177,7 @@ def identifier_prefix_recall(ranked_identifiers: Sequence[Sequence[Sequence[int]
                 deepest = max(deepest, depth)
         hits[deepest] += 1
     at_least = np.cumsum(hits[::-1])[::-1] / max(len(ranked_identifiers), 1)  # at_least[d] = share with >= d
-    return {f"identifier_prefix{d}_recall@{k}": float(at_least[d]) for d in range(1, max_len + 1)}
+    return {prefix_recall_key(d, k): float(at_least[d]) for d in range(1, max_len + 1)}
 
 
 def evaluate_identifiers(ranked_identifiers: Sequence[Sequence[Sequence[int]]],
