@@ -122,6 +122,9 @@ def test_experiments_bind_the_papers_settings():
         "experiments/avg/emoji_conditioned.gin": {"QueryConditioning.enabled": True,
                                                   "QueryConditioning.max_alpha": 0.5,
                                                   "TrainMixture.pseudo_query_rate": 1.0},
+        "experiments/avg/emoji_conditioned_text_dropout_prior.gin": {"QueryConditioning.enabled": True,
+                                                                     "QueryConditioning.text_dropout": 0.3,
+                                                                     "train_retrieval.eval_rerank_weight": 4.0},
         "train/avg_synthetic.gin": {"initial_t5_params.voken_embedding_init": "codebook"},
         "demo.gin": {"initial_t5_params.voken_embedding_init": "codebook",
                      "RetrievalLossConfig.generative_reduction": "mean",
@@ -329,7 +332,10 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
             == run_of["AVG + voken prior + rerank"] != run_of["AVG + query conditioning"]
             == run_of["AVG + query conditioning + voken prior + rerank"])
     assert run_of["AVG + hierarchical alignment"] == run_of["AVG + hierarchical alignment + voken prior + rerank"]
-    assert len({run_of[label] for label in labels if "no T5" not in label}) == 10  # IRGen, AVG and 8 variants
+    assert (run_of["AVG + query conditioning + text dropout"]
+            == run_of["AVG + query conditioning + text dropout + voken prior + rerank"]
+            != run_of["AVG + query conditioning"])
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 11  # IRGen, AVG and 9 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also

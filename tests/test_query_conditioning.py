@@ -3,6 +3,7 @@ encoder's soft prefix. The conditioned model's trie-constrained beam search, thr
 retrieval checkpoint, ranks exactly as brute-force teacher-forced scoring of every identifier with the same
 prefix through the flax `T5.__call__`; `avg-jax retrieve` needs the features."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,7 +14,7 @@ from tiny_table import NUM_NEW, M, tiny_vocab_and_table
 
 from avg_jax import cli
 from avg_jax.data.vocab import Vocabulary, pad_vocab_size
-from avg_jax.retrieval.model import CONDITIONING_FILE, RetrievalModel, Retriever, TextHead
+from avg_jax.retrieval.model import CONDITIONING_FILE, QueryConditioning, RetrievalModel, Retriever, TextHead
 from avg_jax.t5.configs import named_t5_config
 from avg_jax.t5.model import T5, init_params
 
@@ -111,3 +112,43 @@ def test_interpolation_moves_only_query_rows_towards_the_target(conditioned):
     assert np.all(alpha[[0, 1, 4, 5]] > 0) and np.all(alpha <= 0.5) and np.all(alpha[[2, 3]] == 0)
     assert model.interpolate(batch, None) is batch  # evaluation: no interpolation
     assert model.replace(max_alpha=0.0).interpolate(batch, jax.random.key(0)) is batch
+
+
+def test_text_dropout_drops_whole_query_texts(conditioned):
+    """`QueryConditioning.text_dropout`: checked row by row against the batch it was given (numpy): a query or
+    pseudo-query row keeps its input or loses every query text piece (to PAD) at once, never the instruction
+    prefix, the EOS or a memorize row, at rate p per row; with piece dropout on too, a dropped row is still
+    all PAD; only a conditioned model takes it."""
+    _, table, _, config, vocab, head, _ = conditioned
+    start, p, instruction = table.text_vocab_size, 0.4, "find the image:"
+    model = RetrievalModel(config, vocab, window=(start, config.vocab_size - start), input_length=32,
+                           target_length=M, retrieve_instruction=instruction, query_head=head, text_dropout=p)
+    n_instruction = len(vocab.encode(instruction, add_eos=False))
+    texts = ["a dog runs on the green grass", "cat", "two birds", "an image to memorize"]
+    rows = [vocab.encode(f"{instruction} {t}") for t in texts]
+    inputs = np.zeros((4, 64), np.int32)
+    for i, ids in enumerate(rows):
+        inputs[i, : len(ids)] = ids
+    query_row = np.array([5, 6, -2, -1], np.int32)  # query, query, pseudo-query, memorize
+    batch = {"inputs": jnp.asarray(inputs), "query_row": jnp.asarray(query_row)}
+    text = np.zeros_like(inputs, bool)
+    for i, ids in enumerate(rows):
+        text[i, n_instruction: len(ids) - 1] = query_row[i] != -1
+    assert text[:3].sum(axis=1).min() >= 1 and text[3].sum() == 0
+
+    draws = 400
+    for piece_p in (0.0, 0.3):
+        m = model.replace(loss=dataclasses.replace(model.loss_config, input_token_dropout=piece_p))
+        drop = jax.jit(m.drop_input_tokens)
+        dropped = np.stack([np.asarray(drop(batch, jax.random.key(s))["inputs"]) for s in range(draws)])
+        changed = dropped != inputs[None]
+        assert (dropped[changed] == 0).all() and not (changed & ~text[None]).any()
+        whole = (changed == text[None]).all(axis=2)  # [draws, rows]: every text piece of the row dropped
+        if piece_p == 0:
+            assert (whole | ~changed.any(axis=2)).all()  # all or nothing
+        rate = whole[:, :3].mean()
+        assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / (3 * draws)) + (0.05 if piece_p else 0), rate
+    with pytest.raises(ValueError, match="text_dropout"):
+        QueryConditioning(text_dropout=1.0)
+    with pytest.raises(ValueError, match="query-conditioned"):
+        model.replace(query_head=None)

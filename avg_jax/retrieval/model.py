@@ -166,17 +166,24 @@ class QueryConditioning:
     ALIGNED vector of the tokenizer's contrastive heads: query rows the text head of the query's corpus text
     feature, pseudo-query rows that of their TRAIN caption, memorize rows the image head of the image feature.
     `max_alpha` > 0 (training only, query rows only, GENIUS-style): prefix = q + α (v − q), α ~ U(0, max_alpha)
-    per example, q the query's aligned vector and v its target image's."""
+    per example, q the query's aligned vector and v its target image's.
+    `text_dropout` p > 0 (training only, not in any paper): each query or pseudo-query row loses its whole query
+    text with probability p (the pieces become PAD; an instruction prefix and the EOS stay), so the generator
+    also learns the identifier from the prefix alone and cannot settle on reading the words: the prefix is what
+    carries a query whose words the T5 never read."""
 
     enabled: bool = False
     num_prefix_tokens: int = 1
     max_alpha: float = 0.0
+    text_dropout: float = 0.0
 
     def __post_init__(self):
         if self.num_prefix_tokens < 1:
             raise ValueError(f"QueryConditioning.num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
         if not 0.0 <= self.max_alpha <= 1.0:
             raise ValueError(f"QueryConditioning.max_alpha must be in [0, 1], got {self.max_alpha}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"QueryConditioning.text_dropout must be in [0, 1), got {self.text_dropout}")
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
@@ -462,11 +469,12 @@ class RetrievalModel:
                  target_length: int, retrieve_instruction: str = "", score_normalization: str = "vocab",
                  share_first_step: bool = True, score_forced_steps: bool = True,
                  loss: RetrievalLossConfig | None = None, query_head: TextHead | None = None,
-                 max_alpha: float = 0.0):
+                 max_alpha: float = 0.0, text_dropout: float = 0.0):
         """`vocab` None: a model over already tokenized inputs (benchmarks); it cannot encode texts or save.
         `query_head`: a query-conditioned model (`QueryConditioning`): raw query text features -> the aligned
         vector the encoder's prefix projection takes (needs `config.num_image_tokens`); `max_alpha`: its
-        training-time interpolation towards the target image's aligned vector ("target_features")."""
+        training-time interpolation towards the target image's aligned vector ("target_features"); `text_dropout`:
+        its training-time whole-text dropout (`QueryConditioning.text_dropout`)."""
         if vocab is not None and config.vocab_size < vocab.size:
             raise ValueError(f"model vocabulary {config.vocab_size} is smaller than the text vocabulary + new "
                              f"tokens ({vocab.text_size} + {vocab.num_new})")
@@ -483,7 +491,10 @@ class RetrievalModel:
         self.loss_config = loss or RetrievalLossConfig()
         if query_head is not None and not config.num_image_tokens:
             raise ValueError("a query-conditioned RetrievalModel needs T5Config.num_image_tokens (the prefix length)")
-        self.query_head, self.max_alpha = query_head, float(max_alpha)
+        if text_dropout > 0 and query_head is None:
+            raise ValueError("QueryConditioning.text_dropout > 0 needs a query-conditioned model (the prefix is all "
+                             "a row without its text keeps)")
+        self.query_head, self.max_alpha, self.text_dropout = query_head, float(max_alpha), float(text_dropout)
         # Instruction pieces (before the query text) that input token dropout keeps.
         self._instruction_length = (len(vocab.encode(retrieve_instruction, add_eos=False))
                                     if vocab is not None and retrieve_instruction else 0)
@@ -570,18 +581,23 @@ class RetrievalModel:
         return {**batch, "image_features": q + alpha[:, None] * (batch["target_features"] - q)}
 
     def drop_input_tokens(self, batch: dict, rng: jax.Array) -> dict:
-        """Training-time input token dropout (`RetrievalLossConfig.input_token_dropout` p): each query text piece
-        of a non-memorize row becomes PAD with probability p; EOS, PAD, the instruction prefix and, where every
-        piece of a row was drawn, the whole row are kept."""
-        p = self.loss_config.input_token_dropout
-        if p <= 0:
+        """Training-time input dropout of query and pseudo-query rows (never memorize rows, the EOS, PAD or the
+        instruction prefix): each query text piece becomes PAD with probability
+        `RetrievalLossConfig.input_token_dropout` (a row's last remaining piece kept), and a conditioned model's
+        row loses ALL its query text pieces with probability `QueryConditioning.text_dropout`."""
+        p, p_text = self.loss_config.input_token_dropout, self.text_dropout
+        if p <= 0 and p_text <= 0:
             return batch
         ids = batch["inputs"]
         position = jnp.arange(ids.shape[1])[None, :]
         text = (ids != PAD_ID) & (ids != EOS_ID) & (position >= self._instruction_length)
         text &= (batch["query_row"] != MEMORIZE_ROW)[:, None]
-        drop = jax.random.bernoulli(rng, p, ids.shape) & text
-        drop &= jnp.any(text & ~drop, axis=1, keepdims=True)  # never a row's last piece
+        drop = jnp.zeros_like(text)
+        if p > 0:
+            drop = jax.random.bernoulli(rng, p, ids.shape) & text
+            drop &= jnp.any(text & ~drop, axis=1, keepdims=True)  # never a row's last piece
+        if p_text > 0:
+            drop |= text & jax.random.bernoulli(jax.random.fold_in(rng, 1), p_text, ids.shape[:1])[:, None]
         return {**batch, "inputs": jnp.where(drop, PAD_ID, ids)}
 
     def encode(self, params: Any, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:

@@ -202,7 +202,8 @@ def train_retrieval(
                            retrieve_instruction=mixture.retrieve_instruction,
                            score_normalization=search.score_normalization, share_first_step=search.share_first_step,
                            score_forced_steps=search.score_forced_steps,
-                           loss=RetrievalLossConfig(), query_head=query_head, max_alpha=conditioning.max_alpha)
+                           loss=RetrievalLossConfig(), query_head=query_head, max_alpha=conditioning.max_alpha,
+                           text_dropout=conditioning.text_dropout)
     image_dim = model_config.image_feature_dim if model_config.num_image_tokens else None
     aligned = None
     if mixture.pseudo_query_rate > 0 and mixture.pseudo_query_source == "nearest_captions":
