@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_table import NUM_NEW, M, tiny_vocab_and_table
+from tiny_table import NUM_NEW, M, instruction_batch, tiny_vocab_and_table
 
 from avg_jax import cli
 from avg_jax.data.vocab import Vocabulary, pad_vocab_size
@@ -123,17 +123,10 @@ def test_text_dropout_drops_whole_query_texts(conditioned):
     start, p, instruction = table.text_vocab_size, 0.4, "find the image:"
     model = RetrievalModel(config, vocab, window=(start, config.vocab_size - start), input_length=32,
                            target_length=M, retrieve_instruction=instruction, query_head=head, text_dropout=p)
-    n_instruction = len(vocab.encode(instruction, add_eos=False))
     texts = ["a dog runs on the green grass", "cat", "two birds", "an image to memorize"]
-    rows = [vocab.encode(f"{instruction} {t}") for t in texts]
-    inputs = np.zeros((4, 64), np.int32)
-    for i, ids in enumerate(rows):
-        inputs[i, : len(ids)] = ids
-    query_row = np.array([5, 6, -2, -1], np.int32)  # query, query, pseudo-query, memorize
+    # query, query, pseudo-query, memorize
+    inputs, query_row, text = instruction_batch(vocab, instruction, texts, [5, 6, -2, -1])
     batch = {"inputs": jnp.asarray(inputs), "query_row": jnp.asarray(query_row)}
-    text = np.zeros_like(inputs, bool)
-    for i, ids in enumerate(rows):
-        text[i, n_instruction: len(ids) - 1] = query_row[i] != -1
     assert text[:3].sum(axis=1).min() >= 1 and text[3].sum() == 0
 
     draws = 400

@@ -16,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from hlo_collectives import racing_collectives
+from tiny_table import instruction_batch
 
 from avg_jax import cli, partitioning
 from avg_jax.data.corpus import Corpus
@@ -238,17 +239,10 @@ def test_input_token_dropout_drops_only_query_text_pieces(setup):
     p, instruction = 0.3, "find the image:"
     task = task.replace(retrieve_instruction=instruction)
     task = task.replace(loss=dataclasses.replace(task.loss_config, input_token_dropout=p))
-    n_instruction = len(setup["vocab"].encode(instruction, add_eos=False))
     texts = ["a dog runs on the green grass by a red house", "cat", "two birds", "an image to memorize"]
-    rows = [task.vocab.encode(f"{instruction} {t}") for t in texts]
-    inputs = np.zeros((4, 64), np.int32)
-    for i, ids in enumerate(rows):
-        inputs[i, : len(ids)] = ids
-    query_row = np.array([5, 6, -2, -1], np.int32)  # query, query, pseudo-query, memorize
+    # query, query, pseudo-query, memorize
+    inputs, query_row, text = instruction_batch(task.vocab, instruction, texts, [5, 6, -2, -1])
     batch = {"inputs": jnp.asarray(inputs), "query_row": jnp.asarray(query_row)}
-    text = np.zeros_like(inputs, bool)
-    for i, ids in enumerate(rows):
-        text[i, n_instruction: len(ids) - 1] = query_row[i] != -1
     assert text[0].sum() >= 8 and text[1].sum() >= 1 and text[3].sum() == 0
 
     drop = jax.jit(task.drop_input_tokens)

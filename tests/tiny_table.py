@@ -25,3 +25,16 @@ def tiny_vocab_and_table(root: Path) -> tuple[Path, int, IdentifierTable]:
                             lengths=np.full(12, M, np.int32), scheme="avg", num_new_tokens=NUM_NEW,
                             text_vocab_size=text_size, fixed_length=True)
     return spm, text_size, table
+
+
+def instruction_batch(vocab: Vocabulary, instruction: str, texts: list[str], query_row: list[int], width: int = 64
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs [n, width], query_row [n], text [n, width]) of `instruction text` encoder inputs: `text` marks
+    each row's query text pieces (after the instruction, before the EOS), none on memorize rows (query_row -1)."""
+    n_instruction = len(vocab.encode(instruction, add_eos=False))
+    inputs, text = np.zeros((len(texts), width), np.int32), np.zeros((len(texts), width), bool)
+    for i, t in enumerate(texts):
+        ids = vocab.encode(f"{instruction} {t}")
+        inputs[i, : len(ids)] = ids
+        text[i, n_instruction: len(ids) - 1] = query_row[i] != -1
+    return inputs, np.asarray(query_row, np.int32), text
