@@ -20,7 +20,7 @@ import pytest
 import trainer_fixture
 from trainer_fixture import RegressionTask, make_iterator
 
-from avg_jax.training.checkpointing import CheckpointError
+from avg_jax.training.checkpointing import LOCK_FILE, CheckpointError, RunDirBusyError
 from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, NonFiniteLossError, train_loop
 
 FIXTURE = Path(trainer_fixture.__file__)
@@ -222,3 +222,25 @@ def test_two_process_jax_distributed_agree(tmp_path):
     assert sorted(_losses(tmp_path / "run")) == list(range(1, 9))  # one writer: process 0
     data_files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "8" / "data").glob("*.json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]  # per-process iterator state
+
+
+def test_a_run_dir_trains_in_one_process_at_a_time(tmp_path):
+    """While another process holds a run dir (here: `run_dir_lock` in a child process), training it stops with an
+    error naming the dir and the holder's pid, before opening its checkpoints or metrics; once the holder is
+    killed (-9: the kernel drops the lock), the same call trains the run."""
+    run_dir = tmp_path / "run"
+    _bind(num_steps=10)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom etils import epath\n"
+         "from avg_jax.training.checkpointing import run_dir_lock\n"
+         "with run_dir_lock(epath.Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(300)",
+         str(run_dir)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusyError, match=f"{run_dir}.*pid {holder.pid}"):
+            _train(run_dir)
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert int(_train(run_dir).state.step) == 10 and _committed_steps(run_dir) == [5, 10]

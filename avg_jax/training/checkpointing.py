@@ -5,13 +5,18 @@ donate its buffers at once). Restoring walks the committed steps newest first: a
 read (corrupted or half-written files) is reported by step number, moved aside to
 `<run>/corrupt_checkpoints/` and the previous one is used. If no step can be read, restoring raises
 instead of silently starting over (the usual cause is a changed model config, not corruption).
+A run directory is trained by one process at a time (`run_dir_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain.checkpoint
@@ -23,10 +28,44 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 CORRUPT_DIR = "corrupt_checkpoints"
+LOCK_FILE = "train.lock"
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of the run could be restored."""
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process is training the same run directory."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: epath.Path) -> Iterator[None]:
+    """This process's exclusive hold on a LOCAL run directory while it trains it (process 0 of a multi-host job).
+
+    Two trainings of one run dir (e.g. two sweeps started over one output directory, both resuming the same run)
+    would interleave their checkpoints and metrics. The hold is an advisory `flock` on RUN_DIR/train.lock, which
+    the kernel drops when the process ends, however it ends (kill -9 included): a lock is never stale. A second
+    process gets `RunDirBusyError` naming the directory and the holder's pid. gs:// run dirs are not locked.
+    """
+    path = os.fspath(run_dir)
+    if "://" in path or jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirBusyError(f"{path} is being trained by another process (pid {holder}, {LOCK_FILE}): wait "
+                                  "for it or stop it; a rerun then resumes from the run's last checkpoint") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 class _FrozenIteratorState:

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from avg_jax import config, partitioning
-from avg_jax.training.checkpointing import Checkpointer
+from avg_jax.training.checkpointing import Checkpointer, run_dir_lock
 from avg_jax.training.metrics import MetricWriter
 from avg_jax.training.optimizer import make_optimizer
 
@@ -232,7 +232,8 @@ def train_loop(
 ) -> TrainResult:
     """Train `task` on batches of `train_iterator` (this process's rows) for `num_steps` updates.
 
-    Resumes automatically from the newest readable checkpoint in `run_dir/checkpoints`. The iterator must
+    Resumes automatically from the newest readable checkpoint in `run_dir/checkpoints`; a run dir that another
+    process is training raises `RunDirBusyError` (`run_dir_lock`). The iterator must
     support `get_state`/`set_state` (grain) so a resumed run sees exactly the batches it would have seen.
     A fresh run starts from `initial_params` (host arrays, e.g. an imported checkpoint, or a zero-argument
     callable returning them, called only when there is no checkpoint to resume) when given, else from
@@ -249,41 +250,42 @@ def train_loop(
     mesh = partitioning.make_device_mesh() if mesh is None else mesh
     rules = partitioning.logical_axis_rules()
     tx, schedule = make_optimizer() if optimizer is None else optimizer
-    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
-                        async_save=async_checkpoints)
-    with partitioning.sharding_context(mesh, rules):
-        abstract, shardings = abstract_train_state(task, tx, mesh, rules)
-        restored = ckpt.restore_latest(abstract, train_iterator)
-        if restored is None and initial_params is not None:
-            if callable(initial_params):
-                initial_params = initial_params()
-            params = jax.device_put(_check_like(initial_params, abstract.params), shardings.params)
-            opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-            state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
-            start = 0
-        elif restored is None:
-            init = jax.jit(lambda rng: _fresh_state(task, tx, rng), out_shardings=shardings)
-            state, start = init(jax.random.key(seed)), 0
-        else:
-            state, start = restored
-        step_fn = jit_train_step(task, tx, schedule, seed, mesh, rules, shardings, accum_steps, compute_dtype)
-        constants = jax.device_put(constants, partitioning.replicated(mesh))
-        config_text = gin.operative_config_str()
-        if jax.process_index() == 0:
-            config.write_operative_config(run_dir)
-        writer = MetricWriter(run_dir, num_steps, start_step=start, progress_bar=progress_bar,
-                              tensorboard=tensorboard)
-        if restored is not None:
-            writer.print(f"resumed from checkpoint step {start} in {ckpt.directory}")
-        watcher = PreemptionWatcher()
-        try:
-            return _run(state, start, num_steps, step_fn, constants, train_iterator, mesh, rules, accum_steps,
-                        ckpt, writer,
-                        watcher, config_text, log_every, eval_every, evaluate)
-        finally:
-            watcher.close()
-            writer.close()
-            ckpt.close()
+    with run_dir_lock(run_dir):  # before the Checkpointer opens (orbax: creates, cleans up) the checkpoints
+        ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
+                            async_save=async_checkpoints)
+        with partitioning.sharding_context(mesh, rules):
+            abstract, shardings = abstract_train_state(task, tx, mesh, rules)
+            restored = ckpt.restore_latest(abstract, train_iterator)
+            if restored is None and initial_params is not None:
+                if callable(initial_params):
+                    initial_params = initial_params()
+                params = jax.device_put(_check_like(initial_params, abstract.params), shardings.params)
+                opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+                state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+                start = 0
+            elif restored is None:
+                init = jax.jit(lambda rng: _fresh_state(task, tx, rng), out_shardings=shardings)
+                state, start = init(jax.random.key(seed)), 0
+            else:
+                state, start = restored
+            step_fn = jit_train_step(task, tx, schedule, seed, mesh, rules, shardings, accum_steps, compute_dtype)
+            constants = jax.device_put(constants, partitioning.replicated(mesh))
+            config_text = gin.operative_config_str()
+            if jax.process_index() == 0:
+                config.write_operative_config(run_dir)
+            writer = MetricWriter(run_dir, num_steps, start_step=start, progress_bar=progress_bar,
+                                  tensorboard=tensorboard)
+            if restored is not None:
+                writer.print(f"resumed from checkpoint step {start} in {ckpt.directory}")
+            watcher = PreemptionWatcher()
+            try:
+                return _run(state, start, num_steps, step_fn, constants, train_iterator, mesh, rules, accum_steps,
+                            ckpt, writer,
+                            watcher, config_text, log_every, eval_every, evaluate)
+            finally:
+                watcher.close()
+                writer.close()
+                ckpt.close()
 
 
 def _check_like(params: Any, abstract: Any) -> Any:
