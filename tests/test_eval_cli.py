@@ -221,3 +221,61 @@ def test_eval_by_novelty_groups_queries_by_how_new_their_text_is(tmp_path, capsy
     assert set(systems) == set(expected)
     for name, (n, r1) in expected.items():
         assert systems[name]["num_queries"] == n and systems[name]["recall@1"] == pytest.approx(r1), name
+
+
+def _exhaustive_sign_test(a: int, b: int) -> float:
+    """Two-sided sign test by enumerating all 2^n win/loss sequences (the reference for metrics.sign_test)."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    wins = np.array([bin(s).count("1") for s in range(2 ** n)])
+    return float(np.mean(np.abs(wins - n / 2) >= abs(a - n / 2)))
+
+
+def test_sign_test_matches_exhaustive_enumeration():
+    for a in range(0, 9):
+        for b in range(0, 9):
+            assert metrics.sign_test(a, b) == pytest.approx(_exhaustive_sign_test(a, b), rel=1e-12), (a, b)
+    assert metrics.sign_test(141, 117) == pytest.approx(0.1520, abs=1e-4)  # the README's text-dropout pair
+    with pytest.raises(ValueError, match="counts"):
+        metrics.sign_test(-1, 3)
+
+
+def test_eval_paired_compares_every_system_with_the_first(corpus_dir, tiny_corpus, tmp_path, capsys):
+    """`avg-jax eval --paired`: for every later system, per K, the queries only the first / only it finds within K
+    (recounted from the files by hand, the second file in another query order) and the sign test of those counts;
+    a system missing a query (library call), or a single system, is an error naming it."""
+    rows = tiny_corpus.query_rows("test")
+    images = [tiny_corpus.images[i].id for i in tiny_corpus.image_rows("test")]
+    rng = np.random.default_rng(0)
+    rankings = [[list(rng.permutation(images)[:10]) for _ in rows] for _ in range(3)]
+    paths = []
+    for s, ranking in enumerate(rankings):
+        order = rng.permutation(len(rows)) if s == 2 else np.arange(len(rows))
+        paths.append(_write(tmp_path / f"s{s}.jsonl", [{"query_row": int(rows[i]), "image_ids": ranking[i]}
+                                                       for i in order]))
+    out = tmp_path / "out"
+    assert cli.main(["eval", "--corpus", corpus_dir, "--paired", "--ranked", f"base={paths[0]}",
+                     "--ranked", f"one={paths[1]}", "--ranked", f"two={paths[2]}", "--out", str(out)]) == 0
+    assert "paired against base" in capsys.readouterr().out
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["baseline"] == "base" and set(paired["systems"]) == {"one", "two"}
+
+    def hits(ranking, k):
+        return np.array([bool(set(r[:k]) & set(tiny_corpus.queries[j].image_ids))
+                         for j, r in zip(rows, ranking, strict=True)])
+
+    for name, ranking in (("one", rankings[1]), ("two", rankings[2])):
+        for k in (1, 5, 10):
+            base, other = hits(rankings[0], k), hits(ranking, k)
+            got = paired["systems"][name]
+            assert (got[f"a_only@{k}"], got[f"b_only@{k}"]) == (int(np.sum(base & ~other)), int(np.sum(other & ~base)))
+            assert got[f"p@{k}"] == pytest.approx(metrics.sign_test(got[f"a_only@{k}"], got[f"b_only@{k}"]))
+    assert any(paired["systems"]["one"][f"a_only@{k}"] + paired["systems"]["one"][f"b_only@{k}"] for k in (5, 10))
+
+    full = ranked_io.read_ranked_jsonl(paths[0], tiny_corpus, "test")  # (a ranked file covers every query)
+    short = full.subset(np.arange(len(rows)) != len(rows) - 1)
+    with pytest.raises(ValueError, match=f"short has no ranking for query row {int(rows[-1])}"):
+        ranked_io.paired_comparison(tiny_corpus, full, short, names=("base", "short"))
+    assert cli.main(["eval", "--corpus", corpus_dir, "--paired", "--ranked", str(paths[0]), "--out", str(out)]) == 2
+    assert "at least two --ranked" in capsys.readouterr().err

@@ -18,13 +18,16 @@ from avg_jax.evaluation import dense, metrics
 from avg_jax.evaluation.ranked import (
     NOVELTY_GROUPS,
     evaluate_ranked,
+    paired_comparison,
     query_novelty,
     read_ranked_jsonl,
     write_metrics,
     write_ranked_jsonl,
 )
+from avg_jax.json_io import write_json
 
 RANKED_FILE = "ranked.jsonl"
+PAIRED_FILE = "paired.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="with --identifiers: also the identifier prefix recall at K (depth d = a generated "
                         "identifier among the first K agrees with a relevant image's on its first d tokens), "
                         "printed as a second table: where in the identifier the generator loses the query")
+    p.add_argument("--paired", action="store_true",
+                   help="also compare every later --ranked system with the FIRST on the same queries: per K the "
+                        "queries only one of the two finds within K and the exact sign test over them "
+                        f"(table + OUT/{PAIRED_FILE})")
     p.add_argument("--out", required=True, help="output directory for metrics.json")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval)
@@ -66,6 +73,8 @@ def run_eval(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
     if args.prefix_recall_at is not None and (not args.identifiers or args.prefix_recall_at < 1):
         raise ValueError(f"--prefix_recall_at {args.prefix_recall_at} needs --identifiers DIR and K >= 1")
+    if args.paired and len(args.ranked) < 2:
+        raise ValueError("--paired compares systems: give at least two --ranked NAME=FILE")
     corpus = Corpus.load(args.corpus)
     groups = None
     if args.identifiers:
@@ -80,11 +89,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.by_novelty:
         rows = corpus.query_rows(args.split)
         novelty_of = dict(zip(rows.tolist(), query_novelty(corpus, rows), strict=True))
-    systems = {}
+    systems, ranked = {}, {}
     for spec in args.ranked:
         name, _, file = spec.rpartition("=")
         name = name or Path(file).stem
-        outputs = read_ranked_jsonl(file, corpus, args.split)
+        outputs = ranked[name] = read_ranked_jsonl(file, corpus, args.split)
         if groups is not None and outputs.identifiers is None:
             raise ValueError(f"{file}: --identifiers was given but the file has no 'identifiers' field")
         systems[name] = evaluate_ranked(corpus, outputs, groups, num_results=args.beam_size,
@@ -101,6 +110,12 @@ def run_eval(args: argparse.Namespace) -> int:
     _print_table(corpus, args.split, systems, path)
     if args.prefix_recall_at is not None:
         print(_prefix_table(systems, args.prefix_recall_at))
+    if args.paired:
+        (base, base_outputs), *others = ranked.items()
+        paired = {name: paired_comparison(corpus, base_outputs, outputs, names=(base, name))
+                  for name, outputs in others}
+        write_json(Path(args.out) / PAIRED_FILE, {"split": args.split, "baseline": base, "systems": paired})
+        print(_paired_table(base, paired))
     return 0
 
 
@@ -119,6 +134,22 @@ def run_eval_dense(args: argparse.Namespace) -> int:
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, {name: result}, path)
     return 0
+
+
+def _paired_table(base: str, paired: dict[str, dict[str, float]]) -> str:
+    """Per system and K: queries only the baseline finds within K, only the system, and the sign test p."""
+    ks = [int(key.split("@")[1]) for key in next(iter(paired.values())) if key.startswith("p@")]
+    width = max(len(n) for n in paired)
+    lines = [f"paired against {base} (same queries): only {base} / only the system finds a relevant image within K; "
+             "exact two-sided sign test",
+             f"{'system':<{width}}  " + "  ".join(f"{f'R@{k} only base/system':>22}  {'p':>6}" for k in ks)]
+    for name, m in paired.items():
+        cells = []
+        for k in ks:
+            counts = f"{m[f'a_only@{k}']} / {m[f'b_only@{k}']}"
+            cells.append(f"{counts:>22}  {m[f'p@{k}']:>6.3f}")
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def _prefix_table(systems: dict[str, dict[str, float]], k: int) -> str:

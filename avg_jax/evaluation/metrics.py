@@ -56,6 +56,32 @@ def mrr_at_k(first_ranks: np.ndarray, k: int = MRR_CUTOFF) -> float:
     return float(np.mean(np.where(hit, 1.0 / np.maximum(first_ranks, 1), 0.0)))
 
 
+def sign_test(wins_a: int, wins_b: int) -> float:
+    """Exact two-sided sign-test p-value of `wins_a` against `wins_b` discordant pairs (ties left out):
+    P(|X − n/2| >= |wins_a − n/2|) for X ~ Binomial(n = wins_a + wins_b, 1/2); 1.0 when n = 0."""
+    if wins_a < 0 or wins_b < 0:
+        raise ValueError(f"sign test counts must be >= 0, got {wins_a}, {wins_b}")
+    n, low = wins_a + wins_b, min(wins_a, wins_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2**n)
+
+
+def paired_recall(first_ranks_a: np.ndarray, first_ranks_b: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+                  ) -> dict[str, float]:
+    """Two systems' R@K on the SAME queries (first-relevant ranks in one query order, 0 = miss), per K: the
+    queries only A finds within K ("a_only@K"), only B ("b_only@K"), and the sign test over them ("p@K")."""
+    a, b = np.asarray(first_ranks_a), np.asarray(first_ranks_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired recall needs the same queries: {a.shape} vs {b.shape} ranks")
+    out = {}
+    for k in ks:
+        hit_a, hit_b = (a >= 1) & (a <= k), (b >= 1) & (b <= k)
+        only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(hit_b & ~hit_a))
+        out.update({f"a_only@{k}": only_a, f"b_only@{k}": only_b, f"p@{k}": sign_test(only_a, only_b)})
+    return out
+
+
 def _check_lengths(ranked: Sequence, relevant: Sequence, what: str) -> None:
     if len(ranked) != len(relevant):
         raise ValueError(f"{what}: {len(ranked)} ranked lists but {len(relevant)} relevance sets")

@@ -147,6 +147,23 @@ def evaluate_ranked(corpus: Corpus, outputs: RankedOutputs,
     return out
 
 
+def paired_comparison(corpus: Corpus, a: RankedOutputs, b: RankedOutputs, ks: Sequence[int] = metrics.DEFAULT_KS,
+                      names: tuple[str, str] = ("A", "B")) -> dict[str, float]:
+    """`metrics.paired_recall` of two systems' image rankings over the same queries of a split (matched by query
+    row, whatever the files' order); an error names the first query only one of them has."""
+    rank_of = []
+    for outputs in (a, b):
+        rank_of.append({int(j): metrics.first_relevant_rank(ids, corpus.queries[j].image_ids)
+                        for j, ids in zip(outputs.query_rows, outputs.image_ids, strict=True)})
+    missing = sorted(set(rank_of[0]) ^ set(rank_of[1]))
+    if missing:
+        name = names[1] if missing[0] in rank_of[0] else names[0]
+        raise ValueError(f"paired comparison of {names[0]} and {names[1]}: {name} has no ranking for query row "
+                         f"{missing[0]} ({len(missing)} queries differ)")
+    rows = sorted(rank_of[0])
+    return metrics.paired_recall(np.array([rank_of[0][j] for j in rows]), np.array([rank_of[1][j] for j in rows]), ks)
+
+
 def write_metrics(out_dir: str | Path, corpus: Corpus, corpus_dir: str, split: str,
                   systems: dict[str, dict[str, float]]) -> Path:
     """metrics.json: the corpus, split and one metrics dict per system (values are fractions, not %)."""
