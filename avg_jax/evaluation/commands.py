@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,10 @@ def run_eval(args: argparse.Namespace) -> int:
         print(_prefix_table(systems, args.prefix_recall_at))
     if args.paired:
         (base, base_outputs), *others = ranked.items()
-        paired = {name: paired_comparison(corpus, base_outputs, outputs, names=(base, name))
+        paired = {name: paired_comparison(corpus, base_outputs, outputs, metrics.DEFAULT_KS, names=(base, name))
                   for name, outputs in others}
         write_json(Path(args.out) / PAIRED_FILE, {"split": args.split, "baseline": base, "systems": paired})
-        print(_paired_table(base, paired))
+        print(_paired_table(base, paired, metrics.DEFAULT_KS))
     return 0
 
 
@@ -136,9 +137,8 @@ def run_eval_dense(args: argparse.Namespace) -> int:
     return 0
 
 
-def _paired_table(base: str, paired: dict[str, dict[str, float]]) -> str:
+def _paired_table(base: str, paired: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     """Per system and K: queries only the baseline finds within K, only the system, and the sign test p."""
-    ks = [int(key.split("@")[1]) for key in next(iter(paired.values())) if key.startswith("p@")]
     width = max(len(n) for n in paired)
     lines = [f"paired against {base} (same queries): only {base} / only the system finds a relevant image within K; "
              "exact two-sided sign test",
@@ -146,8 +146,8 @@ def _paired_table(base: str, paired: dict[str, dict[str, float]]) -> str:
     for name, m in paired.items():
         cells = []
         for k in ks:
-            counts = f"{m[f'a_only@{k}']} / {m[f'b_only@{k}']}"
-            cells.append(f"{counts:>22}  {m[f'p@{k}']:>6.3f}")
+            counts = f"{m[metrics.paired_key('a_only', k)]} / {m[metrics.paired_key('b_only', k)]}"
+            cells.append(f"{counts:>22}  {m[metrics.paired_key('p', k)]:>6.3f}")
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
 

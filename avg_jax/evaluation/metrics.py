@@ -67,10 +67,16 @@ def sign_test(wins_a: int, wins_b: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2**n)
 
 
+def paired_key(field: str, k: int) -> str:
+    """The `paired_recall` key of `field` ('a_only', 'b_only' or 'p') at cutoff k."""
+    return f"{field}@{k}"
+
+
 def paired_recall(first_ranks_a: np.ndarray, first_ranks_b: np.ndarray, ks: Sequence[int] = DEFAULT_KS
                   ) -> dict[str, float]:
     """Two systems' R@K on the SAME queries (first-relevant ranks in one query order, 0 = miss), per K: the
-    queries only A finds within K ("a_only@K"), only B ("b_only@K"), and the sign test over them ("p@K")."""
+    queries only A finds within K ("a_only@K"), only B ("b_only@K"), and the sign test over them ("p@K";
+    keys by `paired_key`)."""
     a, b = np.asarray(first_ranks_a), np.asarray(first_ranks_b)
     if a.shape != b.shape:
         raise ValueError(f"paired recall needs the same queries: {a.shape} vs {b.shape} ranks")
@@ -78,7 +84,8 @@ def paired_recall(first_ranks_a: np.ndarray, first_ranks_b: np.ndarray, ks: Sequ
     for k in ks:
         hit_a, hit_b = (a >= 1) & (a <= k), (b >= 1) & (b <= k)
         only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(hit_b & ~hit_a))
-        out.update({f"a_only@{k}": only_a, f"b_only@{k}": only_b, f"p@{k}": sign_test(only_a, only_b)})
+        out.update({paired_key("a_only", k): only_a, paired_key("b_only", k): only_b,
+                    paired_key("p", k): sign_test(only_a, only_b)})
     return out
 
 
