@@ -26,6 +26,8 @@ from avg_jax.decoding.trie import build_trie
 from avg_jax.evaluation.ranked import read_ranked_jsonl
 from avg_jax.identifiers.table import IdentifierTable, make_identifier_table
 from avg_jax.retrieval.model import (
+    DISTILL_IMAGES,
+    DISTILL_TOKENS,
     PRIOR_VECTORS,
     TRAIN_TRIE,
     RetrievalLossConfig,
@@ -228,6 +230,66 @@ def test_discriminative_loss_brute_force_and_gradient_path(setup, relevant, redu
         plain = task.replace(loss=dataclasses.replace(task.loss_config, max_relevant=0))
         assert not np.isclose(float(plain.loss(params, batch, rng, step, constants)[1]["dis_loss"]),
                               float(metrics["dis_loss"]))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_distillation_loss_brute_force(setup, reduction):
+    """Dense-to-generative distillation (`distill_weight`): the loss term equals a float64 numpy brute force that
+    enumerates, for every row and target position, the images agreeing with the target's prefix (PAD-ended and
+    out-of-window tokens included in the image set, adding nothing), sums their dense softmax probabilities per
+    next token, and takes the cross-entropy with the generator's teacher-forced next-token distribution; it is
+    added with its weight in both loss branches (L_gen only and with L_dis), and changes nothing when off."""
+    w, temperature = 0.6, 0.3
+    task, batch, params, constants = _task_and_batch(setup, generative_reduction=reduction,
+                                                     discriminative_start_step=10, distill_weight=w,
+                                                     distill_temperature=temperature)
+    start, size = task.window
+    table = setup["table"]
+    tokens = table.tokens.copy()
+    tokens[1, 1] = 0  # a shorter identifier: nothing to add at its PAD position
+    tokens[2, 0] = 1  # a token outside the identifier window (the teacher's columns)
+    tokens = np.concatenate([tokens, np.asarray(batch["targets"])[:1]])  # the first target twice: shared mass
+    draw = np.random.default_rng(7)
+    images = draw.standard_normal((tokens.shape[0], 8)).astype(np.float32)
+    queries = draw.standard_normal((batch["inputs"].shape[0], 8)).astype(np.float32)
+    batch = {**batch, "prior_query": jnp.asarray(queries)}
+    constants = {**constants, DISTILL_IMAGES: jnp.asarray(images), DISTILL_TOKENS: jnp.asarray(tokens, jnp.int32)}
+
+    model = T5(task.config)
+    forward = jax.jit(lambda p, x, y: model.apply({"params": p}, x, shift_right(y)))
+    targets = np.asarray(batch["targets"])
+    scores = queries.astype(np.float64) @ images.T.astype(np.float64) / temperature
+    probs = np.exp(scores - scores.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    want = []
+    for q in range(targets.shape[0]):
+        logits = np.asarray(forward(params, batch["inputs"][q:q + 1], jnp.asarray(targets[q:q + 1]))[0], np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        ce, positions = 0.0, 0
+        for t, token in enumerate(targets[q]):
+            if token == 0:
+                continue
+            teacher = {}
+            for i, ident in enumerate(tokens):
+                if list(ident[:t]) == list(targets[q, :t]) and ident[t] != 0 and start <= ident[t] < start + size:
+                    teacher[int(ident[t])] = teacher.get(int(ident[t]), 0.0) + probs[q, i]
+            mass = sum(teacher.values())
+            ce -= sum(p / mass * logp[t, c] for c, p in teacher.items())
+            positions += 1
+        want.append(ce / positions if reduction == "mean" else ce)
+    off = task.replace(loss=dataclasses.replace(task.loss_config, distill_weight=0.0))
+    rng = jax.random.key(5)
+    for step in (5, 20):  # L_gen only; L_gen + λ·L_dis (the positive's logits)
+        total, metrics = jax.jit(lambda p, s: task.loss(p, batch, rng, s, constants))(params, jnp.int32(step))
+        base, base_metrics = jax.jit(lambda p, s: off.loss(p, batch, rng, s, constants))(params, jnp.int32(step))
+        np.testing.assert_allclose(float(metrics["distill_loss"]), np.mean(want), rtol=1e-4)
+        np.testing.assert_allclose(float(total) - float(base), w * np.mean(want), rtol=1e-3)
+        assert "distill_loss" not in base_metrics
+    with pytest.raises(ValueError, match="distill_weight > 0 needs the batch's 'prior_query'"):
+        task.loss(params, {k: v for k, v in batch.items() if k != "prior_query"}, rng, jnp.int32(5), constants)
+    with pytest.raises(ValueError, match="distill_temperature > 0"):
+        RetrievalLossConfig(distill_weight=1.0, distill_temperature=0.0)
 
 
 def test_input_token_dropout_drops_only_query_text_pieces(setup):
@@ -726,6 +788,20 @@ def test_train_with_discriminative_loss_over_fused_scores(setup, tmp_path, capsy
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["dis_loss"] > 0 for r in rows if "loss" in r)
     assert "rerank/recall@10" in json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    capsys.readouterr()
+    assert _train(setup, tmp_path / "bare", *params) == 2
+    assert "tokenizer_config.json" in capsys.readouterr().err
+
+
+def test_train_with_distillation(setup, tmp_path, capsys):
+    """RetrievalLossConfig.distill_weight > 0 trains from the identifiers' tokenizer (its heads are the teacher,
+    over every indexed image); without a tokenizer it is a clear error."""
+    table_dir = _table_with_tokenizer(setup, tmp_path)
+    params = ("train_loop.num_steps = 2", "RetrievalLossConfig.distill_weight = 1.0",
+              "TrainMixture.pseudo_query_rate = 1.0", "TrainMixture.pseudo_queries_per_image = 2")
+    assert _train({**setup, "table_dir": table_dir}, tmp_path / "run", *params) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["distill_loss"] > 0 for r in rows if "loss" in r] == [True, True]
     capsys.readouterr()
     assert _train(setup, tmp_path / "bare", *params) == 2
     assert "tokenizer_config.json" in capsys.readouterr().err

@@ -71,6 +71,8 @@ ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
 TRAIN_TRIE = "train_trie"  # key of the indexed (training-time) image set's trie tables in the loss' `constants`
 PRIOR_VECTORS = "prior_vectors"  # key of the window's voken vectors [window size, d] (L_dis over fused scores)
+DISTILL_IMAGES = "distill_images"  # key of the indexed images' aligned vectors [I, d] (the distillation teacher)
+DISTILL_TOKENS = "distill_tokens"  # key of the same images' identifiers [I, target length] (PAD-padded)
 MODEL_DIR = "model"
 IDENTIFIERS_DIR = "identifiers"
 SENTENCEPIECE_FILE = "spiece.model"
@@ -108,6 +110,14 @@ class RetrievalLossConfig:
     pseudo-query row is dropped from the encoder input with probability p (replaced by PAD, so masked out of
     attention); the EOS, an instruction prefix, memorize rows and a row's last remaining piece are kept. A
     regulariser for a generator trained from scratch on short query texts.
+    `distill_weight` w > 0 (dense-to-generative distillation, an extension; not in the paper): every query and
+    pseudo-query row also learns the dense towers' ranking, L = L_gen + w·L_distill (+ λ·L_dis), L_distill the
+    cross-entropy of each next-token distribution along the row's target against the dense image distribution
+    softmax(<t, v_i> / `distill_temperature`) over the indexed images, marginalised onto the target prefix's
+    children (`losses.trie_teacher`; t = the batch's "prior_query" aligned text vectors, the images' aligned vectors
+    and identifiers in the loss constants' DISTILL_IMAGES / DISTILL_TOKENS); reduced like L_gen
+    (`generative_reduction`). The teacher needs only the TRAINING captions' text features, as the pseudo-queries;
+    the searched generator stays pure (no dense feature at query time).
     """
 
     discriminative_weight: float = 0.0  # λ; 0 = generative training only
@@ -123,8 +133,13 @@ class RetrievalLossConfig:
     prior_temperature: float = 1.0
     input_token_dropout: float = 0.0  # p: query text pieces dropped from the encoder input in training
     discriminative_score: str = "log_prob"  # eq. 9's s_j: 'log_prob' (the search's score) or 'prob' (§3.2's words)
+    distill_weight: float = 0.0  # w: the dense ranking distilled into the next-token distributions (0 = off)
+    distill_temperature: float = 0.05  # of the teacher's softmax over the images' cosines
 
     def __post_init__(self):
+        if self.distill_weight < 0 or not self.distill_temperature > 0:
+            raise ValueError(f"RetrievalLossConfig: distill_weight must be >= 0 and distill_temperature > 0, got "
+                             f"{self.distill_weight} and {self.distill_temperature}")
         if not 0.0 <= self.input_token_dropout < 1.0:
             raise ValueError(f"RetrievalLossConfig.input_token_dropout must be in [0, 1), got "
                              f"{self.input_token_dropout}")
@@ -656,6 +671,7 @@ class RetrievalModel:
         def generative_only(_):
             logits = self.decode(params, encoded, mask, targets, decode_rng)
             total, metrics = losses.generative_loss(logits, targets, weights, cfg.z_loss, cfg.generative_reduction)
+            total, metrics = self.add_distillation(total, metrics, logits, batch, targets, weights, constants)
             return total, {**metrics, "dis_loss": jnp.zeros(()), "positive_in_beam": jnp.zeros(())}
 
         def with_discriminative(_):
@@ -682,6 +698,7 @@ class RetrievalModel:
             positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
             gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss,
                                                   cfg.generative_reduction)
+            gen, metrics = self.add_distillation(gen, metrics, positive_logits, batch, targets, weights, constants)
             metrics.update(dis_loss=dis_loss, positive_in_beam=jnp.sum(query_weights * found) / denom)
             return gen + lam * dis_loss, metrics
 
@@ -690,6 +707,24 @@ class RetrievalModel:
         else:
             total, metrics = jax.lax.cond(lam > 0, with_discriminative, generative_only, None)
         return total, {**metrics, "dis_weight": lam}
+
+    def add_distillation(self, total: jax.Array, metrics: dict, logits: jax.Array, batch: dict, targets: jax.Array,
+                         weights: jax.Array, constants: Any) -> tuple[jax.Array, dict]:
+        """`total` + distill_weight · L_distill over the batch's query and pseudo-query rows (teacher-forced
+        `logits` [b, T, V] of `targets`), "distill_loss" in `metrics`; unchanged when distillation is off."""
+        cfg = self.loss_config
+        if cfg.distill_weight == 0:
+            return total, metrics
+        if "prior_query" not in batch or not constants or DISTILL_IMAGES not in constants:
+            raise ValueError("RetrievalLossConfig.distill_weight > 0 needs the batch's 'prior_query' aligned text "
+                             f"vectors and the loss constants' {DISTILL_IMAGES!r} / {DISTILL_TOKENS!r} "
+                             "(train_retrieval builds them)")
+        teacher, defined = losses.trie_teacher(batch["prior_query"], constants[DISTILL_IMAGES],
+                                               constants[DISTILL_TOKENS], targets, cfg.distill_temperature,
+                                               *self.window)
+        rows = weights * ((batch["query_row"] >= 0) | (batch["query_row"] == PSEUDO_ROW))
+        distill = losses.distillation_loss(logits, teacher, defined, self.window[0], rows, cfg.generative_reduction)
+        return total + cfg.distill_weight * distill, {**metrics, "distill_loss": distill}
 
     def prior_bias(self, batch: dict, constants: Any) -> jax.Array | None:
         """[b, window size] aligned-voken prior of a batch for L_dis over fused scores (`prior_weight` > 0):

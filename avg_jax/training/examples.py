@@ -301,9 +301,9 @@ def condition_examples(examples: list[Example], aligned: AlignedCorpus) -> list[
 
 
 def prior_examples(examples: list[Example], aligned_text: np.ndarray) -> list[Example]:
-    """L_dis over fused scores (`RetrievalLossConfig.prior_weight`): every example gets "prior_query" [d], the
-    aligned text vector its voken prior is computed from (`query_vector`; zeros on memorize rows, which have
-    no L_dis)."""
+    """L_dis over fused scores and dense-to-generative distillation (`RetrievalLossConfig.prior_weight`,
+    `distill_weight`): every example gets "prior_query" [d], the aligned text vector its voken prior / its
+    distillation teacher is computed from (`query_vector`; zeros on memorize rows, which have neither)."""
     zeros = np.zeros(aligned_text.shape[1], np.float32)
     out = []
     for ex in examples:

@@ -131,3 +131,50 @@ def listwise_loss(scores: jax.Array, positive_index: jax.Array, keep: jax.Array)
     masked = jnp.where(keep, scores.astype(jnp.float32), NEG_INF)
     positive = jnp.take_along_axis(masked, positive_index[:, None], axis=-1)[:, 0]
     return jax.nn.logsumexp(masked, axis=-1) - positive
+
+
+def trie_teacher(query_vectors: jax.Array, image_vectors: jax.Array, image_tokens: jax.Array, targets: jax.Array,
+                 temperature: float, column_offset: int, columns: int) -> tuple[jax.Array, jax.Array]:
+    """The dense towers' ranking as next-token targets along each target's own prefix (dense-to-generative
+    distillation, an extension; not in the paper).
+
+    The teacher's image distribution p(i | q) = softmax_i(<t_q, v_i> / temperature) over a set of images is
+    marginalised onto the trie: at position l, p(c | target_<l) ∝ Σ p(i | q) over the images i whose identifier
+    agrees with the target on positions < l and has token c at l, i.e. the probability the dense ranking gives
+    to each child of the target's prefix. query_vectors [b, d] (the queries' aligned text vectors), image_vectors
+    [I, d] (the images' aligned vectors), image_tokens [I, T] (their identifiers, PAD-padded to the targets'
+    length T), targets [b, T]; tokens column_offset ... column_offset + columns - 1 are the teacher's columns.
+    Returns (teacher [b, T, columns]: each defined row sums to 1, the others are 0; defined [b, T] bool: the
+    target has a token there and some image on its prefix has one in the columns)."""
+    scores = jnp.einsum("bd,id->bi", query_vectors.astype(jnp.float32), image_vectors.astype(jnp.float32))
+    p = jax.nn.softmax(scores / temperature, axis=-1)  # [b, I]
+    same = image_tokens[None, :, :] == targets[:, None, :]  # [b, I, T]
+    on_prefix = jnp.cumprod(same, axis=-1, dtype=jnp.int32)  # [b, I, l]: equal on positions <= l
+    on_prefix = jnp.concatenate([jnp.ones_like(on_prefix[..., :1]), on_prefix[..., :-1]], axis=-1)  # < l
+    column = image_tokens - column_offset  # [I, T]
+    inside = (image_tokens != PAD_ID) & (column >= 0) & (column < columns)
+    mass = p[:, :, None] * (on_prefix * inside[None]).astype(jnp.float32)  # [b, I, T]
+    b, _, t = mass.shape
+    teacher = jnp.zeros((b, t, columns), jnp.float32).at[
+        jnp.arange(b)[:, None, None], jnp.arange(t)[None, None, :], jnp.clip(column, 0, columns - 1)[None]
+    ].add(mass)
+    total = teacher.sum(axis=-1)  # [b, T]
+    defined = (targets != PAD_ID) & (total > 0)
+    return jnp.where(defined[..., None], teacher / jnp.where(defined, total, 1.0)[..., None], 0.0), defined
+
+
+def distillation_loss(logits: jax.Array, teacher: jax.Array, defined: jax.Array, column_offset: int,
+                      weights: jax.Array, reduction: str = "sum") -> jax.Array:
+    """Cross-entropy of the generator's next-token distribution (full-vocabulary log-softmax of `logits`
+    [b, T, V], read at the teacher's columns) against `teacher` [b, T, columns] at the `defined` [b, T] positions
+    (`trie_teacher`), reduced over a row's positions like eq. 7 (`reduction` 'sum' or 'mean') and averaged over
+    the rows with `weights` [b] > 0."""
+    if reduction not in GEN_REDUCTIONS:
+        raise ValueError(f"distillation loss reduction must be one of {GEN_REDUCTIONS}, got {reduction!r}")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = logp[..., column_offset: column_offset + teacher.shape[-1]]
+    ce = -jnp.sum(jnp.where(teacher > 0, teacher * logp, 0.0), axis=-1)  # [b, T]
+    per_row = jnp.sum(jnp.where(defined, ce, 0.0), axis=-1)
+    if reduction == "mean":
+        per_row = per_row / jnp.maximum(defined.sum(axis=-1), 1).astype(jnp.float32)
+    return jnp.sum(weights * per_row) / jnp.maximum(weights.sum(), 1e-9)

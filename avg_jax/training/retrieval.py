@@ -40,6 +40,8 @@ from avg_jax.evaluation.metrics import FIT_PREFIX
 from avg_jax.identifiers.table import IdentifierTable, codebook_rows, table_voken_vectors
 from avg_jax.json_io import write_json
 from avg_jax.retrieval.model import (
+    DISTILL_IMAGES,
+    DISTILL_TOKENS,
     PRIOR_VECTORS,
     TRAIN_TRIE,
     QueryConditioning,
@@ -210,20 +212,28 @@ def train_retrieval(
         aligned = TokenizerTowers.require(towers, "TrainMixture.pseudo_query_source 'nearest_captions'",
                                           identifiers_dir).aligned
     fused_dis = model.loss_config.discriminative_weight > 0 and model.loss_config.prior_weight > 0
+    distill = model.loss_config.distill_weight > 0
     memorize_stage, stream = build_mixture(corpus, table, vocab, model.tokenize, mixture, image_dim, seed,
                                            aligned, model.loss_config.max_relevant,
-                                           text_rows=model.conditioned or fused_dis)
+                                           text_rows=model.conditioned or fused_dis or distill)
     if model.conditioned:
         stream, memorize_stage = (condition_examples(part, towers.aligned) for part in (stream, memorize_stage))
-    constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else None
-    if fused_dis:  # L_dis over generator + aligned-voken prior scores, the evaluation's `Reranker.voken_bias`
-        needed_by = "RetrievalLossConfig.prior_weight > 0"
+    constants = {TRAIN_TRIE: train_trie.tables} if model.loss_config.discriminative_weight > 0 else {}
+    if fused_dis or distill:  # the rows' aligned text vectors: the voken prior's / the distillation teacher's query
+        needed_by = ("RetrievalLossConfig.prior_weight > 0" if fused_dis
+                     else "RetrievalLossConfig.distill_weight > 0")
         aligned_text = TokenizerTowers.require(towers, needed_by, identifiers_dir).aligned.text_vectors(needed_by)
-        if towers.voken_vectors is None:
-            raise ValueError(f"{needed_by} needs an RQ identifier table with a codebook ({identifiers_dir}: scheme "
-                             f"{table.scheme!r})")
         stream, memorize_stage = (prior_examples(part, aligned_text) for part in (stream, memorize_stage))
+    if fused_dis:  # L_dis over generator + aligned-voken prior scores, the evaluation's `Reranker.voken_bias`
+        if towers.voken_vectors is None:
+            raise ValueError(f"RetrievalLossConfig.prior_weight > 0 needs an RQ identifier table with a codebook "
+                             f"({identifiers_dir}: scheme {table.scheme!r})")
         constants[PRIOR_VECTORS] = window_voken_vectors(towers.voken_vectors, towers.first_token, model.window)
+    if distill:  # the teacher: the dense towers over every image the model is trained to emit
+        indexed = [im.id for im in corpus.images if im.split in mixture.indexed_splits()]
+        tokens = table.subset(indexed).tokens
+        constants[DISTILL_IMAGES] = towers.image_vectors(indexed)
+        constants[DISTILL_TOKENS] = np.pad(tokens, ((0, 0), (0, model.target_length - tokens.shape[1])))
     stream, memorize_stage = ([{k: v for k, v in ex.items() if k != "text_row"} for ex in part]
                               for part in (stream, memorize_stage))
     if input_length is None:
@@ -282,7 +292,7 @@ def train_retrieval(
             "sentencepiece_model": str(vocab.path.resolve()), "t5_config": model_config.to_dict(),
             **model.spec(), "train_examples": len(stream), "memorize_stage_examples": len(memorize_stage),
         }, indent=2) + "\n")
-    result = train_loop(model, iterator, run_path, evaluate=_with_fit(periodic, fit), constants=constants,
+    result = train_loop(model, iterator, run_path, evaluate=_with_fit(periodic, fit), constants=constants or None,
                         initial_params=initial_params)
     final: dict[str, Any] = {"step": result.step, "preempted": result.preempted}
     if selection.split is not None and held_out is None:
