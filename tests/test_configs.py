@@ -335,7 +335,7 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert (run_of["AVG + query conditioning + text dropout"]
             == run_of["AVG + query conditioning + text dropout + voken prior + rerank"]
             != run_of["AVG + query conditioning"])
-    assert len({run_of[label] for label in labels if "no T5" not in label}) == 11  # IRGen, AVG and 9 variants
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 12  # IRGen, AVG and 10 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
