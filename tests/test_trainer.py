@@ -20,7 +20,7 @@ import pytest
 import trainer_fixture
 from trainer_fixture import RegressionTask, make_iterator
 
-from avg_jax.training.checkpointing import LOCK_FILE, CheckpointError, RunDirBusyError
+from avg_jax.training.checkpointing import LOCK_FILE, CheckpointError, RunDirBusyError, RunDirMovedError
 from avg_jax.training.trainer import PREEMPTED_EXIT_CODE, NonFiniteLossError, train_loop
 
 FIXTURE = Path(trainer_fixture.__file__)
@@ -244,3 +244,25 @@ def test_a_run_dir_trains_in_one_process_at_a_time(tmp_path):
         holder.kill()
         holder.wait()
     assert int(_train(run_dir).state.step) == 10 and _committed_steps(run_dir) == [5, 10]
+
+
+def test_training_stops_when_its_run_dir_is_moved_away(tmp_path):
+    """A run dir moved away mid-training and replaced by another directory at the same path (what a person
+    restarting an experiment does): the training process stops at its next write with an error naming the
+    path, and writes nothing into the new directory; the moved directory resumes from its last checkpoint."""
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    _bind(num_steps=20, eval_every=10, async_checkpoints=False)
+
+    def evaluate(params, step):
+        run_dir.rename(moved)
+        run_dir.mkdir()
+        (run_dir / "marker").write_text("another run\n")
+        return {"score": 1.0}
+
+    with pytest.raises(RunDirMovedError, match=f"{run_dir} is no longer the run directory"):
+        train_loop(RegressionTask(0.1), make_iterator(16, seed=7, sleep=0.0, nan_at_step=None), run_dir,
+                   evaluate=evaluate)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["marker"]
+    assert _committed_steps(moved) == [5, 10] and max(_losses(moved)) == 10
+    gin.bind_parameter("train_loop.eval_every", 0)
+    assert int(_train(moved).state.step) == 20 and _committed_steps(moved) == [10, 15, 20]

@@ -5,7 +5,7 @@ donate its buffers at once). Restoring walks the committed steps newest first: a
 read (corrupted or half-written files) is reported by step number, moved aside to
 `<run>/corrupt_checkpoints/` and the previous one is used. If no step can be read, restoring raises
 instead of silently starting over (the usual cause is a changed model config, not corruption).
-A run directory is trained by one process at a time (`run_dir_lock`).
+A run directory is trained by one process at a time, and not after it was moved away (`run_dir_lock`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain.checkpoint
@@ -39,21 +39,41 @@ class RunDirBusyError(RuntimeError):
     """Another process is training the same run directory."""
 
 
+class RunDirMovedError(RuntimeError):
+    """The run directory was moved or replaced while this process trained it."""
+
+
 @contextlib.contextmanager
-def run_dir_lock(run_dir: epath.Path) -> Iterator[None]:
+def run_dir_lock(run_dir: epath.Path) -> Iterator[Callable[[], None]]:
     """This process's exclusive hold on a LOCAL run directory while it trains it (process 0 of a multi-host job).
 
     Two trainings of one run dir (e.g. two sweeps started over one output directory, both resuming the same run)
     would interleave their checkpoints and metrics. The hold is an advisory `flock` on RUN_DIR/train.lock, which
     the kernel drops when the process ends, however it ends (kill -9 included): a lock is never stale. A second
     process gets `RunDirBusyError` naming the directory and the holder's pid. gs:// run dirs are not locked.
+    Yields a check for the trainer to call before it writes: `RunDirMovedError` once RUN_DIR/train.lock is no
+    longer the file this process locked, i.e. the directory was moved away or replaced while it trained (the
+    lock moves with the old directory, and a process started on the new one would get a lock of its own).
     """
     path = os.fspath(run_dir)
     if "://" in path or jax.process_index() != 0:
-        yield
+        yield lambda: None
         return
     os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    lock_path = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def still_held() -> None:
+        held = os.fstat(fd)
+        try:
+            now = os.stat(lock_path)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise RunDirMovedError(f"{path} is no longer the run directory this process locked ({LOCK_FILE} was "
+                                   "moved or replaced while it trained): stopped without writing into it; the "
+                                   "moved directory keeps this run's last checkpoint")
+
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,7 +83,7 @@ def run_dir_lock(run_dir: epath.Path) -> Iterator[None]:
                                   "for it or stop it; a rerun then resumes from the run's last checkpoint") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield still_held
     finally:
         os.close(fd)  # drops the lock
 

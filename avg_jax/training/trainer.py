@@ -250,7 +250,7 @@ def train_loop(
     mesh = partitioning.make_device_mesh() if mesh is None else mesh
     rules = partitioning.logical_axis_rules()
     tx, schedule = make_optimizer() if optimizer is None else optimizer
-    with run_dir_lock(run_dir):  # before the Checkpointer opens (orbax: creates, cleans up) the checkpoints
+    with run_dir_lock(run_dir) as still_held:  # before the Checkpointer opens (orbax: creates, cleans up) it
         ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints,
                             async_save=async_checkpoints)
         with partitioning.sharding_context(mesh, rules):
@@ -280,8 +280,7 @@ def train_loop(
             watcher = PreemptionWatcher()
             try:
                 return _run(state, start, num_steps, step_fn, constants, train_iterator, mesh, rules, accum_steps,
-                            ckpt, writer,
-                            watcher, config_text, log_every, eval_every, evaluate)
+                            ckpt, writer, watcher, config_text, log_every, eval_every, evaluate, still_held)
             finally:
                 watcher.close()
                 writer.close()
@@ -309,9 +308,10 @@ def _fresh_state(task: TrainTask, tx: optax.GradientTransformation, rng: jax.Arr
 
 
 def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_steps, ckpt, writer, watcher,
-         config_text, log_every, eval_every, evaluate) -> TrainResult:
+         config_text, log_every, eval_every, evaluate, still_held) -> TrainResult:
     """The host loop. Metrics of step t are fetched after step t+1 is dispatched (keeps the device busy),
-    except before a checkpoint, which is only written once its step's loss is known to be finite."""
+    except before a checkpoint, which is only written once its step's loss is known to be finite. Every write
+    into the run directory (a metrics row, a checkpoint) is preceded by `still_held()` (`run_dir_lock`)."""
     batch_sharding = _batch_sharding(mesh, rules)
     # XLA:CPU launches each device's share of a step on a small worker pool and runs a step with collectives
     # only once the device's previous step is done: a step dispatched while the previous one still runs can
@@ -343,6 +343,7 @@ def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_step
         last = host
         writer.advance(s, {"loss": host["loss"]})
         if s % log_every == 0 or s == num_steps:
+            still_held()
             now = time.perf_counter()
             row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
             row["steps_per_sec"] = (s - tick_step) / max(now - tick, 1e-9)
@@ -353,6 +354,7 @@ def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_step
     while step < num_steps:
         if watcher.reached(step):
             settle()
+            still_held()
             ckpt.save(step, state, it, config_text, force=True)
             ckpt.wait()
             writer.print(f"SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; stopping")
@@ -371,10 +373,12 @@ def _run(state, step, num_steps, step_fn, constants, it, mesh, rules, accum_step
         pending = (step, metrics)
         if step == num_steps or ckpt.should_save(step):
             settle()
+            still_held()
             ckpt.save(step, state, it, config_text, force=step == num_steps)
         if evaluate is not None and (step == num_steps or (eval_every and step % eval_every == 0)):
             settle()
             scores = dict(evaluate(state.params, step))
+            still_held()
             writer.write(step, scores, prefix="eval/")
             writer.print(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     settle()
