@@ -186,6 +186,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("AVG + query conditioning + text dropout + voken prior + rerank",
                      _EMOJI + "conditioned_text_dropout_prior.gin"),
                 _row("AVG + dense distillation", _EMOJI + "distill.gin"),
+                _row("AVG + dense distillation + voken prior + rerank", _EMOJI + "distill_prior.gin"),
                 _row("AVG + hierarchical alignment", _EMOJI + "prefix_align.gin"),
                 _row("AVG + hierarchical alignment + voken prior + rerank", _EMOJI + "prefix_align_prior.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),

@@ -335,6 +335,7 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert (run_of["AVG + query conditioning + text dropout"]
             == run_of["AVG + query conditioning + text dropout + voken prior + rerank"]
             != run_of["AVG + query conditioning"])
+    assert run_of["AVG + dense distillation"] == run_of["AVG + dense distillation + voken prior + rerank"]
     assert len({run_of[label] for label in labels if "no T5" not in label}) == 12  # IRGen, AVG and 10 variants
 
 
