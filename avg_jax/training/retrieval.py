@@ -195,8 +195,9 @@ def train_retrieval(
                                             image_feature_dim=int(aligned.text_vectors("QueryConditioning").shape[1]))
     initial_params, model_config = initial_t5_params(model_config, vocab, table, identifiers_dir)
     mixture = TrainMixture()
-    trie_splits = mixture.indexed_splits() if discriminative_images == "indexed" else ("train",)
-    trie_ids = [im.id for im in corpus.images if im.split in trie_splits]
+    indexed = [im.id for im in corpus.images if im.split in mixture.indexed_splits()]  # what the model may emit
+    trie_ids = indexed if discriminative_images == "indexed" else [im.id for im in corpus.images
+                                                                    if im.split == "train"]
     train_trie = build_trie(table.subset(trie_ids))
     search = BeamSearchOptions()  # the score normalisation and first-step sharing the model decodes with
     model = RetrievalModel(model_config, vocab, window=model_window(table, vocab.size),
@@ -230,7 +231,6 @@ def train_retrieval(
                              f"({identifiers_dir}: scheme {table.scheme!r})")
         constants[PRIOR_VECTORS] = window_voken_vectors(towers.voken_vectors, towers.first_token, model.window)
     if distill:  # the teacher: the dense towers over every image the model is trained to emit
-        indexed = [im.id for im in corpus.images if im.split in mixture.indexed_splits()]
         tokens = table.subset(indexed).tokens
         constants[DISTILL_IMAGES] = towers.image_vectors(indexed)
         constants[DISTILL_TOKENS] = np.pad(tokens, ((0, 0), (0, model.target_length - tokens.shape[1])))
