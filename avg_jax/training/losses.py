@@ -44,10 +44,17 @@ def token_bias_sums(sequences: jax.Array, token_bias: jax.Array, column_offset: 
     """Each sequence's summed per-token bias: sequences [b, k, T] (token ids, PAD-padded), token_bias
     [b, columns] over token ids column_offset ... column_offset + columns - 1 -> [b, k]; PAD and tokens outside
     the columns add 0 (the score `beam_search(token_bias=...)` adds to an identifier)."""
-    column = sequences - column_offset
-    inside = (sequences != PAD_ID) & (column >= 0) & (column < token_bias.shape[-1])
-    picked = jnp.take_along_axis(token_bias[:, None, :], jnp.clip(column, 0, token_bias.shape[-1] - 1), axis=-1)
+    column, inside = window_columns(sequences, column_offset, token_bias.shape[-1])
+    picked = jnp.take_along_axis(token_bias[:, None, :], column, axis=-1)
     return jnp.where(inside, picked, 0.0).sum(axis=-1)
+
+
+def window_columns(tokens: jax.Array, column_offset: int, columns: int) -> tuple[jax.Array, jax.Array]:
+    """Token ids -> (their column in a window of `columns` token ids from `column_offset`, clipped into it;
+    whether the token is a non-PAD token inside the window)."""
+    column = tokens - column_offset
+    inside = (tokens != PAD_ID) & (column >= 0) & (column < columns)
+    return jnp.clip(column, 0, columns - 1), inside
 
 
 GEN_REDUCTIONS = ("sum", "mean")
@@ -151,13 +158,11 @@ def trie_teacher(query_vectors: jax.Array, image_vectors: jax.Array, image_token
     same = image_tokens[None, :, :] == targets[:, None, :]  # [b, I, T]
     on_prefix = jnp.cumprod(same, axis=-1, dtype=jnp.int32)  # [b, I, l]: equal on positions <= l
     on_prefix = jnp.concatenate([jnp.ones_like(on_prefix[..., :1]), on_prefix[..., :-1]], axis=-1)  # < l
-    column = image_tokens - column_offset  # [I, T]
-    inside = (image_tokens != PAD_ID) & (column >= 0) & (column < columns)
+    column, inside = window_columns(image_tokens, column_offset, columns)  # [I, T]
     mass = p[:, :, None] * (on_prefix * inside[None]).astype(jnp.float32)  # [b, I, T]
     b, _, t = mass.shape
     teacher = jnp.zeros((b, t, columns), jnp.float32).at[
-        jnp.arange(b)[:, None, None], jnp.arange(t)[None, None, :], jnp.clip(column, 0, columns - 1)[None]
-    ].add(mass)
+        jnp.arange(b)[:, None, None], jnp.arange(t)[None, None, :], column[None]].add(mass)
     total = teacher.sum(axis=-1)  # [b, T]
     defined = (targets != PAD_ID) & (total > 0)
     return jnp.where(defined[..., None], teacher / jnp.where(defined, total, 1.0)[..., None], 0.0), defined
