@@ -71,23 +71,29 @@ def generative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, z
     optional z-loss `z_loss * log(Z)^2` per target token keeps the softmax normaliser near 1 (PaLM/t5x);
     it is reduced over tokens the same way.
     """
-    if reduction not in GEN_REDUCTIONS:
-        raise ValueError(f"generative loss reduction must be one of {GEN_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, "generative loss")
     mask = targets != PAD_ID  # [batch, T]
-    nll = -token_log_probs(logits, targets).sum(axis=-1)  # [batch]
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [batch, T]
-    z = z_loss * jnp.sum(jnp.where(mask, lse**2, 0.0), axis=-1)  # [batch]
-    if reduction == "mean":
-        count = jnp.maximum(mask.sum(axis=-1), 1).astype(jnp.float32)
-        nll, z = nll / count, z / count
-    denom = jnp.maximum(weights.sum(), 1e-9)
+    gen = row_mean(-token_log_probs(logits, targets), mask, weights, reduction)
+    z = row_mean(z_loss * lse**2, mask, weights, reduction)
     correct = (jnp.argmax(logits, axis=-1) == targets) | ~mask
-    metrics = {
-        "gen_loss": jnp.sum(weights * nll) / denom,
-        "z_loss": jnp.sum(weights * z) / denom,
-        "sequence_accuracy": jnp.sum(weights * jnp.all(correct, axis=-1)) / denom,
-    }
-    return jnp.sum(weights * (nll + z)) / denom, metrics
+    accuracy = jnp.sum(weights * jnp.all(correct, axis=-1)) / jnp.maximum(weights.sum(), 1e-9)
+    return gen + z, {"gen_loss": gen, "z_loss": z, "sequence_accuracy": accuracy}
+
+
+def check_reduction(reduction: str, what: str) -> None:
+    """A clear error for a token reduction outside `GEN_REDUCTIONS`."""
+    if reduction not in GEN_REDUCTIONS:
+        raise ValueError(f"{what} reduction must be one of {GEN_REDUCTIONS}, got {reduction!r}")
+
+
+def row_mean(per_position: jax.Array, mask: jax.Array, weights: jax.Array, reduction: str) -> jax.Array:
+    """Eq. 7's reduction of a per-position loss [b, T]: over each row's `mask`ed positions ('sum', or 'mean' =
+    divided by the row's count of them), then averaged over the rows with `weights` [b] > 0."""
+    per_row = jnp.sum(jnp.where(mask, per_position, 0.0), axis=-1)
+    if reduction == "mean":
+        per_row = per_row / jnp.maximum(mask.sum(axis=-1), 1).astype(jnp.float32)
+    return jnp.sum(weights * per_row) / jnp.maximum(weights.sum(), 1e-9)
 
 
 def match_positive(candidates: jax.Array, valid: jax.Array, positive: jax.Array) -> jax.Array:
@@ -174,12 +180,8 @@ def distillation_loss(logits: jax.Array, teacher: jax.Array, defined: jax.Array,
     [b, T, V], read at the teacher's columns) against `teacher` [b, T, columns] at the `defined` [b, T] positions
     (`trie_teacher`), reduced over a row's positions like eq. 7 (`reduction` 'sum' or 'mean') and averaged over
     the rows with `weights` [b] > 0."""
-    if reduction not in GEN_REDUCTIONS:
-        raise ValueError(f"distillation loss reduction must be one of {GEN_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, "distillation loss")
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp = logp[..., column_offset: column_offset + teacher.shape[-1]]
     ce = -jnp.sum(jnp.where(teacher > 0, teacher * logp, 0.0), axis=-1)  # [b, T]
-    per_row = jnp.sum(jnp.where(defined, ce, 0.0), axis=-1)
-    if reduction == "mean":
-        per_row = per_row / jnp.maximum(defined.sum(axis=-1), 1).astype(jnp.float32)
-    return jnp.sum(weights * per_row) / jnp.maximum(weights.sum(), 1e-9)
+    return row_mean(ce, defined, weights, reduction)
