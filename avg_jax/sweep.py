@@ -187,6 +187,8 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                      _EMOJI + "conditioned_text_dropout_prior.gin"),
                 _row("AVG + dense distillation", _EMOJI + "distill.gin"),
                 _row("AVG + dense distillation + voken prior + rerank", _EMOJI + "distill_prior.gin"),
+                _row("AVG, codebook N = 512", _EMOJI + "n512.gin"),
+                _row("AVG, codebook N = 512 + voken prior + rerank", _EMOJI + "n512_prior.gin"),
                 _row("AVG + hierarchical alignment", _EMOJI + "prefix_align.gin"),
                 _row("AVG + hierarchical alignment + voken prior + rerank", _EMOJI + "prefix_align_prior.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
