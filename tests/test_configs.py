@@ -108,10 +108,12 @@ def test_experiments_bind_the_papers_settings():
                                            "RetrievalLossConfig.discriminative_weight": 0.5,
                                            "BeamSearchOptions.score_forced_steps": False,
                                            "TokenizerLossWeights.align": 1.0},
-        "experiments/avg/emoji_n512.gin": {"RQTokenizerConfig.codebook_size": 512, "RQTokenizerConfig.num_levels": 4,
-                                           "RetrievalLossConfig.discriminative_weight": 0.5},
-        "experiments/avg/emoji_n512_prior.gin": {"RQTokenizerConfig.codebook_size": 512,
-                                                 "train_retrieval.eval_rerank_weight": 4.0},
+        "experiments/avg/emoji_conditioned_n512.gin": {"RQTokenizerConfig.codebook_size": 512,
+                                                       "RQTokenizerConfig.num_levels": 4,
+                                                       "QueryConditioning.enabled": True},
+        "experiments/avg/emoji_conditioned_n512_prior.gin": {"RQTokenizerConfig.codebook_size": 512,
+                                                             "QueryConditioning.enabled": True,
+                                                             "train_retrieval.eval_rerank_weight": 4.0},
         "experiments/avg/emoji_random_voken.gin": {"initial_t5_params.voken_embedding_init": "random",
                                                    "TrainMixture.pseudo_query_rate": 1.0},
         "experiments/avg/emoji_no_alignment.gin": {"TokenizerLossWeights.align": 0.0,
@@ -340,7 +342,9 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
             == run_of["AVG + query conditioning + text dropout + voken prior + rerank"]
             != run_of["AVG + query conditioning"])
     assert run_of["AVG + dense distillation"] == run_of["AVG + dense distillation + voken prior + rerank"]
-    assert run_of["AVG, codebook N = 512"] == run_of["AVG, codebook N = 512 + voken prior + rerank"]
+    assert (run_of["AVG + query conditioning, codebook N = 512"]
+            == run_of["AVG + query conditioning, codebook N = 512 + voken prior + rerank"]
+            != run_of["AVG + query conditioning"])
     assert len({run_of[label] for label in labels if "no T5" not in label}) == 13  # IRGen, AVG and 11 variants
 
 
