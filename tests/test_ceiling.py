@@ -1,5 +1,7 @@
 """The no-T5 diagnostic ceilings (avg_jax.evaluation.ceiling) against a numpy brute force on a tiny tokenizer."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,28 @@ def test_shared_prefix_lengths_and_errors(tiny_corpus, tokenizer_dir):
     np.testing.assert_array_equal(ceiling.shared_prefix_lengths(q, i), [[2, 1, 0, 0], [0, 0, 3, 0]])
     with pytest.raises(ValueError, match="ceiling mode"):
         ceiling.ceiling_diagnostic(tiny_corpus, tokenizer_dir[0], "test", "nope")
+
+
+def test_eval_ceiling_cli_writes_the_rankings_eval_scores(tiny_corpus, tokenizer_dir, tmp_path, capsys):
+    from avg_jax import cli
+
+    corpus_dir = str(tiny_corpus.save(tmp_path / "c"))
+    out = tmp_path / "ceil"
+    assert cli.main(["eval-ceiling", "--corpus", corpus_dir, "--tokenizer", str(tokenizer_dir[0]), "--out",
+                     str(out)]) == 0
+    systems = json.loads((out / "metrics.json").read_text())["systems"]
+    assert set(systems) == set(ceiling.MODES)
+    for mode in ceiling.MODES:
+        expected, ranked = ceiling.ceiling_diagnostic(tiny_corpus, tokenizer_dir[0], "test", mode)
+        lines = [json.loads(x) for x in (out / f"ranked_{mode}.jsonl").read_text().splitlines()]
+        assert [r["query_row"] for r in lines] == list(tiny_corpus.query_rows("test"))
+        assert [r["image_ids"] for r in lines] == ranked
+        # The written ranking scored by `avg-jax eval` gives the metrics the command reported.
+        assert cli.main(["eval", "--corpus", corpus_dir, "--ranked", f"{mode}={out / f'ranked_{mode}.jsonl'}",
+                         "--out", str(tmp_path / mode)]) == 0
+        scored = json.loads((tmp_path / mode / "metrics.json").read_text())["systems"][mode]
+        assert scored == pytest.approx(systems[mode]) and systems[mode] == pytest.approx(expected)
+    with pytest.raises(SystemExit):
+        cli.main(["eval-ceiling", "--corpus", corpus_dir, "--tokenizer", str(tokenizer_dir[0]), "--mode", "nope",
+                  "--out", str(out)])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

@@ -1,7 +1,9 @@
-"""`avg-jax eval` (metrics of ranked outputs) and `avg-jax eval-dense` (the dense two-tower baseline).
+"""`avg-jax eval` (metrics of ranked outputs), `avg-jax eval-dense` (the dense two-tower baseline) and
+`avg-jax eval-ceiling` (the no-T5 ceilings of a trained tokenizer's identifiers).
 
 The ranked-output JSONL format and its scoring: avg_jax/evaluation/ranked.py; the dense baseline:
-avg_jax/evaluation/dense.py. `--identifiers` enables identifier-level recall.
+avg_jax/evaluation/dense.py; the ceilings: avg_jax/evaluation/ceiling.py. `--identifiers` enables
+identifier-level recall.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from avg_jax import cli, config
 from avg_jax.data.corpus import SPLITS, Corpus
-from avg_jax.evaluation import dense, metrics
+from avg_jax.evaluation import ceiling, dense, metrics
 from avg_jax.evaluation.ranked import (
     NOVELTY_GROUPS,
     evaluate_ranked,
@@ -68,6 +70,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory for metrics.json and ranked.jsonl")
     cli.add_gin_flags(p)
     p.set_defaults(func=run_eval_dense)
+
+    p = subparsers.add_parser("eval-ceiling", help="the no-T5 ceilings of a tokenizer's identifiers on a corpus split "
+                                                   "(what a perfect generator over them could rank)")
+    p.add_argument("--corpus", required=True, help="corpus directory")
+    p.add_argument("--tokenizer", required=True, help="a trained RQ tokenizer's output directory (`avg-jax tokenize`)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--mode", action="append", choices=ceiling.MODES,
+                   help="'ceiling': <text head(query), quantized image>; 'ceiling_codes': the query's own RQ code "
+                        "prefix (repeat for both; default both)")
+    p.add_argument("--out", required=True, help="output directory for metrics.json and ranked_<mode>.jsonl")
+    cli.add_gin_flags(p)
+    p.set_defaults(func=run_eval_ceiling)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -134,6 +148,20 @@ def run_eval_dense(args: argparse.Namespace) -> int:
     write_ranked_jsonl(Path(args.out) / RANKED_FILE, corpus, rows, ranked)
     config.write_operative_config(args.out)
     _print_table(corpus, args.split, {name: result}, path)
+    return 0
+
+
+def run_eval_ceiling(args: argparse.Namespace) -> int:
+    config.parse_gin(args.gin_file, args.gin_param)
+    corpus = Corpus.load(args.corpus)
+    systems, rankings = {}, {}
+    for mode in args.mode or ceiling.MODES:
+        systems[mode], rankings[mode] = ceiling.ceiling_diagnostic(corpus, args.tokenizer, args.split, mode)
+    path = write_metrics(args.out, corpus, args.corpus, args.split, systems)
+    for mode, ranked in rankings.items():
+        write_ranked_jsonl(Path(args.out) / f"ranked_{mode}.jsonl", corpus, corpus.query_rows(args.split), ranked)
+    config.write_operative_config(args.out)
+    _print_table(corpus, args.split, systems, path)
     return 0
 
 
