@@ -34,7 +34,7 @@ import tqdm
 from avg_jax import config
 from avg_jax.data.corpus import Corpus
 from avg_jax.data.synthetic import make_synthetic_corpus
-from avg_jax.evaluation import dense, metrics
+from avg_jax.evaluation import ceiling, dense, metrics
 from avg_jax.evaluation.efficiency import TIMING, dense_search_qps, generative_qps, random_unit_rows
 from avg_jax.evaluation.ranked import evaluate_ranked, read_ranked_jsonl
 from avg_jax.evaluation.report import PLOTS, plot_beam_sweep, plot_efficiency, plot_training, render_report
@@ -133,6 +133,9 @@ def run_demo(
         text_head, image_head = dense.tokenizer_head_projections(str(ids_dir))
         dense_metrics, dense_ranked = dense.dense_baseline(corpus, split=SPLIT, text_projection=text_head,
                                                            image_projection=image_head)
+        # The no-T5 ceiling (issue 13 item 10): what a perfect generator over these identifiers could rank.
+        ceiling_metrics = (ceiling.ceiling_diagnostic(corpus, ids_dir, SPLIT, "ceiling")[0] if table.scheme == "rq"
+                           else None)
         chance = metrics.chance_metrics(len(test_ids), [len(corpus.queries[j].image_ids)
                                                         for j in corpus.query_rows(SPLIT)])
         stages.done()
@@ -172,7 +175,8 @@ def run_demo(
                                                   "temperature": final["rerank_temperature"],
                                                   **_chosen_on(final.get("fusion_selection"))}}
                                    if fused_metrics else {}),
-            "dense": dense_metrics, "chance": chance, "beam_sweep": sweep,
+            "dense": dense_metrics, **({"ceiling": ceiling_metrics} if ceiling_metrics else {}),
+            "chance": chance, "beam_sweep": sweep,
             "examples": examples, "efficiency": efficiency,
         }
         plot_training(train_rows, dense_metrics, chance, out / PLOTS["training"])

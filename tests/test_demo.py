@@ -9,6 +9,7 @@ from PIL import Image
 
 from avg_jax import cli, demo
 from avg_jax.data.corpus import Corpus
+from avg_jax.evaluation import ceiling
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_demo_writes_every_output(demo_out):
         with Image.open(demo_out / name) as im:
             assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 300
     report = (demo_out / demo.REPORT_FILE).read_text()
-    assert "SYNTHETIC" in report
+    assert "SYNTHETIC" in report and "| ceiling, no T5" in report
     for name in demo.PLOTS.values():
         assert f"({name})" in report
 
@@ -46,7 +47,7 @@ def test_demo_metrics(demo_out):
     assert {"corpus", "identifiers", "t5", "avg", "dense", "chance", "beam_sweep", "examples", "efficiency",
             "wall_seconds"} <= set(m)
     ks = (1, 5, 10)
-    for system in ("avg", "dense", "chance"):
+    for system in ("avg", "dense", "ceiling", "chance"):
         for key in [f"recall@{k}" for k in ks] + ["mrr@10"]:
             assert 0.0 <= m[system][key] <= 1.0, (system, key)
     for key in [f"identifier_recall@{k}" for k in ks] + ["collision_rate", "empty_rate"]:
@@ -62,6 +63,9 @@ def test_demo_metrics(demo_out):
     assert eff["sizes"] == [40, 200]
     assert all(eff[s][str(n)] > 0 for s in ("generative_qps", "dense_search_qps") for n in eff["sizes"])
     assert len(m["examples"]) == 2 and all(len(ex["avg"]) == 5 and len(ex["dense"]) == 5 for ex in m["examples"])
+    # The no-T5 ceiling row is the tokenizer's (evaluation.ceiling, checked against numpy in test_ceiling.py).
+    expected, _ = ceiling.ceiling_diagnostic(Corpus.load(demo_out / "corpus"), demo_out / "identifiers", "test")
+    assert m["ceiling"] == pytest.approx(expected)
 
 
 def test_demo_avg_metrics_match_brute_force(demo_out):

@@ -145,7 +145,11 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]], config_di
                   if "chosen_on_split" in f else "")
         systems.append((f"AVG + voken prior {f['prior_weight']:g} + rerank {f['rerank_weight']:g} "
                         f"(temperature {f['temperature']:g}{chosen})", f))
-    for name, m in (*systems, ("dense two-tower", r["dense"]), ("chance (random ranking)", r["chance"])):
+    systems.append(("dense two-tower", r["dense"]))
+    if "ceiling" in r:
+        systems.append(("ceiling, no T5: <text head(query), quantized image> (a perfect generator over these "
+                        "identifiers)", r["ceiling"]))
+    for name, m in (*systems, ("chance (random ranking)", r["chance"])):
         cells = [pct(m.get(f"recall@{k}", float("nan"))) for k in ks] + [
             pct(m.get("mrr@10", float("nan"))), pct(m.get("empty_rate", float("nan")))]
         cells += [pct(m.get(f"identifier_recall@{k}", float("nan"))) for k in ks]
