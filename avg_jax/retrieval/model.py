@@ -692,14 +692,13 @@ class RetrievalModel:
             if bias is not None:  # the fused score the search ranked by; the gradient reaches the generator only
                 scores = scores + losses.token_bias_sums(cands, bias, self.window[0])
             dis = losses.listwise_loss(scores, positive, keep)  # [b]
-            denom = jnp.maximum(query_weights.sum(), 1e-9)
             dis_weights = query_weights * found if cfg.discriminative_found_only else query_weights
-            dis_loss = jnp.sum(dis_weights * dis) / jnp.maximum(dis_weights.sum(), 1e-9)
+            dis_loss = losses.weighted_mean(dis, dis_weights)
             positive_logits = jnp.take_along_axis(logits, positive[:, None, None, None], axis=1)[:, 0]
             gen, metrics = losses.generative_loss(positive_logits, targets, weights, cfg.z_loss,
                                                   cfg.generative_reduction)
             gen, metrics = self.add_distillation(gen, metrics, positive_logits, batch, targets, weights, constants)
-            metrics.update(dis_loss=dis_loss, positive_in_beam=jnp.sum(query_weights * found) / denom)
+            metrics.update(dis_loss=dis_loss, positive_in_beam=losses.weighted_mean(found, query_weights))
             return gen + lam * dis_loss, metrics
 
         if cfg.discriminative_weight == 0:

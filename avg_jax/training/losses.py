@@ -77,7 +77,7 @@ def generative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, z
     gen = row_mean(-token_log_probs(logits, targets), mask, weights, reduction)
     z = row_mean(z_loss * lse**2, mask, weights, reduction)
     correct = (jnp.argmax(logits, axis=-1) == targets) | ~mask
-    accuracy = jnp.sum(weights * jnp.all(correct, axis=-1)) / jnp.maximum(weights.sum(), 1e-9)
+    accuracy = weighted_mean(jnp.all(correct, axis=-1), weights)
     return gen + z, {"gen_loss": gen, "z_loss": z, "sequence_accuracy": accuracy}
 
 
@@ -93,7 +93,12 @@ def row_mean(per_position: jax.Array, mask: jax.Array, weights: jax.Array, reduc
     per_row = jnp.sum(jnp.where(mask, per_position, 0.0), axis=-1)
     if reduction == "mean":
         per_row = per_row / jnp.maximum(mask.sum(axis=-1), 1).astype(jnp.float32)
-    return jnp.sum(weights * per_row) / jnp.maximum(weights.sum(), 1e-9)
+    return weighted_mean(per_row, weights)
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """Σ weights · values / Σ weights over rows [b] (0 when every weight is 0)."""
+    return jnp.sum(weights * values) / jnp.maximum(weights.sum(), 1e-9)
 
 
 def match_positive(candidates: jax.Array, valid: jax.Array, positive: jax.Array) -> jax.Array:
