@@ -191,6 +191,8 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("AVG + query conditioning, codebook N = 512 + voken prior + rerank",
                      _EMOJI + "conditioned_n512_prior.gin"),
                 _row("AVG + query conditioning, codebook N = 1,024", _EMOJI + "conditioned_n1024.gin"),
+                _row("AVG + query conditioning, codebook N = 1,024 + voken prior + rerank",
+                     _EMOJI + "conditioned_n1024_prior.gin"),
                 _row("AVG + hierarchical alignment", _EMOJI + "prefix_align.gin"),
                 _row("AVG + hierarchical alignment + voken prior + rerank", _EMOJI + "prefix_align_prior.gin"),
                 _row("w/o alignment", _EMOJI + "no_alignment.gin"),
