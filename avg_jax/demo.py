@@ -42,6 +42,7 @@ from avg_jax.identifiers.table import IdentifierTable
 from avg_jax.json_io import read_jsonl, write_json
 from avg_jax.retrieval.model import RetrievalLossConfig, Retriever
 from avg_jax.tokenizer.pipeline import tokenize_corpus
+from avg_jax.tokenizer.train import load_tokenizer
 from avg_jax.training.metrics import METRICS_FILE as TRAIN_METRICS_FILE
 from avg_jax.training.retrieval import RETRIEVAL_DIR, train_retrieval
 from avg_jax.training.trainer import CHECKPOINT_DIR
@@ -130,11 +131,12 @@ def run_demo(
         # with the dense towers fused in, beside the pure generative one.
         fused_metrics = (evaluate_ranked(corpus, read_ranked_jsonl(final["rerank_ranked"], corpus, SPLIT), groups)
                          if final.get("rerank_ranked") else None)
-        text_head, image_head = dense.tokenizer_head_projections(str(ids_dir))
+        tok = load_tokenizer(ids_dir)
+        text_head, image_head = dense.head_projections(tok)
         dense_metrics, dense_ranked = dense.dense_baseline(corpus, split=SPLIT, text_projection=text_head,
                                                            image_projection=image_head)
         # The no-T5 ceiling (issue 13 item 10): what a perfect generator over these identifiers could rank.
-        ceiling_metrics = (ceiling.ceiling_diagnostic(corpus, ids_dir, SPLIT, "ceiling")[0] if table.scheme == "rq"
+        ceiling_metrics = (ceiling.ceiling_diagnostic(corpus, tok, SPLIT, "ceiling")[0] if table.scheme == "rq"
                            else None)
         chance = metrics.chance_metrics(len(test_ids), [len(corpus.queries[j].image_ids)
                                                         for j in corpus.query_rows(SPLIT)])

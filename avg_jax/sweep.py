@@ -178,6 +178,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                (_row("IRGen", _EMOJI + "irgen.gin"),
                 _row("AVG", _EMOJI + "main.gin"),
                 _row("AVG + rerank", _EMOJI + "rerank.gin"),
+                _row("AVG, codebook N = 1,024", _EMOJI + "n1024.gin"),
                 _row("AVG + voken prior", _EMOJI + "prior.gin"),
                 _row("AVG + voken prior + rerank", _EMOJI + "prior_rerank.gin"),
                 _row("AVG + query conditioning", _EMOJI + "conditioned.gin"),
@@ -323,7 +324,9 @@ def _tokenizer_row(plan: RowPlan, corpus: Any, split: str) -> tuple[dict[str, fl
     if plan.row.kind == "dense":
         text, image = dense.tokenizer_head_projections(str(plan.identifiers_dir))
         return dense.dense_baseline(corpus, split, text_projection=text, image_projection=image)
-    return ceiling.ceiling_diagnostic(corpus, plan.identifiers_dir, split, plan.row.kind)
+    from avg_jax.tokenizer.train import load_tokenizer
+
+    return ceiling.ceiling_diagnostic(corpus, load_tokenizer(plan.identifiers_dir), split, plan.row.kind)
 
 
 def _run_row(plan: RowPlan) -> dict[str, float]:

@@ -7,7 +7,7 @@ import pytest
 
 from avg_jax.evaluation import ceiling, metrics
 from avg_jax.tokenizer.model import RQTokenizerConfig, init_params
-from avg_jax.tokenizer.train import TrainedTokenizer, save_tokenizer
+from avg_jax.tokenizer.train import TrainedTokenizer, load_tokenizer, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_ceilings_match_numpy_brute_force(tiny_corpus, tokenizer_dir):
             "ceiling_codes": lambda q, i: (prefix[q, i], round(score[q, i], 5))}
     row_of = {image: i for i, image in enumerate(image_ids)}
     for mode in ceiling.MODES:
-        got_metrics, got = ceiling.ceiling_diagnostic(tiny_corpus, path, "test", mode)
+        got_metrics, got = ceiling.ceiling_diagnostic(tiny_corpus, load_tokenizer(path), "test", mode)
         assert len(got) == len(query_rows) and all(len(r) == 10 for r in got)
         for q, ranked in enumerate(got):
             # Same keys as the brute force's top 10, in order (images with equal codes tie: any order).
@@ -73,7 +73,7 @@ def test_shared_prefix_lengths_and_errors(tiny_corpus, tokenizer_dir):
     i = np.array([[1, 2, 0], [1, 0, 3], [0, 0, 0], [2, 2, 3]])
     np.testing.assert_array_equal(ceiling.shared_prefix_lengths(q, i), [[2, 1, 0, 0], [0, 0, 3, 0]])
     with pytest.raises(ValueError, match="ceiling mode"):
-        ceiling.ceiling_diagnostic(tiny_corpus, tokenizer_dir[0], "test", "nope")
+        ceiling.ceiling_diagnostic(tiny_corpus, load_tokenizer(tokenizer_dir[0]), "test", "nope")
 
 
 def test_eval_ceiling_cli_writes_the_rankings_eval_scores(tiny_corpus, tokenizer_dir, tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_eval_ceiling_cli_writes_the_rankings_eval_scores(tiny_corpus, tokenizer
     systems = json.loads((out / "metrics.json").read_text())["systems"]
     assert set(systems) == set(ceiling.MODES)
     for mode in ceiling.MODES:
-        expected, ranked = ceiling.ceiling_diagnostic(tiny_corpus, tokenizer_dir[0], "test", mode)
+        expected, ranked = ceiling.ceiling_diagnostic(tiny_corpus, load_tokenizer(tokenizer_dir[0]), "test", mode)
         lines = [json.loads(x) for x in (out / f"ranked_{mode}.jsonl").read_text().splitlines()]
         assert [r["query_row"] for r in lines] == list(tiny_corpus.query_rows("test"))
         assert [r["image_ids"] for r in lines] == ranked

@@ -16,7 +16,6 @@ The codes are the tokenizer's RQ codes (no collision suffix: images sharing all 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +25,7 @@ from avg_jax.evaluation import metrics
 from avg_jax.evaluation.dense import split_rows
 from avg_jax.tokenizer.model import embed_texts
 from avg_jax.tokenizer.quantizer import rq_encode_codes
-from avg_jax.tokenizer.train import TrainedTokenizer, encode_images, load_tokenizer
+from avg_jax.tokenizer.train import TrainedTokenizer, encode_images
 
 MODES = ("ceiling", "ceiling_codes")
 
@@ -65,11 +64,11 @@ def rank_by_scores(scores: np.ndarray, image_ids: Sequence[str], k: int | None =
     return [[image_ids[i] for i in row] for row in order]
 
 
-def ceiling_diagnostic(corpus: Corpus, tokenizer_dir: str | Path, split: str = "test", mode: str = "ceiling",
+def ceiling_diagnostic(corpus: Corpus, tok: TrainedTokenizer, split: str = "test", mode: str = "ceiling",
                        ks: Sequence[int] = metrics.DEFAULT_KS) -> tuple[dict[str, float], list[list[str]]]:
-    """Image-level metrics and ranked image ids (per `corpus.query_rows(split)` query) of the `mode` ceiling."""
+    """Image-level metrics and ranked image ids (per `corpus.query_rows(split)` query) of the `mode` ceiling of a
+    loaded tokenizer (`load_tokenizer` of an `avg-jax tokenize` output directory)."""
     image_rows, query_rows = split_rows(corpus, split, "the ceiling")
-    tok = load_tokenizer(tokenizer_dir)
     image_ids = [corpus.images[i].id for i in image_rows]
     ranked = []
     for start in range(0, len(query_rows), 1024):  # bounded [chunk, n, M] prefix comparisons

@@ -28,6 +28,7 @@ from avg_jax.evaluation.ranked import (
     write_ranked_jsonl,
 )
 from avg_jax.json_io import write_json
+from avg_jax.tokenizer.train import load_tokenizer
 
 RANKED_FILE = "ranked.jsonl"
 PAIRED_FILE = "paired.json"
@@ -154,9 +155,10 @@ def run_eval_dense(args: argparse.Namespace) -> int:
 def run_eval_ceiling(args: argparse.Namespace) -> int:
     config.parse_gin(args.gin_file, args.gin_param)
     corpus = Corpus.load(args.corpus)
+    tok = load_tokenizer(args.tokenizer)
     systems, rankings = {}, {}
     for mode in args.mode or ceiling.MODES:
-        systems[mode], rankings[mode] = ceiling.ceiling_diagnostic(corpus, args.tokenizer, args.split, mode)
+        systems[mode], rankings[mode] = ceiling.ceiling_diagnostic(corpus, tok, args.split, mode)
     path = write_metrics(args.out, corpus, args.corpus, args.split, systems)
     for mode, ranked in rankings.items():
         write_ranked_jsonl(Path(args.out) / f"ranked_{mode}.jsonl", corpus, corpus.query_rows(args.split), ranked)
