@@ -114,6 +114,9 @@ def test_experiments_bind_the_papers_settings():
         "experiments/avg/emoji_n1024.gin": {"RQTokenizerConfig.codebook_size": 1024,
                                             "initial_t5_params.voken_embedding_init": "codebook",
                                             "RetrievalLossConfig.discriminative_weight": 0.5},
+        "experiments/avg/emoji_n1024_m2.gin": {"RQTokenizerConfig.codebook_size": 1024,
+                                               "RQTokenizerConfig.num_levels": 2,
+                                               "RetrievalLossConfig.discriminative_weight": 0.5},
         "experiments/avg/emoji_conditioned_n1024.gin": {"RQTokenizerConfig.codebook_size": 1024,
                                                         "QueryConditioning.enabled": True},
         "experiments/avg/emoji_conditioned_n1024_prior.gin": {"RQTokenizerConfig.codebook_size": 1024,
@@ -353,7 +356,7 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert (run_of["AVG + query conditioning, codebook N = 512"]
             == run_of["AVG + query conditioning, codebook N = 512 + voken prior + rerank"]
             != run_of["AVG + query conditioning"])
-    assert len({run_of[label] for label in labels if "no T5" not in label}) == 15  # IRGen, AVG and 13 variants
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 16  # IRGen, AVG and 14 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
