@@ -135,7 +135,7 @@ def run_demo(
         text_head, image_head = dense.head_projections(tok)
         dense_metrics, dense_ranked = dense.dense_baseline(corpus, split=SPLIT, text_projection=text_head,
                                                            image_projection=image_head)
-        # The no-T5 ceiling (issue 13 item 10): what a perfect generator over these identifiers could rank.
+        # The no-T5 ceiling (issue 13 item 10): what the identifiers' aligned geometry alone ranks.
         ceiling_metrics = (ceiling.ceiling_diagnostic(corpus, tok, SPLIT, "ceiling")[0] if table.scheme == "rq"
                            else None)
         chance = metrics.chance_metrics(len(test_ids), [len(corpus.queries[j].image_ids)

@@ -4,7 +4,8 @@ Both rank a split's images for each of its queries from the trained RQ tokenizer
 output: heads + codebook):
   'ceiling'        score(q, i) = <text_head(query feature), ẑ^(M)_i>: the aligned query vector against the
                    image's QUANTIZED vector (the sum of its M voken vectors). What a perfect decoder of the
-                   vokens' geometry could reach: the information the identifiers keep about the image.
+                   vokens' geometry could reach: the information the identifiers keep about the image. Not a
+                   bound on a generator, which reads the query's text (on the synthetic demo at M = 2 it passes it).
   'ceiling_codes'  the query's own RQ codes (its aligned text vector quantized with the tokenizer's codebook)
                    against each image's codes: images ranked by the longest shared code prefix (levels of the
                    identifier), ties broken by the 'ceiling' score. What generating the query's own code would

@@ -73,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval_dense)
 
     p = subparsers.add_parser("eval-ceiling", help="the no-T5 ceilings of a tokenizer's identifiers on a corpus split "
-                                                   "(what a perfect generator over them could rank)")
+                                                   "(what their aligned geometry alone ranks)")
     p.add_argument("--corpus", required=True, help="corpus directory")
     p.add_argument("--tokenizer", required=True, help="a trained RQ tokenizer's output directory (`avg-jax tokenize`)")
     p.add_argument("--split", default="test", choices=SPLITS)

@@ -147,8 +147,8 @@ def render_report(r: dict[str, Any], train_rows: list[dict[str, Any]], config_di
                         f"(temperature {f['temperature']:g}{chosen})", f))
     systems.append(("dense two-tower", r["dense"]))
     if "ceiling" in r:
-        systems.append(("ceiling, no T5: <text head(query), quantized image> (a perfect generator over these "
-                        "identifiers)", r["ceiling"]))
+        systems.append(("ceiling, no T5: <text head(query), quantized image> (the identifiers' aligned geometry "
+                        "alone; a generator that reads the text can pass it)", r["ceiling"]))
     for name, m in (*systems, ("chance (random ranking)", r["chance"])):
         cells = [pct(m.get(f"recall@{k}", float("nan"))) for k in ks] + [
             pct(m.get("mrr@10", float("nan"))), pct(m.get("empty_rate", float("nan")))]
