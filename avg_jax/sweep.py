@@ -321,13 +321,13 @@ def run_row(plan: RowPlan) -> dict[str, float]:
 def _tokenizer_row(plan: RowPlan, corpus: Any, split: str) -> tuple[dict[str, float], list[list[str]]]:
     """Metrics and ranked image ids of a dense / ceiling row: the tokenizer of `plan.identifiers_dir` only."""
     from avg_jax.evaluation import ceiling, dense
-
-    if plan.row.kind == "dense":
-        text, image = dense.tokenizer_head_projections(str(plan.identifiers_dir))
-        return dense.dense_baseline(corpus, split, text_projection=text, image_projection=image)
     from avg_jax.tokenizer.train import load_tokenizer
 
-    return ceiling.ceiling_diagnostic(corpus, load_tokenizer(plan.identifiers_dir), split, plan.row.kind)
+    tok = load_tokenizer(plan.identifiers_dir)
+    if plan.row.kind == "dense":
+        text, image = dense.head_projections(tok)
+        return dense.dense_baseline(corpus, split, text_projection=text, image_projection=image)
+    return ceiling.ceiling_diagnostic(corpus, tok, split, plan.row.kind)
 
 
 def _run_row(plan: RowPlan) -> dict[str, float]:

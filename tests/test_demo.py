@@ -65,8 +65,8 @@ def test_demo_metrics(demo_out):
     assert all(eff[s][str(n)] > 0 for s in ("generative_qps", "dense_search_qps") for n in eff["sizes"])
     assert len(m["examples"]) == 2 and all(len(ex["avg"]) == 5 and len(ex["dense"]) == 5 for ex in m["examples"])
     # The no-T5 ceiling row is the tokenizer's (evaluation.ceiling, checked against numpy in test_ceiling.py).
-    expected, _ = ceiling.ceiling_diagnostic(Corpus.load(demo_out / "corpus"), load_tokenizer(demo_out / "identifiers"),
-                                      "test")
+    expected, _ = ceiling.ceiling_diagnostic(Corpus.load(demo_out / "corpus"),
+                                             load_tokenizer(demo_out / "identifiers"), "test")
     assert m["ceiling"] == pytest.approx(expected)
 
 
