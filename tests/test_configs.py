@@ -356,7 +356,10 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     assert (run_of["AVG + query conditioning, codebook N = 512"]
             == run_of["AVG + query conditioning, codebook N = 512 + voken prior + rerank"]
             != run_of["AVG + query conditioning"])
-    assert len({run_of[label] for label in labels if "no T5" not in label}) == 16  # IRGen, AVG and 14 variants
+    m2 = "AVG + query conditioning, codebook N = 1,024, M = 2"
+    assert (run_of[m2] == run_of[m2 + " + voken prior"] == run_of[m2 + " + voken prior + rerank"]
+            != run_of["AVG + query conditioning, codebook N = 1,024"])
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 17  # IRGen, AVG and 15 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
