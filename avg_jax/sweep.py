@@ -180,6 +180,7 @@ TABLES: dict[str, SweepTable] = {t.name: t for t in (
                 _row("AVG + rerank", _EMOJI + "rerank.gin"),
                 _row("AVG, codebook N = 1,024", _EMOJI + "n1024.gin"),
                 _row("AVG, codebook N = 1,024, M = 2", _EMOJI + "n1024_m2.gin"),
+                _row("IRGen, codebook N = 1,024, M = 2", _EMOJI + "irgen_n1024_m2.gin"),
                 _row("AVG + voken prior", _EMOJI + "prior.gin"),
                 _row("AVG + voken prior + rerank", _EMOJI + "prior_rerank.gin"),
                 _row("AVG + query conditioning", _EMOJI + "conditioned.gin"),

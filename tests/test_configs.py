@@ -359,7 +359,7 @@ def test_dry_run_shows_shared_stages(corpus_dir, tmp_path, capsys):
     m2 = "AVG + query conditioning, codebook N = 1,024, M = 2"
     assert (run_of[m2] == run_of[m2 + " + voken prior"] == run_of[m2 + " + voken prior + rerank"]
             != run_of["AVG + query conditioning, codebook N = 1,024"])
-    assert len({run_of[label] for label in labels if "no T5" not in label}) == 17  # IRGen, AVG and 15 variants
+    assert len({run_of[label] for label in labels if "no T5" not in label}) == 18  # IRGen, AVG and 16 variants
 
 
 # By default one experiment per table runs (flickr30k_table3_full is the AVG row of Tables 3-7; Table 7 also
