@@ -270,9 +270,11 @@ def test_first_step_sharing_and_column_window_do_not_change_results():
     _, base, _ = run_search(VARIABLE, beam=3)
     _, unshared, _ = run_search(VARIABLE, beam=3, share_first_step=False)
     _, windowed, _ = run_search(VARIABLE, beam=3, window=(1, 12), full_normalizer=True)
+    # Same identifiers in the same order; scores equal up to float32 summation order (one ulp of a score near
+    # -20 is 1.9e-6, which XLA's CPU backends reach on some CPUs, e.g. the 2-core AMD EPYC).
     for a, b, c in zip(base, unshared, windowed, strict=True):
-        assert_same_ranking(a, b, atol=1e-6)
-        assert_same_ranking(a, c, atol=1e-6)
+        assert_same_ranking(a, b, atol=4e-6)
+        assert_same_ranking(a, c, atol=4e-6)
 
 
 def test_swapping_tries_reuses_the_compiled_search():
