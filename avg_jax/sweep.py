@@ -70,6 +70,11 @@ GRACE_BEAMS = (1, 5, 10, 20, 30, 40, 50)
 Paper = tuple[float | None, float | None, float | None]  # R@1, R@5, R@10 in %, None where the paper has "-"
 
 
+class SweepPreempted(RuntimeError):
+    """A row's training stopped on SIGTERM (checkpoint saved): the sweep stops too, since a later row sharing the
+    run would resume it and train on while the job is being taken away."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepRow:
     label: str
@@ -363,8 +368,8 @@ def _run_row(plan: RowPlan) -> dict[str, float]:
         return scores
     result = train_retrieval(plan.corpus_dir, str(plan.identifiers_dir), str(plan.run_dir))
     if result.get("preempted"):
-        raise RuntimeError(f"training of {plan.run_dir} was stopped (SIGTERM) at step {result['step']}; rerun "
-                           "the sweep to resume it")
+        raise SweepPreempted(f"training of {plan.run_dir} was stopped (SIGTERM) at step {result['step']}; rerun "
+                             "the sweep to resume it")
     split = result.get("split")
     if split is None:
         raise ValueError(f"{plan.table} row {plan.row.label!r}: train_retrieval.eval_split is None, nothing to "
@@ -579,6 +584,9 @@ def run_sweep(table: SweepTable, out_dir: str, corpus_dir: str | None = None, gi
         (plan.row_dir / ERROR_FILE).unlink(missing_ok=True)
         try:
             scores = run_row(plan)
+        except SweepPreempted:  # not one row's failure: the whole job is being stopped
+            write_table(table, out_dir)
+            raise
         except Exception as e:  # one failed row must not lose the others; the table names it, error.txt has all
             failed += 1
             plan.row_dir.mkdir(parents=True, exist_ok=True)

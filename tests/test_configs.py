@@ -429,6 +429,29 @@ def test_sweep_end_to_end_table7_trains_once(corpus_dir, shared_out, capsys):
     assert "done already" in capsys.readouterr().out
 
 
+def test_sweep_stops_when_a_row_is_preempted(corpus_dir, shared_out, monkeypatch):
+    """SIGTERM during a row's training ends the sweep: the next row (sharing the run) must not resume it."""
+    from avg_jax.training import retrieval
+
+    calls = []
+
+    def preempted(corpus, identifiers, run_dir):
+        calls.append(run_dir)
+        return {"preempted": True, "step": 3}
+
+    monkeypatch.setattr(retrieval, "train_retrieval", preempted)
+    main = "experiments/avg/emoji_main.gin"
+    table = sweep.SweepTable("emoji_preempt", "preempted rows", "Method", "emoji", (
+        sweep.SweepRow("AVG", (main,)), sweep.SweepRow("AVG + rerank", ("experiments/avg/emoji_rerank.gin",))))
+    monkeypatch.setitem(sweep.TABLES, table.name, table)
+    out = shared_out / "preempt"
+    with pytest.raises(sweep.SweepPreempted, match="SIGTERM"):
+        cli.main(["sweep", "--table", table.name, "--corpus", str(corpus_dir), "--out", str(out),
+                  "--gin_file", "testing/tiny.gin"])
+    assert len(calls) == 1  # the second row, sharing the run, never started
+    assert (out / table.name / sweep.TABLE_MD).exists()
+
+
 def test_sweep_tokenizer_only_rows_and_a_missing_gin_file(corpus_dir, shared_out, monkeypatch, capsys):
     """Dense and ceiling rows run the tokenizer only (one shared table, no T5 run); a row whose gin file does
     not exist is reported as that row's error while the others run; row.json records the wall seconds."""
